@@ -1,0 +1,1 @@
+"""Generator networks (Flax NNX) that map diffraction amplitudes to object patches."""
