@@ -1,0 +1,996 @@
+"""The ``wts.h5.zip`` model archive, backend-neutral.
+
+Layout (every member is a plain file; empty payload directories get a directory entry)::
+
+    manifest.json            {"format", "format_version", "backend", "version", "models"}
+    manifest.dill            plain pickle of {"models": [...], "version": ..., "backend": ...}
+    <model>/params.json      params snapshot (legacy cfg + intensity_scale + _version), JSON
+    <model>/params.dill      the same snapshot as a plain pickle (numpy arrays allowed)
+    <model>/<payload...>     whatever the writing backend stores (files or directory trees)
+
+The ``.dill`` members keep the outer layout of the reference archives (``ptycho.model_manager``),
+so the reference's loader can read our manifest and params; they are written with the standard
+:mod:`pickle` (protocol 4), which ``dill.load`` reads too.
+
+Reading never executes code from the archive: JSON is preferred, and a foreign ``.dill`` member
+(a TensorFlow or PyTorch archive) goes through :func:`safe_loads`, a restricted unpickler that
+builds only plain containers, numbers, strings and numpy arrays of numeric/bool/str dtypes.
+Member names that would escape the extraction folder are refused before anything is written.
+
+Writing is atomic: the zip is written to a temporary file in the target folder and moved into
+place with :func:`os.replace`, so a failure leaves a previous archive untouched.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+import pickle
+import re
+import shutil
+import stat
+import tempfile
+import zipfile
+import zlib
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Union
+
+import numpy as np
+
+__all__ = [
+    "ARCHIVE_NAME",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "REQUIRED_PARAMS",
+    "ArchiveError",
+    "ArchiveFormatError",
+    "ArchiveBackendError",
+    "UnsafeArchiveError",
+    "UnsafePickleError",
+    "ModelEntry",
+    "ExtractedModel",
+    "ArchiveContents",
+    "write_archive",
+    "read_archive",
+    "read_manifest",
+    "safe_loads",
+    "params_to_json",
+    "params_from_json",
+    "detect_backend",
+    "resolve_archive_path",
+]
+
+ARCHIVE_NAME = "wts.h5.zip"
+#: identifies our manifest.json schema (independent of the backend's own ``version`` string)
+FORMAT_NAME = "backend_api/wts.h5.zip"
+FORMAT_VERSION = 1
+#: keys a params snapshot must hold so that any backend can rebuild the architecture
+REQUIRED_PARAMS = ("N", "gridsize", "intensity_scale")
+
+_MANIFEST_JSON = "manifest.json"
+_MANIFEST_DILL = "manifest.dill"
+_PARAMS_JSON = "params.json"
+_PARAMS_DILL = "params.dill"
+_RESERVED_MODEL_FILES = frozenset({_PARAMS_JSON, _PARAMS_DILL})
+_PICKLE_PROTOCOL = 4  # what the reference's dill wrote; numpy arrays pickle via _reconstruct
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed so that equal content gives equal bytes
+
+# dtype kinds an archive may carry: bool, ints, floats, complex, bytes, unicode
+_ALLOWED_KINDS = frozenset("biufcSU")
+
+
+# --------------------------------------------------------------------------------------------
+# errors
+
+
+class ArchiveError(ValueError):
+    """Base class of every archive problem (a ``ValueError``)."""
+
+
+class ArchiveFormatError(ArchiveError):
+    """Not a zip, truncated/corrupt, missing manifest or params, malformed content."""
+
+
+class UnsafeArchiveError(ArchiveError):
+    """A member name that would land outside the extraction folder, or a symlink member."""
+
+
+class UnsafePickleError(ArchiveError, pickle.UnpicklingError):
+    """A pickle asked for something other than plain data (a class or callable not allowed)."""
+
+
+class ArchiveBackendError(ArchiveError):
+    """The archive was written by another backend than the one loading it.
+
+    Attributes: ``path``, ``writer`` (backend that wrote it), ``loader`` (backend loading it).
+    """
+
+    def __init__(self, message: str, *, path: Path, writer: str, loader: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.writer = writer
+        self.loader = loader
+
+
+# --------------------------------------------------------------------------------------------
+# public data classes
+
+FileSource = Union[bytes, bytearray, memoryview, "os.PathLike[str]", str]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model to store.
+
+    params: the params snapshot (the full legacy cfg plus ``intensity_scale``); must hold
+        ``N``, ``gridsize`` and ``intensity_scale``. Values: None, bool, int, float, complex,
+        str, Path, numpy arrays/scalars (or anything with ``__array__``), and lists, tuples and
+        str-keyed dicts of these.
+    files: member name (relative, ``/``-separated) -> ``bytes`` or a filesystem path. A path to
+        a directory is stored recursively under ``<model>/<name>/...``.
+    """
+
+    params: Mapping[str, Any]
+    files: Mapping[str, FileSource] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExtractedModel:
+    """A model read back: its name, its params snapshot (``_version`` removed) and the folder
+    (``dest_dir/<name>``) holding its extracted files."""
+
+    name: str
+    params: dict
+    dir: Path
+
+
+@dataclass(frozen=True)
+class ArchiveContents:
+    """Result of :func:`read_archive`.
+
+    backend: tag of the backend that wrote the archive (``'jax'``, ``'tensorflow'``,
+        ``'pytorch'``, a third-party name, or ``'unknown'``).
+    version: the manifest's ``version`` string.
+    models: name -> :class:`ExtractedModel`, in manifest order.
+    manifest: the normalised manifest dict; path: the archive; root: the extraction folder.
+    """
+
+    backend: str
+    version: str
+    models: dict
+    manifest: dict
+    path: Path
+    root: Path
+
+
+# --------------------------------------------------------------------------------------------
+# JSON encoding of params snapshots
+
+_ND = "__ndarray__"
+_TUPLE = "__tuple__"
+_COMPLEX = "__complex__"
+_FLOAT = "__float__"
+_MARKERS = frozenset({_ND, _TUPLE, _COMPLEX, _FLOAT})
+
+
+def _float_to_json(x: float) -> Any:
+    # keep the file strict JSON: NaN/inf are not JSON numbers
+    if math.isfinite(x):
+        return x
+    return {_FLOAT: "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")}
+
+
+def _check_array(arr: np.ndarray, where: str) -> np.ndarray:
+    if arr.dtype.kind not in _ALLOWED_KINDS or arr.dtype.fields is not None:
+        raise ValueError(
+            f"params{where}: numpy arrays of dtype {arr.dtype} cannot be stored in an archive; "
+            "expected a bool, integer, float, complex or string dtype"
+        )
+    return arr
+
+
+def _to_jsonable(value: Any, where: str) -> Any:
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return _float_to_json(float(value))
+    if isinstance(value, complex):
+        return {_COMPLEX: [_float_to_json(value.real), _float_to_json(value.imag)]}
+    if isinstance(value, np.generic) and not isinstance(value, np.void):
+        return _to_jsonable(value.item(), where)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, np.ndarray) or (
+        hasattr(value, "__array__") and not isinstance(value, (Mapping, list, tuple))
+    ):
+        arr = _check_array(np.asarray(value), where)
+        if arr.dtype.itemsize > 1 and arr.dtype.byteorder in ("=", ">", "<"):
+            arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+        data = np.ascontiguousarray(arr).tobytes(order="C")
+        return {
+            _ND: base64.b64encode(data).decode("ascii"),
+            "dtype": arr.dtype.str,
+            "shape": [int(s) for s in arr.shape],
+        }
+    if isinstance(value, tuple):
+        return {_TUPLE: [_to_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_to_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ValueError(
+                    f"params{where}: key {k!r} has type {type(k).__name__}; archive params "
+                    "need str keys"
+                )
+            if k in _MARKERS:
+                raise ValueError(f"params{where}: key {k!r} is reserved by the archive encoding")
+            out[k] = _to_jsonable(v, f"{where}[{k!r}]")
+        return out
+    raise ValueError(
+        f"params{where}: cannot store a value of type {type(value).__module__}."
+        f"{type(value).__qualname__} in an archive params snapshot; expected None, bool, int, "
+        "float, complex, str, Path, a numpy array/scalar, or a list/tuple/dict of these"
+    )
+
+
+def _decode_marker(obj: dict) -> Any:
+    keys = set(obj)
+    if _ND in obj and keys == {_ND, "dtype", "shape"}:
+        try:
+            dtype = np.dtype(str(obj["dtype"]))
+        except TypeError as exc:
+            raise ArchiveFormatError(f"params.json: bad array dtype {obj['dtype']!r}") from exc
+        _check_array(np.empty(0, dtype), "")
+        shape = tuple(int(s) for s in obj["shape"])
+        data = base64.b64decode(obj[_ND].encode("ascii"), validate=True)
+        if any(s < 0 for s in shape) or len(data) != math.prod(shape) * dtype.itemsize:
+            raise ArchiveFormatError(
+                f"params.json: array of shape {shape} and dtype {dtype} needs "
+                f"{math.prod(shape) * dtype.itemsize} bytes, got {len(data)}"
+            )
+        return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
+    if keys == {_TUPLE}:
+        return tuple(obj[_TUPLE])
+    if keys == {_COMPLEX}:
+        re_, im_ = obj[_COMPLEX]
+        return complex(re_, im_)
+    if keys == {_FLOAT}:
+        text = obj[_FLOAT]
+        if text not in ("nan", "inf", "-inf"):
+            raise ArchiveFormatError(f"params.json: bad non-finite float {text!r}")
+        return float(text)
+    return obj
+
+
+def params_to_json(params: Mapping[str, Any]) -> str:
+    """Encode a params snapshot as strict JSON text.
+
+    numpy arrays become ``{"__ndarray__": base64 of the little-endian C-order bytes, "dtype":
+    dtype.str, "shape": [...]}`` (complex included); tuples ``{"__tuple__": [...]}``; complex
+    scalars ``{"__complex__": [re, im]}``; NaN/inf ``{"__float__": "nan"|"inf"|"-inf"}``; Paths
+    and numpy scalars their plain Python value. Raises ValueError naming the offending key.
+    """
+    if not isinstance(params, Mapping):
+        raise ValueError(f"params: expected a dict, got {type(params).__name__}")
+    return json.dumps(_to_jsonable(params, ""), indent=1, sort_keys=True, allow_nan=False)
+
+
+def params_from_json(text: str | bytes) -> dict:
+    """Inverse of :func:`params_to_json` (arrays come back as writable numpy arrays)."""
+    try:
+        out = json.loads(text, object_hook=_decode_marker)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError, KeyError) as exc:
+        if isinstance(exc, ArchiveError):
+            raise
+        raise ArchiveFormatError(f"params.json is not valid: {exc}") from exc
+    if not isinstance(out, dict):
+        raise ArchiveFormatError(f"params.json: expected a JSON object, got {type(out).__name__}")
+    return out
+
+
+def _to_plain(value: Any, where: str) -> Any:
+    """The pickle twin of the JSON encoding: plain Python objects + base-class numpy arrays."""
+    if value is None or isinstance(value, (bool, str, int, float, complex)):
+        return value
+    if isinstance(value, np.generic) and not isinstance(value, np.void):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, np.ndarray) or (
+        hasattr(value, "__array__") and not isinstance(value, (Mapping, list, tuple))
+    ):
+        return np.array(_check_array(np.asarray(value), where), copy=True, subok=False)
+    if isinstance(value, tuple):
+        return tuple(_to_plain(v, where) for v in value)
+    if isinstance(value, list):
+        return [_to_plain(v, where) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _to_plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+    raise ValueError(f"params{where}: cannot pickle a value of type {type(value).__name__}")
+
+
+# --------------------------------------------------------------------------------------------
+# restricted unpickler
+
+
+class _NdarrayToken:
+    """Stand-in for ``numpy.ndarray`` inside a pickle: only accepted as ``_reconstruct``'s
+    subtype argument, so the class itself is never instantiated by pickle opcodes."""
+
+    def __repr__(self) -> str:
+        return "<numpy.ndarray (restricted)>"
+
+
+_NDARRAY = _NdarrayToken()
+
+
+def _refuse(what: str) -> UnsafePickleError:
+    return UnsafePickleError(
+        f"refusing to unpickle {what}: archive pickles may hold only plain containers, "
+        "numbers, strings and numpy arrays"
+    )
+
+
+def _checked_dtype(dt: Any) -> np.dtype:
+    if not isinstance(dt, np.dtype):
+        raise _refuse(f"an array state whose dtype is {type(dt).__name__}")
+    if dt.kind not in _ALLOWED_KINDS or dt.fields is not None or dt.subdtype is not None:
+        raise _refuse(f"an array of dtype {dt}")
+    # a fresh dtype from its type string drops whatever flags a crafted BUILD may have set
+    return np.dtype(dt.str)
+
+
+def _safe_dtype(spec: Any, align: Any = False, copy: Any = False) -> np.dtype:
+    if not isinstance(spec, str):
+        raise _refuse(f"numpy.dtype({spec!r})")
+    try:
+        dt = np.dtype(spec)
+    except TypeError as exc:
+        raise _refuse(f"numpy.dtype({spec!r})") from exc
+    return _checked_dtype(dt)
+
+
+def _set_array_state(arr: np.ndarray, state: Any) -> None:
+    if not (isinstance(state, tuple) and len(state) in (4, 5)):
+        raise _refuse("an ndarray state that is not a (version, shape, dtype, fortran, data) tuple")
+    if len(state) == 5:
+        version, shape, dt, fortran, data = state
+    else:
+        shape, dt, fortran, data = state
+        version = 1
+    if not isinstance(data, (bytes, bytearray)):
+        # a list here means an object array, whose elements could be anything
+        raise _refuse(f"an ndarray whose data is a {type(data).__name__} (object array)")
+    dt = _checked_dtype(dt)
+    if not (isinstance(shape, tuple) and all(isinstance(s, int) and s >= 0 for s in shape)):
+        raise _refuse(f"an ndarray with shape {shape!r}")
+    if len(data) != math.prod(shape) * dt.itemsize:
+        raise ArchiveFormatError(
+            f"pickled ndarray of shape {shape} and dtype {dt} has {len(data)} data bytes"
+        )
+    arr.__setstate__((version, shape, dt, bool(fortran), bytes(data)))
+
+
+def _safe_reconstruct(subtype: Any, shape: Any, dtype_code: Any) -> np.ndarray:
+    if subtype is not _NDARRAY:
+        raise _refuse(f"numpy _reconstruct of {subtype!r}")
+    return np.ndarray((0,), dtype=np.int8)
+
+
+def _safe_create_array(f: Any, args: Any, state: Any, npdict: Any = None) -> np.ndarray:
+    # dill's array reducer: a = f(*args); a.__setstate__(state); a.__dict__.update(npdict)
+    if f is not _safe_reconstruct or not isinstance(args, tuple):
+        raise _refuse("dill _create_array with a constructor other than numpy _reconstruct")
+    if npdict:
+        raise _refuse("an ndarray subclass carrying instance attributes")
+    arr = _safe_reconstruct(*args)
+    _set_array_state(arr, state)
+    return arr
+
+
+def _safe_frombuffer(buf: Any, dtype: Any, shape: Any, order: Any = "C") -> np.ndarray:
+    if not isinstance(buf, (bytes, bytearray)):
+        raise _refuse(f"numpy _frombuffer over a {type(buf).__name__}")
+    dt = _checked_dtype(dtype)
+    if not (isinstance(shape, tuple) and all(isinstance(s, int) and s >= 0 for s in shape)):
+        raise _refuse(f"an ndarray with shape {shape!r}")
+    if len(buf) != math.prod(shape) * dt.itemsize:
+        raise ArchiveFormatError(f"pickled buffer of {len(buf)} bytes for {shape} {dt}")
+    return np.frombuffer(bytes(buf), dtype=dt).reshape(shape, order="F" if order == "F" else "C").copy()
+
+
+def _safe_scalar(dtype: Any, data: Any = None) -> Any:
+    dt = _checked_dtype(dtype)
+    if not isinstance(data, (bytes, bytearray)) or len(data) != dt.itemsize:
+        raise _refuse("a numpy scalar without its raw bytes")
+    return np.frombuffer(bytes(data), dtype=dt)[0]
+
+
+def _tf_convert_to_tensor(value: Any, *args: Any, **kwargs: Any) -> np.ndarray:
+    # TF EagerTensor.__reduce__ -> (convert_to_tensor, (ndarray,)): keep the ndarray
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, (bool, int, float, complex, list, tuple)):
+        return _check_array(np.asarray(value), "")
+    raise _refuse(f"a TensorFlow tensor built from {type(value).__name__}")
+
+
+def _path_as_str(*parts: Any) -> str:
+    if not all(isinstance(p, str) for p in parts):
+        raise _refuse("a pathlib path built from non-strings")
+    return str(PurePosixPath(*parts))
+
+
+def _windows_path_as_str(*parts: Any) -> str:
+    if not all(isinstance(p, str) for p in parts):
+        raise _refuse("a pathlib path built from non-strings")
+    return str(PureWindowsPath(*parts))
+
+
+def _safe_complex(real: Any = 0.0, imag: Any = 0.0) -> complex:
+    if not isinstance(real, (int, float, str)) or not isinstance(imag, (int, float)):
+        raise _refuse("complex() of non-numbers")
+    return complex(real, imag)
+
+
+def _safe_set(items: Any = ()) -> set:
+    if not isinstance(items, (list, tuple, set, frozenset)):
+        raise _refuse(f"set() of a {type(items).__name__}")
+    return set(items)
+
+
+def _safe_frozenset(items: Any = ()) -> frozenset:
+    return frozenset(_safe_set(items))
+
+
+def _safe_bytearray(data: Any = b"", *rest: Any) -> bytearray:
+    if isinstance(data, (bytes, bytearray)) and not rest:
+        return bytearray(data)
+    if isinstance(data, str) and len(rest) == 1 and rest[0] == "latin-1":
+        return bytearray(data, "latin-1")  # protocol <= 2 spelling
+    raise _refuse("bytearray() of unexpected arguments")
+
+
+def _safe_codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
+    # protocols 0/1 spell bytes as _codecs.encode(str, 'latin1')
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise _refuse("_codecs.encode of unexpected arguments")
+    return text.encode("latin-1")
+
+
+def _safe_bytes(data: Any = b"", *rest: Any) -> bytes:
+    if rest or not isinstance(data, (bytes, bytearray, list, tuple)):
+        raise _refuse("bytes() of unexpected arguments")
+    if isinstance(data, (list, tuple)) and not all(isinstance(b, int) for b in data):
+        raise _refuse("bytes() of non-integers")
+    return bytes(data)
+
+
+def _safe_ordered_dict(items: Any = ()) -> OrderedDict:
+    if not isinstance(items, (list, tuple)):
+        raise _refuse("OrderedDict() of a non-sequence")
+    return OrderedDict(items)
+
+
+# Exactly the globals a plain-data pickle (ours, numpy's, dill's, the TF reference's params.dill
+# and the torch reference's params dict with Path values) refers to; each maps to a checked
+# stand-in. Anything else is refused.
+_SAFE_GLOBALS: dict[tuple[str, str], Any] = {
+    ("tensorflow.python.framework.ops", "convert_to_tensor"): _tf_convert_to_tensor,
+    ("dill._dill", "_create_array"): _safe_create_array,
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _safe_dtype,
+    ("builtins", "complex"): _safe_complex,
+    ("builtins", "set"): _safe_set,
+    ("builtins", "frozenset"): _safe_frozenset,
+    ("builtins", "bytearray"): _safe_bytearray,
+    ("collections", "OrderedDict"): _safe_ordered_dict,
+    ("_codecs", "encode"): _safe_codecs_encode,
+    ("builtins", "bytes"): _safe_bytes,
+    ("pathlib", "Path"): _path_as_str,
+    ("pathlib", "PosixPath"): _path_as_str,
+    ("pathlib", "PurePath"): _path_as_str,
+    ("pathlib", "PurePosixPath"): _path_as_str,
+    ("pathlib", "WindowsPath"): _windows_path_as_str,
+    ("pathlib", "PureWindowsPath"): _windows_path_as_str,
+}
+for _np in ("numpy._core", "numpy.core"):  # numpy >= 2 and numpy < 2 spellings
+    _SAFE_GLOBALS[(f"{_np}.multiarray", "_reconstruct")] = _safe_reconstruct
+    _SAFE_GLOBALS[(f"{_np}.multiarray", "scalar")] = _safe_scalar
+    _SAFE_GLOBALS[(f"{_np}.numeric", "_frombuffer")] = _safe_frombuffer
+del _np
+
+
+class _RestrictedUnpickler(pickle._Unpickler):  # the Python implementation: BUILD is hookable
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def find_class(self, module: str, name: str) -> Any:
+        if self.proto < 3:  # protocol 0-2 streams may use Python 2 names (__builtin__.set)
+            import _compat_pickle
+
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            elif module in _compat_pickle.IMPORT_MAPPING:
+                module = _compat_pickle.IMPORT_MAPPING[module]
+        try:
+            return _SAFE_GLOBALS[(module, name)]
+        except KeyError:
+            raise _refuse(f"the global {module}.{name}") from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise _refuse(f"a persistent id {pid!r}")
+
+    def load_build(self) -> None:
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if isinstance(inst, np.ndarray):
+            _set_array_state(inst, state)
+        elif isinstance(inst, np.dtype):
+            # dtype reduce is (dtype, (code, align, copy), state); the state of a plain dtype is
+            # (version, byteorder, subarray=None, names=None, fields=None, elsize, align, flags).
+            # The dtype itself was already checked; re-check that the state keeps it plain.
+            if not (isinstance(state, tuple) and len(state) >= 5 and state[2:5] == (None,) * 3):
+                raise _refuse("a structured or sub-array numpy dtype")
+            if state[1] not in ("<", ">", "|", "="):
+                raise _refuse(f"a numpy dtype with byte order {state[1]!r}")
+            # Never call dtype.__setstate__ (its flags could mark plain bytes as object
+            # pointers); only the byte order matters for a plain dtype, so swap in a fresh one.
+            if state[1] in "<>" and inst.itemsize > 1 and state[1] != inst.byteorder:
+                new = inst.newbyteorder(state[1])
+                self.stack[-1] = new
+                for key, value in list(self.memo.items()):
+                    if value is inst:
+                        self.memo[key] = new
+        else:
+            raise _refuse(f"object state for a {type(inst).__name__}")
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+
+def safe_loads(data: bytes | bytearray | memoryview) -> Any:
+    """Unpickle ``data`` without executing code.
+
+    Builds only plain containers (dict, list, tuple, set, frozenset, OrderedDict), numbers,
+    strings, bytes, numpy scalars and numpy arrays of bool/int/float/complex/bytes/unicode
+    dtypes. TF ``EagerTensor``s (pickled by the reference as ``convert_to_tensor(ndarray)``,
+    also through dill's ``_create_array``) become numpy arrays; ``pathlib`` paths become str.
+    Any other global, a persistent id, object state or an object-dtype array raises
+    :class:`UnsafePickleError`; a malformed stream raises :class:`ArchiveFormatError`.
+    """
+    try:
+        return _RestrictedUnpickler(io.BytesIO(bytes(data))).load()
+    except ArchiveError:
+        raise
+    except Exception as exc:  # malformed stream: EOFError, struct.error, UnpicklingError, ...
+        raise ArchiveFormatError(f"cannot read pickle: {type(exc).__name__}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# member names
+
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def _check_relative(name: str, what: str) -> tuple[str, ...]:
+    """Split a '/'-separated relative name, refusing anything that could escape its root."""
+    if not isinstance(name, str) or not name:
+        raise UnsafeArchiveError(f"{what} {name!r}: expected a non-empty relative name")
+    if "\x00" in name or "\\" in name or name.startswith("/") or _DRIVE.match(name):
+        raise UnsafeArchiveError(
+            f"{what} {name!r} is absolute or not a plain '/'-separated relative name"
+        )
+    parts = tuple(p for p in name.rstrip("/").split("/"))
+    if any(p in ("", ".", "..") for p in parts):
+        raise UnsafeArchiveError(f"{what} {name!r} has an empty, '.' or '..' component")
+    return parts
+
+
+def _check_model_name(name: Any) -> str:
+    if not isinstance(name, str):
+        raise ValueError(f"model name {name!r}: expected str, got {type(name).__name__}")
+    try:
+        parts = _check_relative(name, "model name")
+    except UnsafeArchiveError as exc:
+        raise ValueError(str(exc)) from None
+    if len(parts) != 1:
+        raise ValueError(f"model name {name!r} must not contain '/'")
+    if name in (_MANIFEST_JSON, _MANIFEST_DILL) or name.startswith("."):
+        raise ValueError(f"model name {name!r} is reserved or hidden")
+    return name
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+
+def resolve_archive_path(path: str | os.PathLike) -> Path:
+    """``path`` itself, or ``path/wts.h5.zip`` when ``path`` is an existing directory."""
+    p = Path(path)
+    return p / ARCHIVE_NAME if p.is_dir() else p
+
+
+def _payload_members(model: str, key: str, src: Any) -> list[tuple[str, Any]]:
+    """(arcname, bytes | Path | None for an empty dir) for one ``files`` item, checked."""
+    _check_relative(key, f"model {model!r} file name")
+    if key.rstrip("/") in _RESERVED_MODEL_FILES:
+        raise ValueError(f"model {model!r}: file name {key!r} is reserved for the params snapshot")
+    base = f"{model}/{key.rstrip('/')}"
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return [(base, bytes(src))]
+    if not isinstance(src, (str, os.PathLike)):
+        raise ValueError(
+            f"model {model!r} file {key!r}: expected bytes or a path, got {type(src).__name__}"
+        )
+    p = Path(src)
+    if p.is_symlink():
+        raise ValueError(f"model {model!r} file {key!r}: {p} is a symlink; store real files")
+    if p.is_file():
+        return [(base, p)]
+    if not p.is_dir():
+        raise FileNotFoundError(f"model {model!r} file {key!r}: {p} does not exist")
+    out: list[tuple[str, Any]] = []
+    for dirpath, dirnames, filenames in os.walk(p):
+        dirnames.sort()
+        d = Path(dirpath)
+        rel = d.relative_to(p).as_posix()
+        prefix = base if rel == "." else f"{base}/{rel}"
+        for name in sorted(dirnames):
+            if (d / name).is_symlink():
+                raise ValueError(f"model {model!r} file {key!r}: {d / name} is a symlink")
+        for name in sorted(filenames):
+            f = d / name
+            if f.is_symlink() or not f.is_file():
+                raise ValueError(f"model {model!r} file {key!r}: {f} is not a regular file")
+            out.append((f"{prefix}/{name}", f))
+        if not filenames and not dirnames:
+            out.append((prefix + "/", None))  # keep empty folders (checkpoint layouts need them)
+    return out
+
+
+def _zipinfo(name: str, is_dir: bool = False) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
+    if is_dir:
+        info.external_attr = (stat.S_IFDIR | 0o755) << 16 | 0x10
+        info.compress_type = zipfile.ZIP_STORED
+    else:
+        info.external_attr = (stat.S_IFREG | 0o644) << 16
+        info.compress_type = zipfile.ZIP_DEFLATED
+    return info
+
+
+def _add_member(zf: zipfile.ZipFile, name: str, src: Any) -> None:
+    if src is None:
+        zf.writestr(_zipinfo(name, is_dir=True), b"")
+    elif isinstance(src, bytes):
+        zf.writestr(_zipinfo(name), src)
+    else:
+        with open(src, "rb") as fin, zf.open(_zipinfo(name), "w") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+
+
+def _finish_atomic(tmp_name: str, target: Path) -> None:
+    """Give the temporary file the mode a normally created file would have (mkstemp makes it
+    0600), move it over ``target`` and make the rename durable."""
+    try:
+        mode = stat.S_IMODE(target.stat().st_mode)
+    except FileNotFoundError:
+        mode = 0o644  # (reading the umask means changing it, which races other threads)
+    os.chmod(tmp_name, mode)
+    os.replace(tmp_name, target)
+    try:
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def write_archive(
+    path: str | os.PathLike,
+    models: Mapping[str, ModelEntry],
+    *,
+    backend: str,
+    version: str,
+) -> Path:
+    """Write a ``wts.h5.zip`` archive atomically and return its path.
+
+    path: the archive file (parents are created), or an existing directory, in which case
+        ``path/wts.h5.zip`` is written.
+    models: model name -> :class:`ModelEntry`, in the order to list them (the reference order
+        is ``autoencoder``, ``diffraction_to_obj``).
+    backend: tag of the writing backend (``'jax'``, ...); version: the backend's format string.
+
+    Everything is validated before the temporary file is created; a failure while writing
+    removes the temporary file and leaves any previous archive at ``path`` untouched.
+    """
+    if not isinstance(backend, str) or not backend:
+        raise ValueError(f"backend: expected a non-empty str, got {backend!r}")
+    if not isinstance(version, str) or not version:
+        raise ValueError(f"version: expected a non-empty str, got {version!r}")
+    if not isinstance(models, Mapping) or not models:
+        raise ValueError(f"models: expected a non-empty mapping name -> ModelEntry, got {models!r}")
+
+    members: list[tuple[str, Any]] = []
+    names = [_check_model_name(n) for n in models]
+    manifest = {"models": names, "version": version, "backend": backend}
+    manifest_json = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **manifest}
+    members.append((_MANIFEST_JSON, json.dumps(manifest_json, indent=1).encode()))
+    members.append((_MANIFEST_DILL, pickle.dumps(manifest, protocol=_PICKLE_PROTOCOL)))
+    for name in names:
+        entry = models[name]
+        if not isinstance(entry, ModelEntry):
+            raise ValueError(f"models[{name!r}]: expected a ModelEntry, got {type(entry).__name__}")
+        if not isinstance(entry.params, Mapping):
+            raise ValueError(f"models[{name!r}].params: expected a dict")
+        missing = [k for k in REQUIRED_PARAMS if k not in entry.params]
+        if missing:
+            raise ValueError(
+                f"models[{name!r}].params lacks required keys {missing}; a loader needs N, "
+                "gridsize and intensity_scale to rebuild the model"
+            )
+        params = dict(entry.params)
+        params.setdefault("_version", version)
+        members.append((f"{name}/{_PARAMS_JSON}", params_to_json(params).encode()))
+        plain = _to_plain(params, f"[{name!r}]")
+        members.append((f"{name}/{_PARAMS_DILL}", pickle.dumps(plain, protocol=_PICKLE_PROTOCOL)))
+        if not isinstance(entry.files, Mapping):
+            raise ValueError(f"models[{name!r}].files: expected a mapping name -> bytes | path")
+        for key, src in entry.files.items():
+            members.extend(_payload_members(name, key, src))
+    seen: set[str] = set()
+    for arcname, _ in members:
+        if arcname.rstrip("/") in seen:
+            raise ValueError(f"archive member {arcname!r} would be written twice")
+        seen.add(arcname.rstrip("/"))
+
+    target = resolve_archive_path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            with zipfile.ZipFile(fh, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+                for arcname, src in members:
+                    _add_member(zf, arcname, src)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _finish_atomic(tmp_name, target)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    return target
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    if not path.exists():
+        raise FileNotFoundError(f"Model archive not found: {path}")
+    if path.is_dir():
+        raise ArchiveFormatError(f"{path} is a directory, expected a {ARCHIVE_NAME} file")
+    try:
+        return zipfile.ZipFile(path, "r")
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError) as exc:
+        size = path.stat().st_size
+        raise ArchiveFormatError(
+            f"{path} ({size} bytes) is not a readable zip archive (truncated, corrupt, or not "
+            f"a {ARCHIVE_NAME} model archive): {exc}"
+        ) from exc
+
+
+def _checked_infos(zf: zipfile.ZipFile, path: Path) -> dict[str, zipfile.ZipInfo]:
+    infos: dict[str, zipfile.ZipInfo] = {}
+    for info in zf.infolist():
+        _check_relative(info.filename, f"{path}: member")
+        mode = info.external_attr >> 16
+        if stat.S_ISLNK(mode):
+            raise UnsafeArchiveError(f"{path}: member {info.filename!r} is a symbolic link")
+        key = info.filename.rstrip("/")
+        if key in infos:
+            raise UnsafeArchiveError(f"{path}: member {info.filename!r} appears twice")
+        infos[key] = info
+    return infos
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> bytes:
+    try:
+        return zf.read(info)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+        raise ArchiveFormatError(
+            f"{path}: member {info.filename!r} cannot be read (truncated or corrupt archive): {exc}"
+        ) from exc
+
+
+def detect_backend(manifest: Mapping[str, Any], member_names: Any = ()) -> str:
+    """The backend that wrote an archive: the manifest's ``backend`` tag, else inferred from the
+    reference layouts (torch: version ``'2.0-pytorch'`` / ``model.pth``; TensorFlow: version
+    ``'1.0'`` / ``model.keras``), else ``'unknown'``."""
+    tag = manifest.get("backend")
+    if isinstance(tag, str) and tag:
+        return tag
+    version = str(manifest.get("version", ""))
+    leaves = {str(n).rstrip("/").rsplit("/", 1)[-1] for n in member_names}
+    if "pytorch" in version.lower() or "torch" in version.lower() or "model.pth" in leaves:
+        return "pytorch"
+    if leaves & {"model.keras", "custom_objects.dill", "saved_model.pb"} or version == "1.0":
+        return "tensorflow"
+    return "unknown"
+
+
+def _manifest_from_zip(zf: zipfile.ZipFile, infos: Mapping[str, zipfile.ZipInfo], path: Path) -> dict:
+    if _MANIFEST_JSON in infos:
+        raw = _read_member(zf, infos[_MANIFEST_JSON], path)
+        try:
+            manifest = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ArchiveFormatError(f"{path}: manifest.json is not valid JSON: {exc}") from exc
+    elif _MANIFEST_DILL in infos:
+        manifest = safe_loads(_read_member(zf, infos[_MANIFEST_DILL], path))
+    else:
+        raise ArchiveFormatError(
+            f"{path} has no manifest.json or manifest.dill at its root: not a PtychoPINN "
+            f"{ARCHIVE_NAME} model archive (members: {sorted(infos)[:8]})"
+        )
+    if not isinstance(manifest, Mapping):
+        raise ArchiveFormatError(f"{path}: manifest is a {type(manifest).__name__}, expected a dict")
+    models = manifest.get("models")
+    if not isinstance(models, (list, tuple)) or not all(isinstance(m, str) for m in models):
+        raise ArchiveFormatError(f"{path}: manifest 'models' must be a list of names, got {models!r}")
+    if "version" not in manifest:
+        raise ArchiveFormatError(f"{path}: manifest has no 'version'")
+    out = dict(manifest)
+    out["models"] = list(models)
+    out["version"] = str(manifest["version"])
+    out["backend"] = detect_backend(manifest, infos)
+    return out
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The archive's manifest, normalised, without extracting anything.
+
+    Returns a dict with at least ``models`` (list of str), ``version`` (str) and ``backend``
+    (the tag, or the one inferred for reference archives, see :func:`detect_backend`).
+    ``path`` may be the archive or the folder holding ``wts.h5.zip``.
+    """
+    p = resolve_archive_path(path)
+    with _open_zip(p) as zf:
+        infos = _checked_infos(zf, p)
+        return _manifest_from_zip(zf, infos, p)
+
+
+def _backend_hint(writer: str, loader: str) -> str:
+    if writer == "tensorflow" and loader == "jax":
+        return (
+            "convert it into a jax archive with `pinn-jax convert <in> <out>` (imports the "
+            "TensorFlow weights), or load it with backend='tensorflow' (needs the reference "
+            "ptycho package and TensorFlow)"
+        )
+    if writer == "unknown":
+        return "check that the file is a PtychoPINN model archive written by a known backend"
+    return (
+        f"load it with backend={writer!r} (that backend must be installed), or retrain/save the "
+        f"model with backend={loader!r}"
+    )
+
+
+def _check_backend(manifest: Mapping[str, Any], expected: str | None, path: Path) -> None:
+    if expected is None:
+        return
+    if not isinstance(expected, str):
+        raise ValueError(f"expected_backend: expected a str or None, got {expected!r}")
+    writer = manifest["backend"]
+    if writer != expected:
+        raise ArchiveBackendError(
+            f"{path} was written by the {writer!r} backend (manifest version "
+            f"{manifest['version']!r}), but the {expected!r} backend is loading it; "
+            + _backend_hint(writer, expected),
+            path=path,
+            writer=writer,
+            loader=expected,
+        )
+
+
+def _extract(zf: zipfile.ZipFile, infos: Mapping[str, zipfile.ZipInfo], dest: Path, path: Path) -> None:
+    root = dest.resolve()
+    for info in infos.values():
+        target = (root / info.filename.rstrip("/")).resolve()
+        if target != root and root not in target.parents:
+            raise UnsafeArchiveError(f"{path}: member {info.filename!r} would land outside {root}")
+    for info in infos.values():
+        target = root / info.filename.rstrip("/")
+        if info.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with zf.open(info) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+            raise ArchiveFormatError(
+                f"{path}: member {info.filename!r} cannot be extracted (truncated or corrupt "
+                f"archive): {exc}"
+            ) from exc
+
+
+def _load_params(zf: zipfile.ZipFile, infos: Mapping[str, zipfile.ZipInfo], model: str, path: Path) -> dict:
+    jname, dname = f"{model}/{_PARAMS_JSON}", f"{model}/{_PARAMS_DILL}"
+    if jname in infos:
+        params = params_from_json(_read_member(zf, infos[jname], path))
+    elif dname in infos:
+        params = safe_loads(_read_member(zf, infos[dname], path))
+    else:
+        raise ArchiveFormatError(f"{path}: model {model!r} has no {_PARAMS_JSON} or {_PARAMS_DILL}")
+    if not isinstance(params, dict):
+        raise ArchiveFormatError(f"{path}: params of model {model!r} are a {type(params).__name__}")
+    missing = [k for k in ("N", "gridsize") if k not in params]
+    if missing:
+        raise ArchiveFormatError(
+            f"{path}: params of model {model!r} are missing required fields {missing}: "
+            "Cannot reconstruct model architecture"
+        )
+    params.pop("_version", None)
+    return params
+
+
+def read_archive(
+    path: str | os.PathLike,
+    dest_dir: str | os.PathLike,
+    *,
+    expected_backend: str | None = None,
+) -> ArchiveContents:
+    """Check, then extract an archive into ``dest_dir`` and read its params snapshots.
+
+    path: the archive, or the folder holding ``wts.h5.zip``. Files of model ``m`` land under
+    ``dest_dir/m``. With ``expected_backend``, an archive written by another backend raises
+    :class:`ArchiveBackendError` before anything is extracted.
+
+    Errors: FileNotFoundError (no archive), ArchiveFormatError (not a zip, truncated, no
+    manifest, a listed model without params or without N/gridsize), UnsafeArchiveError
+    (absolute/``..``/symlink members), UnsafePickleError (a pickle that is not plain data).
+    """
+    p = resolve_archive_path(path)
+    dest = Path(dest_dir)
+    with _open_zip(p) as zf:
+        infos = _checked_infos(zf, p)
+        manifest = _manifest_from_zip(zf, infos, p)
+        _check_backend(manifest, expected_backend, p)
+        for name in manifest["models"]:
+            try:
+                _check_model_name(name)
+            except ValueError as exc:
+                raise UnsafeArchiveError(f"{p}: manifest lists a bad model name: {exc}") from None
+        params = {name: _load_params(zf, infos, name, p) for name in manifest["models"]}
+        dest.mkdir(parents=True, exist_ok=True)
+        _extract(zf, infos, dest, p)
+    root = dest.resolve()
+    models = {
+        name: ExtractedModel(name=name, params=params[name], dir=root / name)
+        for name in manifest["models"]
+    }
+    return ArchiveContents(
+        backend=manifest["backend"],
+        version=manifest["version"],
+        models=models,
+        manifest=manifest,
+        path=p,
+        root=root,
+    )
