@@ -1,0 +1,272 @@
+"""Import of TensorFlow reference weights and cross-backend parity on fixed batches.
+
+Parity criterion for every output: ``|ours - tf| <= 1e-4 |tf| + 1e-6 max|tf|`` (float32 on CPU,
+default precision). The absolute floor is needed because outputs span many decades (the
+probe_big border of the object reaches ~1e6 while the centre is ~0.5; far-field amplitudes span
+~1e-3 .. 1e4) and float32 FFT / convolution rounding is relative to the largest values, not to
+each element. The physically meaningful centre N/2 x N/2 of the object is also checked with a
+pure ``rtol``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from pinn_jax import physics
+from pinn_jax.interop import (
+    check_fully_loaded,
+    empty_model,
+    keras_conv_table,
+    load_keras_weights,
+    load_tf_archive,
+    read_keras_weights,
+    spec_from_tf_params,
+)
+from pinn_jax.model import PtychoPINN, autoencoder_apply, diffraction_to_obj_apply
+
+FIX = Path(__file__).parent / "fixtures"
+
+
+def _load_npz(*paths: Path) -> dict:
+    out = {}
+    for p in paths:
+        with np.load(p) as d:
+            out.update({k: d[k] for k in d.files})
+    return out
+
+
+def _weights(gs: int) -> dict:
+    return _load_npz(*sorted((FIX / "model").glob(f"weights_gs{gs}_part*.npz")))
+
+
+def _io(gs: int) -> dict:
+    if gs == 1:
+        return _load_npz(FIX / "tf_reference" / "batch16_gs1_io.npz")
+    return _load_npz(FIX / "model" / "batch16_gs2_io.npz")
+
+
+def _assert_parity(ours, ref, *, rtol=1e-4, floor=1e-6, what=""):
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype, what
+    np.testing.assert_allclose(ours, ref, rtol=rtol, atol=floor * np.abs(ref).max(), err_msg=what)
+
+
+def _centre(a):
+    n = a.shape[1]
+    q = n // 4
+    return a[:, q : n - q, q : n - q]
+
+
+def _new_model(gs: int, nfs: int = 2) -> PtychoPINN:
+    # Generator weights unallocated (no slow random init); probe and scale are placeholders
+    # here: the weights files carry the in-model probe and log_s.
+    return empty_model({"N": 64, "gridsize": gs, "n_filters_scale": nfs},
+                       np.ones((64, 64), np.complex64), 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the name table
+# ---------------------------------------------------------------------------------------------
+def test_table_matches_reference_summary():
+    # model_summary_gs1.txt / tf_archive_small README: which Keras layer is which
+    table = {k: path for k, path, _ in keras_conv_table(64, True, True)}
+    assert len(table) == 22
+    assert table[0] == "encoder.0.conv_a" and table[5] == "encoder.2.conv_b"
+    assert table[6] == "amp.head_center" and table[7] == "amp.head_outer"
+    assert [table[k] for k in (8, 9, 10, 11)] == [
+        "amp.base.0.conv_a", "amp.base.0.conv_b", "amp.base.1.conv_a", "amp.base.1.conv_b"]
+    assert table[12] == "amp.outer.conv_a" and table[13] == "amp.outer.conv_b"
+    assert table[14] == "phase.head_center" and table[15] == "phase.head_outer"
+    assert table[16] == "phase.base.0.conv_a" and table[21] == "phase.outer.conv_b"
+
+
+def test_table_other_variants():
+    # pad_object without probe_big: conv2 is built (takes a name) but unused; no outer block
+    t = keras_conv_table(64, True, False)
+    assert [(k, p) for k, p, _ in t if k in (6, 7, 8)] == [
+        (6, "amp.head_center"), (7, None), (8, "amp.base.0.conv_a")]
+    assert t[-1][1] == "phase.base.1.conv_b" and len(t) == 6 + 2 * 6
+    # full-field head: conv1 built but unused
+    t = keras_conv_table(128, False, False)
+    paths = [p for _, p, _ in t]
+    assert paths[8] is None and paths[9] == "amp.head_outer"
+    assert paths.count(None) == 2 and len(t) == 8 + 2 * (2 + 6 + 2)
+
+
+def test_fixture_keys_are_exactly_the_table():
+    w = _weights(1)
+    names = {k.rpartition("/")[0] for k in w if not k.startswith("__")}
+    table = {("conv2d" if k == 0 else f"conv2d_{k}") for k, p, _ in keras_conv_table(64, True, True) if p}
+    assert names == table
+
+
+# ---------------------------------------------------------------------------------------------
+# strict loading
+# ---------------------------------------------------------------------------------------------
+def test_load_errors_are_clear_and_atomic():
+    w = _weights(1)
+    model = _new_model(1)
+
+    missing = {k: v for k, v in w.items() if not k.startswith("conv2d_6/")}
+    with pytest.raises(ValueError, match=r"missing Conv2D layers: conv2d_6 \(amp head conv1"):
+        load_keras_weights(model, missing)
+
+    extra = dict(w, **{"conv2d_22/kernel": np.zeros((3, 3, 1, 1)), "conv2d_22/bias": np.zeros(1)})
+    with pytest.raises(ValueError, match=r"unmatched Conv2D layers \['conv2d_22'\]"):
+        load_keras_weights(model, extra)
+
+    stray = dict(w, **{"dense/kernel": np.zeros((2, 2))})
+    with pytest.raises(ValueError, match="unmatched weight keys.*dense/kernel"):
+        load_keras_weights(model, stray)
+
+    bad = dict(w, **{"conv2d_14/kernel": np.zeros((3, 3, 60, 4), np.float32)})
+    with pytest.raises(ValueError, match=r"conv2d_14/kernel \(phase head conv1.*shape \(3, 3, 60, 4\), expected \(3, 3, 60, 1\)"):
+        load_keras_weights(model, bad)
+
+    # the gs1 weights do not fit a gs2 model (4 input channels, 4 output channels)
+    with pytest.raises(ValueError, match="conv2d/kernel"):
+        load_keras_weights(_new_model(2), w)
+
+    # nothing was assigned by the failed calls: every generator weight is still a placeholder
+    with pytest.raises(ValueError, match="generator.encoder.0.conv_a.kernel"):
+        check_fully_loaded(model)
+    assert float(model.intensity_scale) == 1.0
+    load_keras_weights(model, w)
+    check_fully_loaded(model)
+
+
+def test_shifted_keras_names_are_detected():
+    w = _weights(1)
+    shifted = {}
+    for k, v in w.items():
+        if k.startswith("conv2d"):
+            layer, _, var = k.rpartition("/")
+            idx = 0 if layer == "conv2d" else int(layer.split("_")[1])
+            k = f"conv2d_{idx + 30}/{var}"
+        shifted[k] = v
+    model = _new_model(1)
+    mapping = load_keras_weights(model, shifted)
+    assert mapping["conv2d_36"] == "amp.head_center"
+    np.testing.assert_array_equal(np.asarray(model.generator.amp.head_center.kernel[...]),
+                                  w["conv2d_6/kernel"])
+
+
+# ---------------------------------------------------------------------------------------------
+# parity with the trained TF models on the fixed batches
+# ---------------------------------------------------------------------------------------------
+def _run_autoencoder(model, x, offsets):
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda s, x, o: autoencoder_apply(graphdef, s, x, o))(state, x, offsets)
+
+
+def test_parity_gs1_fixture_weights():
+    io = _io(1)
+    model = _new_model(1)
+    load_keras_weights(model, _weights(1))
+    assert math.isclose(float(model.intensity_scale), float(io["intensity_scale"]), rel_tol=1e-6)
+    obj, amp, inten = _run_autoencoder(model, io["input_diffraction_scaled"], io["input_positions"])
+    _assert_parity(obj, io["d2o_obj"], what="object")
+    _assert_parity(_centre(obj), _centre(io["d2o_obj"]), rtol=1e-5, floor=0.0, what="object centre")
+    _assert_parity(amp, io["ae_pred_amp_scaled"], what="scaled amplitude")
+    _assert_parity(inten, io["ae_pred_intensity"], what="intensity")
+    nll = float(physics.poisson_nll(inten, io["target_intensity"]))
+    assert math.isclose(nll, float(io["loss_nll_mean_manual"]), rel_tol=1e-5)
+
+
+def test_parity_gs2_fixture_weights_and_no_batch_collapse():
+    # The TF outputs were produced with predict(batch_size=8) = 32 patches per call, below the
+    # reference's batch-collapse threshold (64 patches), so every group was reconstructed on its
+    # own. Our batch of 16 (64 patches) must give the same per-sample results.
+    io = _io(2)
+    model = _new_model(2)
+    load_keras_weights(model, _weights(2))
+    x, pos = io["input_diffraction_scaled"], io["input_positions"]
+    obj, amp, inten = _run_autoencoder(model, x, pos)
+    # The object border (probe_big branch, up to ~1e2 here after the x1000 merge amplification)
+    # is sensitive to float32 rounding of the fractional in-group offsets: TF recentres them by
+    # the mean over its batch of 8 groups, we per group (deliberately, DESIGN.md). With TF's
+    # recentring reproduced, the object matches at floor 1e-6 (max violation ratio 0.21);
+    # with ours the largest border difference is 1.4e-5 of the max: floor 3e-5 there, and the
+    # centre is held to rtol alone.
+    _assert_parity(obj, io["d2o_obj"], floor=3e-5, what="object")
+    _assert_parity(_centre(obj), _centre(io["d2o_obj"]), rtol=1e-4, floor=0.0, what="object centre")
+    _assert_parity(amp, io["ae_pred_amp_scaled"], what="scaled amplitude")
+    _assert_parity(inten, io["ae_pred_intensity"], what="intensity")
+    nll = float(physics.poisson_nll(inten, io["target_intensity"]))
+    assert math.isclose(nll, float(io["loss_nll_mean_manual"]), rel_tol=1e-5)
+
+    # per-sample independence at the same compiled shape: permute the batch
+    perm = np.arange(16)[::-1]
+    graphdef, state = nnx.split(model)
+    obj_p, amp_p, _ = jax.jit(lambda s, x, o: autoencoder_apply(graphdef, s, x, o))(state, x[perm], pos[perm])
+    np.testing.assert_allclose(np.asarray(obj_p), np.asarray(obj)[perm], rtol=1e-6, atol=1e-6 * np.abs(obj).max())
+    np.testing.assert_allclose(np.asarray(amp_p), np.asarray(amp)[perm], rtol=1e-6, atol=1e-6 * np.abs(amp).max())
+
+
+# ---------------------------------------------------------------------------------------------
+# a real reference archive
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tf_archive(tmp_path_factory) -> Path:
+    parts = sorted((FIX / "tf_archive_small").glob("wts.h5.zip.part*"))
+    assert len(parts) == 2
+    out = tmp_path_factory.mktemp("tf_archive") / "wts.h5.zip"
+    out.write_bytes(b"".join(p.read_bytes() for p in parts))
+    return out
+
+
+def test_read_keras_weights_uses_layer_names(tf_archive):
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(tf_archive) as z:
+        keras_bytes = z.read("diffraction_to_obj/model.keras")
+    w = read_keras_weights(keras_bytes)
+    assert len(w) == 44
+    # HDF5 group layers/conv2d_20 holds layer conv2d_6 (amplitude head conv1, 28 = 32 - 4 inputs)
+    assert w["conv2d_6/kernel"].shape == (3, 3, 28, 1)
+    assert w["conv2d_18/kernel"].shape == (3, 3, 64, 32)
+    with zipfile.ZipFile(io.BytesIO(keras_bytes)) as k:
+        assert read_keras_weights(k.read("model.weights.h5")).keys() == w.keys()
+
+
+def test_load_tf_archive_parity(tf_archive):
+    model, params = load_tf_archive(tf_archive)
+    assert isinstance(model, PtychoPINN) and isinstance(params, dict)
+    spec = model.spec
+    assert (spec.N, spec.gridsize, spec.n_filters_scale, spec.amp_activation) == (64, 1, 1, "sigmoid")
+    assert spec.object_big and spec.probe_big and spec.pad_object and not spec.probe_mask
+    assert spec == spec_from_tf_params(params)
+    assert not model.probe_trainable and not model.intensity_scale_trainable
+    np.testing.assert_array_equal(np.asarray(model.probe), np.asarray(params["probe"])[..., 0])
+
+    ref = _load_npz(FIX / "tf_archive_small" / "io_outputs.npz")
+    inputs = _io(1)  # the archive io inputs are bit-identical to batch16_gs1's (fixture README)
+    x, pos = inputs["input_diffraction_scaled"], inputs["input_positions"]
+    assert math.isclose(float(model.intensity_scale), float(ref["intensity_scale"]), rel_tol=1e-6)
+
+    graphdef, state = nnx.split(model)
+    d2o = jax.jit(lambda s, x, o: diffraction_to_obj_apply(graphdef, s, x, o))(state, x, pos)
+    _assert_parity(d2o, ref["d2o_obj"], what="diffraction_to_obj")
+    _assert_parity(_centre(d2o), _centre(ref["d2o_obj"]), rtol=1e-5, floor=0.0, what="object centre")
+    obj, amp, inten = _run_autoencoder(model, x, pos)
+    np.testing.assert_array_equal(np.asarray(obj), np.asarray(d2o))
+    _assert_parity(amp, ref["ae_pred_amp_scaled"], what="scaled amplitude")
+    _assert_parity(inten, ref["ae_pred_intensity"], what="intensity")
+    nll = float(physics.poisson_nll(inten, inputs["target_intensity"]))
+    assert math.isclose(nll, float(ref["loss_nll_mean_manual"]), rel_tol=1e-5)
+
+
+def test_load_tf_archive_other_model_and_errors(tf_archive, tmp_path):
+    model, _ = load_tf_archive(tf_archive, model_name="autoencoder", intensity_scale_trainable=True)
+    assert model.intensity_scale_trainable and not model.probe_trainable
+    with pytest.raises(ValueError, match="'nope' not in archive models"):
+        load_tf_archive(tf_archive, model_name="nope")
+    with pytest.raises(FileNotFoundError):
+        load_tf_archive(tmp_path / "missing.zip")
