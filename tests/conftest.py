@@ -11,9 +11,14 @@ from pathlib import Path
 
 import pytest
 
-# Keep XLA single-threaded-friendly and quiet on the 2-core CI machine.
+# Tests run on the CPU (CI has no accelerator), with TensorFlow-style logging quiet.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Compiling the CNN train step takes tens of seconds on 2 cores; a persistent compilation cache
+# lets the subprocess tests (CLI, multi-device, ptychodus child) reuse what the suite compiled.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "xla")
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
