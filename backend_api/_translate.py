@@ -98,12 +98,10 @@ def translate(img: np.ndarray, shift) -> np.ndarray:
     if img.ndim != 2:
         raise ValueError(f"img: expected a 2-D (H, W) array, got shape {img.shape}")
     H, W = img.shape
-    if H != W:
-        # sample_windows produces square windows; handle rectangles by sampling a square
-        # window that covers both sides and cropping.
-        S = max(H, W)
-        tx, ty = (float(v) for v in np.asarray(shift, dtype=np.float64).reshape(2))
-        full = sample_windows(img, np.array([[-tx, -ty]]), S)[0]
-        return full[:H, :W]
-    tx, ty = (float(v) for v in np.asarray(shift, dtype=np.float64).reshape(2))
-    return sample_windows(img, np.array([[-tx, -ty]]), H)[0]
+    shift = np.asarray(shift, dtype=np.float64)
+    if shift.size != 2:
+        raise ValueError(f"shift: expected [tx, ty] (2 values), got shape {shift.shape}")
+    tx, ty = (float(v) for v in shift.reshape(2))
+    # sample_windows produces square windows: sample one covering both sides, then crop
+    # (a no-op for square images).
+    return sample_windows(img, np.array([[-tx, -ty]]), max(H, W))[0][:H, :W]

@@ -24,6 +24,7 @@ place with :func:`os.replace`, so a failure leaves a previous archive untouched.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import math
@@ -39,7 +40,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Union
+from typing import Any, BinaryIO, Iterator, Union
 
 import numpy as np
 
@@ -64,6 +65,7 @@ __all__ = [
     "params_from_json",
     "detect_backend",
     "resolve_archive_path",
+    "atomic_write",
 ]
 
 ARCHIVE_NAME = "wts.h5.zip"
@@ -341,26 +343,39 @@ def _refuse(what: str) -> UnsafePickleError:
     )
 
 
-def _checked_dtype(dt: Any) -> np.dtype:
+def _checked_dtype(dt: Any, *, allow_object: bool = False) -> np.dtype:
     if not isinstance(dt, np.dtype):
         raise _refuse(f"an array state whose dtype is {type(dt).__name__}")
+    if allow_object and dt.kind == "O" and dt.fields is None and dt.subdtype is None:
+        return np.dtype(object)
     if dt.kind not in _ALLOWED_KINDS or dt.fields is not None or dt.subdtype is not None:
         raise _refuse(f"an array of dtype {dt}")
     # a fresh dtype from its type string drops whatever flags a crafted BUILD may have set
     return np.dtype(dt.str)
 
 
-def _safe_dtype(spec: Any, align: Any = False, copy: Any = False) -> np.dtype:
+def _safe_dtype(spec: Any, align: Any = False, copy: Any = False, *,
+                allow_object: bool = False) -> np.dtype:
     if not isinstance(spec, str):
         raise _refuse(f"numpy.dtype({spec!r})")
     try:
         dt = np.dtype(spec)
     except TypeError as exc:
         raise _refuse(f"numpy.dtype({spec!r})") from exc
-    return _checked_dtype(dt)
+    return _checked_dtype(dt, allow_object=allow_object)
 
 
-def _set_array_state(arr: np.ndarray, state: Any) -> None:
+def _safe_dtype_or_object(spec: Any, align: Any = False, copy: Any = False) -> np.dtype:
+    return _safe_dtype(spec, align, copy, allow_object=True)
+
+
+def _checked_shape(shape: Any) -> tuple:
+    if not (isinstance(shape, tuple) and all(isinstance(s, int) and s >= 0 for s in shape)):
+        raise _refuse(f"an ndarray with shape {shape!r}")
+    return shape
+
+
+def _set_array_state(arr: np.ndarray, state: Any, *, allow_object: bool = False) -> None:
     if not (isinstance(state, tuple) and len(state) in (4, 5)):
         raise _refuse("an ndarray state that is not a (version, shape, dtype, fortran, data) tuple")
     if len(state) == 5:
@@ -368,12 +383,22 @@ def _set_array_state(arr: np.ndarray, state: Any) -> None:
     else:
         shape, dt, fortran, data = state
         version = 1
+    shape = _checked_shape(shape)
+    if allow_object and isinstance(data, list):
+        # An object array: its elements were built by this same restricted unpickler, so they
+        # are plain values; only the object dtype itself is allowed on top of the usual ones.
+        if _checked_dtype(dt, allow_object=True).kind != "O":
+            raise _refuse(f"an ndarray of dtype {dt} whose data is a list")
+        if len(data) != math.prod(shape):
+            raise ArchiveFormatError(
+                f"pickled object array of shape {shape} has {len(data)} elements"
+            )
+        arr.__setstate__((version, shape, np.dtype(object), bool(fortran), list(data)))
+        return
     if not isinstance(data, (bytes, bytearray)):
         # a list here means an object array, whose elements could be anything
         raise _refuse(f"an ndarray whose data is a {type(data).__name__} (object array)")
     dt = _checked_dtype(dt)
-    if not (isinstance(shape, tuple) and all(isinstance(s, int) and s >= 0 for s in shape)):
-        raise _refuse(f"an ndarray with shape {shape!r}")
     if len(data) != math.prod(shape) * dt.itemsize:
         raise ArchiveFormatError(
             f"pickled ndarray of shape {shape} and dtype {dt} has {len(data)} data bytes"
@@ -402,8 +427,7 @@ def _safe_frombuffer(buf: Any, dtype: Any, shape: Any, order: Any = "C") -> np.n
     if not isinstance(buf, (bytes, bytearray)):
         raise _refuse(f"numpy _frombuffer over a {type(buf).__name__}")
     dt = _checked_dtype(dtype)
-    if not (isinstance(shape, tuple) and all(isinstance(s, int) and s >= 0 for s in shape)):
-        raise _refuse(f"an ndarray with shape {shape!r}")
+    shape = _checked_shape(shape)
     if len(buf) != math.prod(shape) * dt.itemsize:
         raise ArchiveFormatError(f"pickled buffer of {len(buf)} bytes for {shape} {dt}")
     return np.frombuffer(bytes(buf), dtype=dt).reshape(shape, order="F" if order == "F" else "C").copy()
@@ -514,6 +538,10 @@ del _np
 class _RestrictedUnpickler(pickle._Unpickler):  # the Python implementation: BUILD is hookable
     dispatch = dict(pickle._Unpickler.dispatch)
 
+    def __init__(self, file: Any, *, allow_object_arrays: bool = False) -> None:
+        super().__init__(file)
+        self._allow_object = bool(allow_object_arrays)
+
     def find_class(self, module: str, name: str) -> Any:
         if self.proto < 3:  # protocol 0-2 streams may use Python 2 names (__builtin__.set)
             import _compat_pickle
@@ -522,6 +550,8 @@ class _RestrictedUnpickler(pickle._Unpickler):  # the Python implementation: BUI
                 module, name = _compat_pickle.NAME_MAPPING[(module, name)]
             elif module in _compat_pickle.IMPORT_MAPPING:
                 module = _compat_pickle.IMPORT_MAPPING[module]
+        if self._allow_object and (module, name) == ("numpy", "dtype"):
+            return _safe_dtype_or_object
         try:
             return _SAFE_GLOBALS[(module, name)]
         except KeyError:
@@ -534,7 +564,7 @@ class _RestrictedUnpickler(pickle._Unpickler):  # the Python implementation: BUI
         state = self.stack.pop()
         inst = self.stack[-1]
         if isinstance(inst, np.ndarray):
-            _set_array_state(inst, state)
+            _set_array_state(inst, state, allow_object=self._allow_object)
         elif isinstance(inst, np.dtype):
             # dtype reduce is (dtype, (code, align, copy), state); the state of a plain dtype is
             # (version, byteorder, subarray=None, names=None, fields=None, elsize, align, flags).
@@ -557,7 +587,7 @@ class _RestrictedUnpickler(pickle._Unpickler):  # the Python implementation: BUI
     dispatch[pickle.BUILD[0]] = load_build
 
 
-def safe_loads(data: bytes | bytearray | memoryview) -> Any:
+def safe_loads(data: bytes | bytearray | memoryview, *, allow_object_arrays: bool = False) -> Any:
     """Unpickle ``data`` without executing code.
 
     Builds only plain containers (dict, list, tuple, set, frozenset, OrderedDict), numbers,
@@ -566,9 +596,17 @@ def safe_loads(data: bytes | bytearray | memoryview) -> Any:
     also through dill's ``_create_array``) become numpy arrays; ``pathlib`` paths become str.
     Any other global, a persistent id, object state or an object-dtype array raises
     :class:`UnsafePickleError`; a malformed stream raises :class:`ArchiveFormatError`.
+
+    ``allow_object_arrays=True`` additionally accepts numpy object arrays pickled by
+    ``ndarray.__reduce__`` (what ``np.save`` writes for e.g. a JSON string or ``None`` in an
+    object array); their elements go through the same restrictions. Object *scalars* built
+    from raw bytes stay refused (those bytes would be read as object pointers).
     """
     try:
-        return _RestrictedUnpickler(io.BytesIO(bytes(data))).load()
+        unpickler = _RestrictedUnpickler(
+            io.BytesIO(bytes(data)), allow_object_arrays=allow_object_arrays
+        )
+        return unpickler.load()
     except ArchiveError:
         raise
     except Exception as exc:  # malformed stream: EOFError, struct.error, UnpicklingError, ...
@@ -700,6 +738,34 @@ def _finish_atomic(tmp_name: str, target: Path) -> None:
         os.close(dir_fd)
 
 
+@contextlib.contextmanager
+def atomic_write(target: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Open a temporary file next to ``target`` for binary writing; on a clean exit flush it to
+    disk and move it over ``target`` with :func:`os.replace`.
+
+    If the ``with`` body (or the flush) raises, the temporary file is removed and ``target``
+    is left exactly as it was. The parent folder must exist. The file gets the mode of the file
+    it replaces, or 0644 for a new one (``mkstemp`` would leave it 0600)::
+
+        with atomic_write(path) as fh:
+            np.savez(fh, **arrays)
+    """
+    target = Path(target)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        _finish_atomic(tmp_name, target)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+
+
 def write_archive(
     path: str | os.PathLike,
     models: Mapping[str, ModelEntry],
@@ -760,21 +826,10 @@ def write_archive(
 
     target = resolve_archive_path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            with zipfile.ZipFile(fh, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
-                for arcname, src in members:
-                    _add_member(zf, arcname, src)
-            fh.flush()
-            os.fsync(fh.fileno())
-        _finish_atomic(tmp_name, target)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_write(target) as fh:
+        with zipfile.ZipFile(fh, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+            for arcname, src in members:
+                _add_member(zf, arcname, src)
     return target
 
 

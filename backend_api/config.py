@@ -421,18 +421,20 @@ class InferenceConfig:
 # Reference-named explicit validators (thin wrappers; kept for callers ported from upstream).
 
 
+def _validate_as(config: Any, cls: type) -> None:
+    if not isinstance(config, cls):
+        raise ValueError(f"expected a {cls.__name__}, got {type(config).__name__}")
+    config.validate()
+
+
 def validate_model_config(config: ModelConfig) -> None:
     """Raise ``ValueError`` if ``config`` is not a valid :class:`ModelConfig`."""
-    if not isinstance(config, ModelConfig):
-        raise ValueError(f"expected a ModelConfig, got {type(config).__name__}")
-    config.validate()
+    _validate_as(config, ModelConfig)
 
 
 def validate_training_config(config: TrainingConfig) -> None:
     """Raise ``ValueError`` if ``config`` is not a valid :class:`TrainingConfig`."""
-    if not isinstance(config, TrainingConfig):
-        raise ValueError(f"expected a TrainingConfig, got {type(config).__name__}")
-    config.validate()
+    _validate_as(config, TrainingConfig)
 
 
 def validate_inference_config(config: InferenceConfig) -> None:
@@ -441,9 +443,7 @@ def validate_inference_config(config: InferenceConfig) -> None:
     A directory must contain ``wts.h5.zip``. A non-directory path must exist, or exist with a
     ``.zip`` suffix added (``wts.h5`` -> ``wts.h5.zip``), as in the reference.
     """
-    if not isinstance(config, InferenceConfig):
-        raise ValueError(f"expected an InferenceConfig, got {type(config).__name__}")
-    config.validate()
+    _validate_as(config, InferenceConfig)
     path = config.model_path
     if path.is_dir():
         if not (path / "wts.h5.zip").is_file():

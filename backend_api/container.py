@@ -20,17 +20,18 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from .archive import atomic_write
+from .grouping import mean_pattern_energy
+
 __all__ = ["PtychoDataContainer"]
 
 
-def _norm_Y_I(X: np.ndarray, nphotons: float, chunk: int = 1024) -> float:
-    total = 0.0
-    for s in range(0, X.shape[0], chunk):
-        part = X[s:s + chunk].astype(np.float64)
-        total += float(np.einsum("bhwc,bhwc->", part, part))
-    mean_energy = total / (X.shape[0] * X.shape[3])
-    if mean_energy <= 0:
-        raise ValueError("X: all diffraction patterns are zero; norm_Y_I is undefined")
+def _norm_Y_I(X: np.ndarray, nphotons: float) -> float:
+    mean_energy = mean_pattern_energy(X, key="X")
+    if not np.isfinite(mean_energy) or mean_energy <= 0:
+        raise ValueError(f"X: mean per-pattern energy is {mean_energy!r}; expected a positive "
+                         f"finite value (all diffraction patterns are zero or non-finite, so "
+                         f"norm_Y_I is undefined)")
     return float(np.sqrt(nphotons / mean_energy))
 
 
@@ -220,25 +221,11 @@ class PtychoDataContainer:
         return self.subset(slice(0, n_train)), self.subset(slice(n_train, len(self)))
 
     def to_npz(self, path) -> None:
-        """Write every array attribute to an NPZ (atomically)."""
-        import os
-        import tempfile
-        from pathlib import Path
-
-        path = Path(path)
+        """Write every array attribute to an NPZ (atomically: temp file + os.replace)."""
         arrays = {k: np.asarray(getattr(self, k)) for k in
                   ("X", "Y_I", "Y_phi", "coords_nominal", "coords_true", "nn_indices",
                    "global_offsets", "local_offsets", "probe")}
         arrays["norm_Y_I"] = np.asarray(self.norm_Y_I, dtype=np.float64)
         arrays["has_ground_truth"] = np.asarray(self.has_ground_truth)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        with atomic_write(path) as fh:
+            np.savez(fh, **arrays)

@@ -52,6 +52,7 @@ __all__ = [
     "group_indices",
     "normalize_data",
     "normalization_factor",
+    "mean_pattern_energy",
     "get_relative_coords",
     "get_image_patches",
     "get_neighbor_indices",
@@ -294,6 +295,14 @@ def group_indices(xcoords: np.ndarray, ycoords: np.ndarray, *, nsamples: int, K:
         _check_int("neighbor_pool_size", neighbor_pool_size, minimum=1)
     x = np.asarray(xcoords)
     y = np.asarray(ycoords)
+    for key, a in (("xcoords", x), ("ycoords", y)):
+        if a.ndim != 1 or a.dtype.kind not in "fiu":
+            raise ValueError(f"{key}: expected a 1-D real array of scan positions, got shape "
+                             f"{a.shape} dtype {a.dtype}")
+        if not np.isfinite(a).all():
+            raise ValueError(f"{key}: expected finite scan positions, found non-finite values")
+    if y.shape != x.shape:
+        raise ValueError(f"ycoords: expected shape {x.shape} to match xcoords, got {y.shape}")
     points = np.column_stack([x, y]).astype(np.float64)
     n_points = points.shape[0]
     C = int(gridsize) ** 2
@@ -395,22 +404,30 @@ def get_image_patches(gt_image: np.ndarray, global_offsets: np.ndarray,
     return np.ascontiguousarray(out.reshape(B, C, N, N).transpose(0, 2, 3, 1))
 
 
-def normalization_factor(diffraction: np.ndarray, N: int, chunk: int = 1024) -> np.float32:
-    """``float32(sqrt((N/2)**2 / mean_{b,c} sum_{h,w} diffraction**2))``.
+def mean_pattern_energy(patterns: np.ndarray, chunk: int = 1024, *,
+                        key: str = "diffraction") -> float:
+    """``mean_{b,c} sum_{h,w} patterns**2`` of a ``(B, H, W, C)`` array, as a Python float.
 
     Squares are accumulated in float64 (uint16 counts would overflow otherwise), in chunks
-    of groups so no float64 copy of the whole array is made.
+    of groups so no float64 copy of the whole array is made. Shared by the ``X_full``
+    normalisation here and the container's ``norm_Y_I``; ``key`` names the array in errors.
     """
-    d = np.asarray(diffraction)
+    d = np.asarray(patterns)
     if d.ndim != 4:
-        raise ValueError(f"diffraction: expected a 4-D (B, H, W, C) array, got shape {d.shape}")
-    if d.shape[0] == 0:
-        raise ValueError("diffraction: expected at least one group, got B=0")
+        raise ValueError(f"{key}: expected a 4-D (B, H, W, C) array, got shape {d.shape}")
+    if d.shape[0] == 0 or d.shape[3] == 0:
+        raise ValueError(f"{key}: expected at least one group and channel, got shape {d.shape}")
     total = 0.0
     for s in range(0, d.shape[0], chunk):
         part = d[s:s + chunk].astype(np.float64)
         total += float(np.einsum("bhwc,bhwc->", part, part))
-    mean_energy = total / (d.shape[0] * d.shape[3])
+    return total / (d.shape[0] * d.shape[3])
+
+
+def normalization_factor(diffraction: np.ndarray, N: int, chunk: int = 1024) -> np.float32:
+    """``float32(sqrt((N/2)**2 / mean_{b,c} sum_{h,w} diffraction**2))``
+    (see :func:`mean_pattern_energy`)."""
+    mean_energy = mean_pattern_energy(diffraction, chunk)
     if not np.isfinite(mean_energy) or mean_energy <= 0:
         raise ValueError(
             f"diffraction: mean per-pattern energy is {mean_energy!r}; expected a positive "
@@ -457,7 +474,9 @@ def generate_grouped_data(raw, N: int, K: int = 4, nsamples: int = 1, dataset_pa
         dataset_path: accepted and ignored (no cache files are written).
         seed: random seed (ignored for ``sequential_sampling``, which uses seed 0).
         sequential_sampling: seeds are the first ``nsamples`` points in file order.
-        gridsize: ``None`` -> ``backend_api.params.cfg['gridsize']`` (default 1).
+        gridsize: ``None`` -> ``backend_api.params.cfg['gridsize']`` (the reference's legacy
+            fallback, kept for callers such as ptychodus's glue that never pass it; the
+            legacy default is 2, and 1 if the key was removed). Our own callers pass it.
         enable_oversampling, neighbor_pool_size: the K-choose-C oversampling opt-in.
         rng: explicit ``RandomState``/``Generator``/int seed; overrides ``seed``.
 

@@ -38,8 +38,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import pickle
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -48,6 +46,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from . import grouping as _grouping
+from .archive import atomic_write, safe_loads
 
 __all__ = ["RawData"]
 
@@ -98,7 +97,7 @@ def _complex_2d(key: str, value: Any) -> np.ndarray:
 
 
 def _fmt_shape(shape) -> str:
-    return "(" + ", ".join(str(s) for s in shape) + ")"
+    return str(tuple(int(s) for s in shape))
 
 
 class RawData:
@@ -295,15 +294,16 @@ class RawData:
 
             for key in ("xcoords", "ycoords", "probeGuess"):
                 if key not in keys:
-                    raise ValueError(f"{path.name}: missing required key '{key}' (present: "
-                                     f"{sorted(keys)})")
+                    raise ValueError(f"{path.name}: missing required key '{key}' (expected "
+                                     f"{key}, diff3d and probeGuess; present: {sorted(keys)})")
             if "diff3d" in keys:
                 dkey = "diff3d"
             elif "diffraction" in keys:
                 dkey = "diffraction"
             else:
-                raise ValueError(f"{path.name}: missing required key 'diff3d' (or 'diffraction') "
-                                 f"with the diffraction amplitudes (present: {sorted(keys)})")
+                raise ValueError(f"{path.name}: missing required key 'diff3d' (or 'diffraction'); "
+                                 f"expected the (M, H, H) diffraction amplitudes (present: "
+                                 f"{sorted(keys)})")
             x = get("xcoords")
             y = get("ycoords")
             d = get(dkey)
@@ -371,19 +371,8 @@ class RawData:
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"metadata: expected JSON-serialisable values ({exc})") from None
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        with atomic_write(path) as fh:
+            np.savez(fh, **arrays)
         return path
 
     # -----------------------------------------------------------------------------------------
@@ -405,26 +394,6 @@ class RawData:
 # ---------------------------------------------------------------------------------------------
 # NPZ members that upstream stores as pickles
 # ---------------------------------------------------------------------------------------------
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Rebuilds numpy object arrays of plain Python values; refuses everything else."""
-
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-        ("numpy.dtypes", "ObjectDType"), ("numpy.dtypes", "StrDType"),
-        ("builtins", "dict"), ("builtins", "list"), ("builtins", "tuple"),
-        ("builtins", "str"), ("builtins", "int"), ("builtins", "float"), ("builtins", "bool"),
-        ("collections", "OrderedDict"),
-    }
-
-    def find_class(self, module, name):
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
-
-
 def _load_member(path: Path, npz, key: str, allow_pickle: bool):
     """Load one NPZ member; pickled members go through the restricted unpickler."""
     try:
@@ -441,10 +410,12 @@ def _load_member(path: Path, npz, key: str, allow_pickle: bool):
     else:
         np.lib.format.read_array_header_2_0(fp)
     try:
-        return _RestrictedUnpickler(fp).load()
-    except Exception as exc:
-        raise ValueError(f"{key}: pickled entry refused by the safe loader ({exc}); re-save the "
-                         f"file without pickles or pass allow_pickle=True for a trusted file") from None
+        # The archive's restricted unpickler: plain values and numpy arrays only, never code.
+        return safe_loads(fp.read(), allow_object_arrays=True)
+    except ValueError as exc:
+        raise ValueError(f"{key}: pickled entry refused by the safe loader ({exc}); expected "
+                         f"plain values only: re-save the file without pickles or pass "
+                         f"allow_pickle=True for a trusted file") from None
 
 
 def _json_default(v):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -164,20 +163,6 @@ def save_model(results_or_model: Any, output_dir: str | os.PathLike, config: Any
     return Path(backend.save_model(model, output_dir, config))
 
 
-def _save_png_atomic(fig: Any, target: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png")
-        _archive._finish_atomic(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def save_outputs(amplitude: Any, phase: Any, results: Any, output_prefix: str | os.PathLike) -> None:
     """Create ``output_prefix`` and, when both arrays are given, write
     ``reconstructed_amplitude.png`` (gray, with colour bar) and ``reconstructed_phase.png``
@@ -207,7 +192,8 @@ def save_outputs(amplitude: Any, phase: Any, results: Any, output_prefix: str | 
         im = ax.imshow(np.asarray(arr, dtype=np.float64), cmap=cmap)
         fig.colorbar(im, ax=ax)
         ax.set_title(f"Reconstructed {label.capitalize()}")
-        _save_png_atomic(fig, out / f"reconstructed_{label}.png")
+        with _archive.atomic_write(out / f"reconstructed_{label}.png") as fh:
+            fig.savefig(fh, format="png")
 
 
 def reassemble_cdi_image(

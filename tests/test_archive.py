@@ -441,3 +441,48 @@ def test_untagged_unknown_layout_is_reported_as_unknown(tmp_path):
     with pytest.raises(ArchiveBackendError, match="'unknown'.*known backend"):
         read_archive(path, tmp_path / "d", expected_backend="jax")
     assert read_archive(path, tmp_path / "d").models["m"].params["N"] == 64
+
+
+# ---------------------------------------------------------------------------------------------
+# the shared atomic-write helper (archives, RawData.to_file, container NPZs, output PNGs)
+
+
+def test_atomic_write_replaces_on_success_and_keeps_old_file_on_failure(tmp_path):
+    target = tmp_path / "f.bin"
+    with A.atomic_write(target) as fh:
+        fh.write(b"first")
+    assert target.read_bytes() == b"first"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644  # not mkstemp's 0600
+    with pytest.raises(RuntimeError, match="mid-write"):
+        with A.atomic_write(target) as fh:
+            fh.write(b"partial second version")
+            raise RuntimeError("mid-write failure")
+    assert target.read_bytes() == b"first"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]  # temporary file removed
+    with A.atomic_write(target) as fh:
+        fh.write(b"second")
+    assert target.read_bytes() == b"second"
+
+
+# ---------------------------------------------------------------------------------------------
+# object arrays (only for NPZ members that upstream stores pickled; never for archives)
+
+
+def test_object_arrays_only_with_the_flag_and_elements_stay_restricted(tmp_path):
+    plain = pickle.dumps(np.array(json.dumps({"a": 1}), dtype=object), protocol=3)
+    with pytest.raises(UnsafePickleError, match="object"):
+        safe_loads(plain)
+    back = safe_loads(plain, allow_object_arrays=True)
+    assert back.dtype == object and back.shape == () and json.loads(back.item()) == {"a": 1}
+    none = safe_loads(pickle.dumps(np.array(None, dtype=object)), allow_object_arrays=True)
+    assert none.item() is None
+    marker = tmp_path / "pwned"
+    evil = np.empty(2, dtype=object)
+    evil[0], evil[1] = "fine", _RunsCode(marker)
+    with pytest.raises(UnsafePickleError, match="system"):
+        safe_loads(pickle.dumps(evil, protocol=3), allow_object_arrays=True)
+    assert not marker.exists()
+    # an object array whose data are raw bytes (pointers) is refused even with the flag
+    crafted = pickle.dumps(np.zeros(2, np.int64), protocol=3).replace(b"i8", b"O8")
+    with pytest.raises(UnsafePickleError):
+        safe_loads(crafted, allow_object_arrays=True)

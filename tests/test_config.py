@@ -855,3 +855,54 @@ def test_config_module_imports_no_backend():
 def test_math_sanity_of_float_defaults():
     # guard against someone "fixing" a default to an int: the bridge keeps types
     assert math.isclose(TrainingConfig(model=ModelConfig()).plateau_min_lr, 5e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Full round trip: config -> legacy dict (-> archive params JSON) -> config, every field at once.
+# The bridge is one-way in the reference; this checks it loses nothing, so a backend can rebuild
+# the exact dataclasses from a params snapshot.
+
+
+def _from_legacy(flat: dict, cls):
+    inverse = {legacy: name for name, legacy in KEY_MAPPINGS.items()}
+    plain = {inverse.get(k, k): v for k, v in flat.items()}
+    model_names = {f.name for f in dataclasses.fields(ModelConfig)}
+    model = ModelConfig(**{k: v for k, v in plain.items() if k in model_names})
+    own = {f.name for f in dataclasses.fields(cls)} - {"model"}
+    return cls(model=model, **{k: v for k, v in plain.items() if k in own})
+
+
+def _all_non_default(kind):
+    model = ModelConfig(**{k: v[0] for k, v in MODEL_NON_DEFAULT.items()})
+    table = TRAINING_NON_DEFAULT if kind == "training" else INFERENCE_NON_DEFAULT
+    return BUILDERS[kind](model=model, **{k: v[0] for k, v in table.items()})
+
+
+@pytest.mark.parametrize("kind", ["training", "inference"])
+@pytest.mark.parametrize("variant", ["defaults", "every_field_non_default"])
+def test_bridge_round_trips_every_field(kind, variant):
+    from backend_api.archive import params_from_json, params_to_json
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # n_groups and n_images both given: no warning
+        config = BUILDERS[kind]() if variant == "defaults" else _all_non_default(kind)
+    cls = type(config)
+    flat = dataclass_to_legacy_dict(config)
+    assert _from_legacy(flat, cls) == config
+    # through update_legacy_dict into a fresh dict and through an archive params snapshot
+    cfg: dict = {}
+    update_legacy_dict(cfg, config)
+    snapshot = params_from_json(params_to_json(cfg))
+    back = _from_legacy(snapshot, cls)
+    assert back == config
+    for f in dataclasses.fields(cls):
+        if f.name != "model":
+            assert type(getattr(back, f.name)) is type(getattr(config, f.name)), f.name
+    for f in dataclasses.fields(ModelConfig):
+        assert type(getattr(back.model, f.name)) is type(getattr(config.model, f.name)), f.name
+    if variant == "every_field_non_default":
+        defaults = BUILDERS[kind]()
+        own = [f.name for f in dataclasses.fields(cls) if f.name != "model"]
+        assert [n for n in own if getattr(config, n) == getattr(defaults, n)] == []
+        assert [f.name for f in dataclasses.fields(ModelConfig)
+                if getattr(config.model, f.name) == getattr(defaults.model, f.name)] == []

@@ -67,6 +67,17 @@ def test_no_ground_truth_placeholders():
     assert len(sub) == 2 and not sub.has_ground_truth and sub.Y_I.shape == (2, 8, 8, 4)
 
 
+def test_all_zero_or_empty_patterns_rejected_with_named_key():
+    raw = _toy_raw()
+    g = raw.generate_grouped_data(8, K=4, nsamples=5, gridsize=1, seed=0)
+    zero = dict(g, X_full=np.zeros_like(g["X_full"]))
+    with pytest.raises(ValueError, match="X: mean per-pattern energy is 0.0; expected a positive"):
+        PtychoDataContainer.from_grouped(zero, raw.probeGuess)
+    empty = dict(g, X_full=g["X_full"][:0])
+    with pytest.raises(ValueError, match=r"X: expected at least one group.*\(0, 8, 8, 1\)"):
+        PtychoDataContainer.from_grouped(empty, raw.probeGuess)
+
+
 def test_norm_Y_I_formula():
     raw = _toy_raw()
     g = raw.generate_grouped_data(8, K=4, nsamples=20, gridsize=2, seed=1)
@@ -125,8 +136,33 @@ def test_to_npz(tmp_path):
     p = tmp_path / "c.npz"
     c.to_npz(p)
     with np.load(p) as z:
-        np.testing.assert_array_equal(z["X"], c.X)
-        assert float(z["norm_Y_I"]) == c.norm_Y_I
+        assert set(z.files) == {"X", "Y_I", "Y_phi", "coords_nominal", "coords_true",
+                                "nn_indices", "global_offsets", "local_offsets", "probe",
+                                "norm_Y_I", "has_ground_truth"}
+        for key in ("X", "Y_I", "Y_phi", "coords_nominal", "local_offsets", "global_offsets",
+                    "nn_indices", "probe"):
+            np.testing.assert_array_equal(z[key], getattr(c, key), err_msg=key)
+            assert z[key].dtype == getattr(c, key).dtype, key
+        assert float(z["norm_Y_I"]) == c.norm_Y_I and bool(z["has_ground_truth"])
+
+
+def test_to_npz_failure_mid_write_keeps_previous_file(tmp_path, monkeypatch):
+    raw = _toy_raw()
+    c = PtychoDataContainer.from_grouped(
+        raw.generate_grouped_data(8, K=4, nsamples=6, gridsize=1, seed=0), raw.probeGuess)
+    p = tmp_path / "c.npz"
+    c.to_npz(p)
+    before = p.read_bytes()
+
+    def broken_savez(fh, **arrays):
+        fh.write(b"PK\x03\x04 half an archive")
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(np, "savez", broken_savez)
+    with pytest.raises(OSError, match="simulated"):
+        c.subset([0, 1]).to_npz(p)
+    assert p.read_bytes() == before
+    assert [q.name for q in tmp_path.iterdir()] == ["c.npz"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,3 +214,20 @@ def test_from_raw_data_inference_config_all_points(tmp_path):
 def test_from_raw_data_rejects_non_config():
     with pytest.raises(ValueError, match="config"):
         PtychoDataContainer.from_raw_data(_toy_raw(), object())
+
+
+def test_from_raw_data_ignores_legacy_cfg():
+    """Our code decides from the dataclass, never from params.cfg (only the reference-style
+    call with gridsize=None falls back to it)."""
+    from backend_api import params
+
+    raw = _toy_raw(n=40)
+    cfg = config.TrainingConfig(model=config.ModelConfig(N=64, gridsize=1), n_groups=10)
+    cfg.model.N = 8
+    try:
+        params.cfg["gridsize"] = 3
+        params.cfg["N"] = 256
+        c = PtychoDataContainer.from_raw_data(raw, cfg, seed=0)
+    finally:
+        params.reset()
+    assert c.X.shape == (10, 8, 8, 1)

@@ -179,10 +179,11 @@ def test_bad_rng_rejected():
     dict(nsamples=50, gridsize=2, sequential_sampling=True),
     dict(nsamples=500, gridsize=2, seed=3, enable_oversampling=True, neighbor_pool_size=7),
     dict(nsamples=500, gridsize=2, enable_oversampling=True, neighbor_pool_size=7),
+    dict(nsamples=50, gridsize=2),  # no seed: fresh entropy, still not the global RNG
 ])
 def test_global_numpy_rng_untouched(kw):
     raw = _toy_raw(n=100, with_object=True)
-    np.random.seed(1234)
+    # (the test only reads the global state; it never seeds it)
     before = np.random.get_state()
     raw.generate_grouped_data(8, K=7, **kw)
     after = np.random.get_state()
@@ -378,6 +379,18 @@ def test_bad_arguments_named(kw, key):
     args.update(kw)
     with pytest.raises(ValueError, match=key):
         group_indices(raw.xcoords, raw.ycoords, **args)
+
+
+@pytest.mark.parametrize("x,y,key", [
+    (np.zeros(5), np.zeros(4), "ycoords"),
+    (np.zeros((5, 1)), np.zeros(5), "xcoords"),
+    (np.array(["a"] * 5), np.zeros(5), "xcoords"),
+    (np.zeros(5), np.array([0, 1, np.nan, 3, 4.0]), "ycoords"),
+])
+def test_bad_coordinates_named(x, y, key):
+    with pytest.raises(ValueError, match=rf"^{key}: expected") as info:
+        group_indices(x, y, nsamples=2, K=4, gridsize=1, seed=0)
+    assert "got" in str(info.value) or "non-finite" in str(info.value)
 
 
 def test_tiny_dataset_keeps_self():

@@ -79,8 +79,9 @@ def test_from_file_missing_key(tmp_path, key):
     del a[key]
     p = tmp_path / "d.npz"
     np.savez(p, **a)
-    with pytest.raises(ValueError, match=key):
+    with pytest.raises(ValueError, match=f"missing required key '{key}'") as info:
         RawData.from_file(p)
+    assert "expected" in str(info.value) and "present:" in str(info.value)
 
 
 def test_from_file_accepts_diffraction_alias_and_rank4(tmp_path):
@@ -145,8 +146,14 @@ BAD_CASES = [
 
 @pytest.mark.parametrize("key,over", BAD_CASES, ids=[f"{k}-{i}" for i, (k, _) in enumerate(BAD_CASES)])
 def test_malformed_inputs_rejected(key, over):
-    with pytest.raises(ValueError, match=key):
+    with pytest.raises(ValueError, match=key) as info:
         _make(**over)
+    msg = str(info.value)
+    # the message says what was expected and what was seen (a shape, dtype or value)
+    assert msg.split(":")[0] in {"xcoords", "ycoords", key} and "expected" in msg
+    bad = over[key]
+    assert (str(bad.shape) in msg or str(bad.dtype) in msg or "non-finite" in msg
+            or "negative" in msg or "mode" in msg or "(" in msg), msg
 
 
 def test_other_constructor_args_validated():
@@ -183,22 +190,91 @@ def test_valid_inputs_accepted(v):
     raw = RawData.from_coords_without_pc(v["x"], v["y"], v["d"], v["p"], None)
     assert len(raw) == v["M"] and raw.diff3d.shape == (v["M"], v["H"], v["H"])
     assert raw.diff3d.dtype == v["d"].dtype  # amplitudes kept as given
+    np.testing.assert_array_equal(raw.diff3d, v["d"])
+    np.testing.assert_array_equal(raw.xcoords, v["x"])
+    assert raw.probeGuess.dtype == np.complex64 and raw.scan_index.dtype == np.int64
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(valid_inputs(), st.sampled_from(["len_x", "len_d", "nonsquare", "nan_d", "neg_d",
-                                        "inf_x", "probe_shape", "cplx_d", "nan_probe"]),
-       st.integers(0, 1000))
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(valid_inputs())
+def test_valid_inputs_round_trip_through_npz(v):
+    import tempfile
+    from pathlib import Path
+
+    raw = RawData.from_coords_without_pc(v["x"], v["y"], v["d"], v["p"], np.arange(v["M"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        back = RawData.from_file(raw.to_file(Path(tmp) / "r.npz"))
+    for key in ("xcoords", "ycoords", "xcoords_start", "ycoords_start", "diff3d", "probeGuess",
+                "scan_index"):
+        np.testing.assert_array_equal(getattr(back, key), getattr(raw, key), err_msg=key)
+        assert getattr(back, key).dtype == getattr(raw, key).dtype, key
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(valid_inputs(), st.sampled_from([np.uint16, np.uint32, np.int32]), st.integers(1, 3),
+       st.booleans())
+def test_valid_ptychodus_exports_accepted(v, count_dtype, modes, with_index):
+    """Integer counts (-> sqrt amplitude), a (modes, H, W) probe and an integer scan index are
+    all valid input; each conversion is announced by a UserWarning."""
+    counts = np.rint(v["d"] * 100).astype(count_dtype)
+    probe = np.stack([v["p"] * (k + 1) for k in range(modes)])
+    index = np.arange(v["M"], dtype=np.int32) if with_index else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        raw = RawData.from_coords_without_pc(v["x"], v["y"], counts, probe, index)
+    messages = " | ".join(str(w.message) for w in caught)
+    assert "intensity" in messages
+    assert ("mode 0" in messages) == (modes > 1)
+    assert raw.diff3d.dtype == np.float32
+    np.testing.assert_allclose(raw.diff3d, np.sqrt(counts.astype(np.float64)), rtol=1e-6)
+    np.testing.assert_array_equal(raw.probeGuess, v["p"])
+    assert raw.scan_index.dtype == np.int64 and raw.scan_index.shape == (v["M"],)
+
+
+FAULT_KEYS = {
+    "len_x": "diff3d", "len_y": "ycoords", "len_d": "diff3d", "nonsquare": "diff3d",
+    "nan_d": "diff3d", "neg_d": "diff3d", "inf_x": "xcoords", "probe_shape": "probeGuess",
+    "cplx_d": "diff3d", "nan_probe": "probeGuess", "str_x": "xcoords", "rank_y": "ycoords",
+    "neg_counts": "diff3d", "bool_d": "diff3d", "rank_d": "diff3d", "probe_rank": "probeGuess",
+    "len_index": "scan_index", "frac_index": "scan_index", "nan_obj": "objectGuess",
+    "rank_obj": "objectGuess",
+}
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(valid_inputs(), st.sampled_from(sorted(FAULT_KEYS)), st.integers(0, 1000))
 def test_malformed_inputs_property(v, fault, where):
     x, y, d, p = v["x"].copy(), v["y"].copy(), v["d"].copy(), v["p"].copy()
     M, H = v["M"], v["H"]
-    key = {"len_x": "xcoords", "len_d": "diff3d", "nonsquare": "diff3d", "nan_d": "diff3d",
-           "neg_d": "diff3d", "inf_x": "xcoords", "probe_shape": "probeGuess",
-           "cplx_d": "diff3d", "nan_probe": "probeGuess"}[fault]
+    index, obj = None, None
+    key = FAULT_KEYS[fault]
     if fault == "len_x":
         x = np.append(x, 1.0)
+        y = np.append(y, 1.0)  # coordinates agree with each other; the patterns do not
+    elif fault == "len_y":
         y = np.append(y, 1.0)
-        key = "diff3d"  # coordinates agree with each other; the patterns do not
+    elif fault == "str_x":
+        x = x.astype(str)
+    elif fault == "rank_y":
+        y = y[:, None]
+    elif fault == "neg_counts":
+        d = np.rint(d * 10).astype(np.int32)
+        d.reshape(-1)[where % d.size] = -1
+    elif fault == "bool_d":
+        d = d > 0.5
+    elif fault == "rank_d":
+        d = d.reshape(M, -1)
+    elif fault == "probe_rank":
+        p = np.ones((2, 2, H, H), np.complex64)
+    elif fault == "len_index":
+        index = np.zeros(M + 1, np.int64)
+    elif fault == "frac_index":
+        index = np.full(M, 0.5)
+    elif fault == "nan_obj":
+        obj = np.ones((H + 3, H + 3), np.complex64)
+        obj.reshape(-1)[where % obj.size] = np.nan
+    elif fault == "rank_obj":
+        obj = np.ones((2, H, H), np.complex64)
     elif fault == "len_d":
         d = np.concatenate([d, d[:1]])
     elif fault == "nonsquare":
@@ -215,8 +291,11 @@ def test_malformed_inputs_property(v, fault, where):
         d = d.astype(np.complex64)
     elif fault == "nan_probe":
         p.reshape(-1)[where % p.size] = np.nan
-    with pytest.raises(ValueError, match=key):
-        RawData.from_coords_without_pc(x, y, d, p, None)
+    with pytest.raises(ValueError, match=key) as info:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. the integer-counts notice before a failure
+            RawData.from_coords_without_pc(x, y, d, p, index, objectGuess=obj)
+    assert str(info.value).startswith(key + ":") and "expected" in str(info.value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,17 +450,45 @@ def test_reference_style_none_object_guess(tmp_path):
 
 
 class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.system, ("echo pwned",))
+        return (os.system, (f"touch {self.marker}",))
 
 
-def test_malicious_pickle_refused(tmp_path):
+@pytest.mark.parametrize("key", ["_metadata", "objectGuess"])
+def test_malicious_pickle_refused_and_not_run(tmp_path, key):
     a = _arrays()
+    marker = tmp_path / "pwned"
     p = tmp_path / "evil.npz"
     arr = np.empty((), dtype=object)
-    arr[()] = _Evil()
+    arr[()] = _Evil(marker)
+    a[key] = arr
+    np.savez(p, **a)
+    with pytest.raises(ValueError, match=rf"{key}: pickled entry refused.*os\.system|{key}: "
+                                         r"pickled entry refused.*posix\.system") as info:
+        RawData.from_file(p)
+    assert "allow_pickle=True" in str(info.value)
+    assert not marker.exists()  # refused before anything ran
+
+
+class _RawObjectScalar:
+    """Pickles as numpy's ``scalar(dtype('O'), raw bytes)``: bytes read as an object pointer."""
+
+    def __reduce__(self):
+        from numpy._core.multiarray import scalar
+
+        return (scalar, (np.dtype(object), b"\x00" * np.dtype(object).itemsize))
+
+
+def test_object_scalar_from_raw_bytes_refused(tmp_path):
+    a = _arrays()
+    p = tmp_path / "ptr.npz"
+    arr = np.empty((), dtype=object)
+    arr[()] = _RawObjectScalar()
     np.savez(p, **a, _metadata=arr)
-    with pytest.raises(ValueError, match="_metadata"):
+    with pytest.raises(ValueError, match="_metadata: pickled entry refused"):
         RawData.from_file(p)
 
 

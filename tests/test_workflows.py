@@ -189,6 +189,25 @@ def test_save_outputs_writes_pngs_atomically(tmp_path):
         workflows.save_outputs(np.zeros((2, 3, 4)), np.zeros((3, 4)), {}, out)
 
 
+def test_save_outputs_failure_keeps_previous_png(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    rng = np.random.default_rng(1)
+    workflows.save_outputs(rng.random((16, 16)), rng.random((16, 16)), {}, tmp_path)
+    before = (tmp_path / "reconstructed_amplitude.png").read_bytes()
+
+    def broken_savefig(self, fh, **kw):
+        fh.write(b"\x89PNG half a picture")
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(Figure, "savefig", broken_savefig)
+    with pytest.raises(OSError, match="simulated"):
+        workflows.save_outputs(rng.random((16, 16)), rng.random((16, 16)), {}, tmp_path)
+    assert (tmp_path / "reconstructed_amplitude.png").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "reconstructed_amplitude.png", "reconstructed_phase.png"]
+
+
 def test_load_inference_bundle_untagged_unknown_archive(tmp_path):
     entry = archive.ModelEntry({"N": 8, "gridsize": 1, "intensity_scale": 1.0})
     archive.write_archive(tmp_path / "wts.h5.zip", {"diffraction_to_obj": entry}, backend="x", version="9")
@@ -203,3 +222,44 @@ def test_load_inference_bundle_untagged_unknown_archive(tmp_path):
     (tmp_path / "u.zip").replace(tmp_path / "wts.h5.zip")
     with pytest.raises(ValueError, match="cannot tell which backend"):
         workflows.load_inference_bundle(tmp_path)
+
+
+def test_reference_names_and_signatures():
+    """The dispatchers keep the reference's names, parameter names/order and defaults."""
+    import inspect
+
+    def params_of(fn):
+        return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    empty = inspect.Parameter.empty
+    stitch = [("flip_x", False), ("flip_y", False), ("transpose", False), ("M", 20)]
+    assert params_of(workflows.run_cdi_example) == [
+        ("train_data", empty), ("test_data", empty), ("config", empty), *stitch,
+        ("do_stitching", False)]
+    assert params_of(workflows.train_cdi_model) == [
+        ("train_data", empty), ("test_data", empty), ("config", empty)]
+    assert params_of(workflows.load_inference_bundle) == [("model_dir", empty)]
+    assert params_of(workflows.save_outputs) == [
+        ("amplitude", empty), ("phase", empty), ("results", empty), ("output_prefix", empty)]
+    assert params_of(workflows.reassemble_cdi_image)[:7] == [
+        ("test_data", empty), ("config", empty), *stitch, ("coord_scale", 1.0)]
+    assert params_of(workflows.save_model)[1:] == [("output_dir", empty), ("config", empty)]
+    assert set(workflows.__all__) == {"run_cdi_example", "train_cdi_model",
+                                      "load_inference_bundle", "save_model", "save_outputs",
+                                      "reassemble_cdi_image"}
+
+
+def test_return_shapes_of_the_dispatchers(backend, tmp_path):
+    """run_cdi_example -> 3-tuple (amp, phase, results dict); train -> dict;
+    load_inference_bundle -> (model, dict); save_outputs -> None."""
+    out = workflows.run_cdi_example("train", "test", _config(), do_stitching=True)
+    assert isinstance(out, tuple) and len(out) == 3 and isinstance(out[2], dict)
+    assert out[0].shape == (5, 5) and out[2]["backend"] == NAME
+    assert "model_instance" in out[2] and "history" in out[2]
+    assert isinstance(workflows.train_cdi_model("train", None, _config()), dict)
+    workflows.save_model(out[2], tmp_path, _config())
+    loaded = workflows.load_inference_bundle(tmp_path)
+    assert isinstance(loaded, tuple) and len(loaded) == 2 and isinstance(loaded[1], dict)
+    predicted = loaded[0].predict([np.zeros((2, 64, 64, 4), np.float32), np.zeros((2, 1, 2, 4))])
+    assert predicted.shape == (2, 64, 64, 1) and predicted.dtype == np.complex64
+    assert workflows.save_outputs(out[0], out[1], out[2], tmp_path / "png") is None
