@@ -57,6 +57,19 @@ STITCH_EPS = 1e-9
 # --------------------------------------------------------------------------------------------
 # translation
 # --------------------------------------------------------------------------------------------
+def _bilinear_taps(src: jax.Array, base, n: int):
+    """The two bilinear taps of float32 source coordinates ``src`` into a length-``n`` axis that
+    starts at coordinate ``base``: ``(i0, i1, w0, w1)``, indices clipped into ``[0, n)`` and each
+    weight zeroed when its tap falls outside (the reference's per-corner 'zeros' fill)."""
+    lo = jnp.floor(src)
+    w = src - lo
+    i0 = lo.astype(jnp.int32) - base
+    i1 = i0 + 1
+    w0 = jnp.where((i0 >= 0) & (i0 < n), 1.0 - w, 0.0).astype(jnp.float32)
+    w1 = jnp.where((i1 >= 0) & (i1 < n), w, 0.0).astype(jnp.float32)
+    return jnp.clip(i0, 0, n - 1), jnp.clip(i1, 0, n - 1), w0, w1
+
+
 def _interp_along(img: jax.Array, t: jax.Array, axis: int) -> jax.Array:
     """1-D bilinear resampling of ``img`` along ``axis`` so that content moves by ``+t``.
 
@@ -64,15 +77,9 @@ def _interp_along(img: jax.Array, t: jax.Array, axis: int) -> jax.Array:
     the reference does per pixel); each of the two taps contributes zero when it falls outside.
     """
     n = img.shape[axis]
-    src = jnp.arange(n, dtype=jnp.float32) - t
-    lo = jnp.floor(src)
-    w = src - lo
-    i0 = lo.astype(jnp.int32)
-    i1 = i0 + 1
-    w0 = jnp.where((i0 >= 0) & (i0 < n), 1.0 - w, 0.0).astype(jnp.float32)
-    w1 = jnp.where((i1 >= 0) & (i1 < n), w, 0.0).astype(jnp.float32)
-    g0 = jnp.take(img, jnp.clip(i0, 0, n - 1), axis=axis)
-    g1 = jnp.take(img, jnp.clip(i1, 0, n - 1), axis=axis)
+    i0, i1, w0, w1 = _bilinear_taps(jnp.arange(n, dtype=jnp.float32) - t, 0, n)
+    g0 = jnp.take(img, i0, axis=axis)
+    g1 = jnp.take(img, i1, axis=axis)
     shape = [1] * img.ndim
     shape[axis] = n
     return g0 * w0.reshape(shape) + g1 * w1.reshape(shape)
@@ -321,13 +328,18 @@ def _as_patch_stack(patches, fn: str) -> jax.Array:
     return patches
 
 
-def _as_xy_rows(offsets, n: int, fn: str, name: str) -> np.ndarray:
-    o = np.asarray(offsets, dtype=np.float64)
-    if o.size != 2 * n or o.ndim < 2 or o.shape[0] != n or 2 not in o.shape[1:]:
+def _check_xy_rows(shape, n: int, fn: str, name: str) -> None:
+    shape = tuple(shape)
+    if int(np.prod(shape)) != 2 * n or len(shape) < 2 or shape[0] != n or 2 not in shape[1:]:
         raise ValueError(
             f"{fn}: {name} must hold one [x, y] pair per patch, e.g. (n, 1, 2, 1), (n, 1, 1, 2) or "
-            f"(n, 2) with n = {n}; got shape {o.shape}"
+            f"(n, 2) with n = {n}; got shape {shape}"
         )
+
+
+def _as_xy_rows(offsets, n: int, fn: str, name: str) -> np.ndarray:
+    o = np.asarray(offsets, dtype=np.float64)
+    _check_xy_rows(o.shape, n, fn, name)
     return o.reshape(n, 2)
 
 
@@ -350,14 +362,7 @@ def _window_values(crop: jax.Array, t: jax.Array, start: jax.Array, base: int, s
 
     def taps(s, tt):
         xs = (s + jnp.arange(size, dtype=jnp.int32)).astype(jnp.float32)
-        src = xs - tt
-        lo = jnp.floor(src)
-        w = src - lo
-        i0 = lo.astype(jnp.int32) - base
-        i1 = i0 + 1
-        w0 = jnp.where((i0 >= 0) & (i0 < M), 1.0 - w, 0.0).astype(jnp.float32)
-        w1 = jnp.where((i1 >= 0) & (i1 < M), w, 0.0).astype(jnp.float32)
-        return jnp.clip(i0, 0, M - 1), jnp.clip(i1, 0, M - 1), w0, w1
+        return _bilinear_taps(xs - tt, base, M)
 
     cx0, cx1, wx0, wx1 = taps(start[0], t[0])
     cy0, cy1, wy0, wy1 = taps(start[1], t[1])
@@ -491,6 +496,9 @@ def reassemble_on_grid_with_weights(patches, positions, object_shape, M: int, *,
       M: central crop side, even, ``<= N``.
       chunk: patches per scan step (memory knob only).
 
+    jit-safe with static ``object_shape``, ``M`` and ``chunk`` (positions may be traced; they are
+    then handled in float32, the host path subtracts ``M/2`` in float64 first).
+
     Returns:
       ``(obj (H, W) complex64, weights (H, W) float32)``: ``obj = sum / (1e-9 + weights)``, 0 where
       nothing covers; ``weights`` is the summed bilinear coverage (1 inside fully covered areas
@@ -498,12 +506,17 @@ def reassemble_on_grid_with_weights(patches, positions, object_shape, M: int, *,
     """
     patches = _as_patch_stack(patches, "reassemble_on_grid")
     n = patches.shape[0]
-    pos = _as_xy_rows(positions, n, "reassemble_on_grid", "positions")
     if len(tuple(object_shape)) != 2 or min(object_shape) <= 0:
         raise ValueError(f"reassemble_on_grid: object_shape must be (H, W) > 0, got {object_shape!r}")
     H, W = (int(v) for v in object_shape)
     # Crop pixel M/2 sits at canvas (M/2, M/2) before translation; it must end at (x, y).
-    shifts = jnp.asarray((pos - M // 2).astype(np.float32))
+    if isinstance(positions, jax.core.Tracer):
+        # under jit: float32 arithmetic (equal to the host path for float32-exact positions)
+        _check_xy_rows(positions.shape, n, "reassemble_on_grid", "positions")
+        shifts = jnp.reshape(positions, (n, 2)).astype(jnp.float32) - jnp.float32(M // 2)
+    else:
+        pos = _as_xy_rows(positions, n, "reassemble_on_grid", "positions")
+        shifts = jnp.asarray((pos - M // 2).astype(np.float32))
     crops = _crop_center(patches, int(M), "reassemble_on_grid").astype(jnp.complex64)
     crops, shifts, weights, chunk = _pad_rows(crops, shifts, chunk)
     num, cov = _shift_and_sum(crops, shifts, weights, out_shape=(H, W), base=0, chunk=chunk)

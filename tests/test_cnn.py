@@ -101,6 +101,17 @@ def test_eager_init_is_seeded():
     np.testing.assert_array_equal(ka, kb)
     assert not np.array_equal(ka, kc)
 
+    # every convolution of a built generator: glorot-uniform kernel (Keras bound with the 3x3
+    # receptive field, matching variance where the kernel is large enough), zero bias
+    convs = [m for _, m in nnx.iter_graph(a) if isinstance(m, nnx.Conv)]
+    assert len(convs) == 22
+    for conv in convs:
+        k, bias = np.asarray(conv.kernel[...]), np.asarray(conv.bias[...])
+        bound = math.sqrt(6.0 / (9 * (k.shape[2] + k.shape[3])))
+        assert np.abs(k).max() <= bound and not np.any(bias)
+        if k.size >= 10_000:
+            assert np.isclose(k.var(), bound**2 / 3, rtol=0.1)
+
 
 def test_amp_activations_formulas():
     x = jnp.linspace(-6, 6, 101)
@@ -121,6 +132,20 @@ def test_amp_activations_formulas():
 def test_every_amp_activation_builds(act):
     gen = _abstract(64, 1, 1, 1, act)
     assert gen.amp_activation == act
+    # the amplitude decoder's central head uses it; the phase head is always pi * tanh
+    assert gen.amp.act is AMP_ACTIVATIONS[act]
+    np.testing.assert_allclose(np.asarray(gen.phase.act(jnp.array([-1.0, 0.5]))),
+                               math.pi * np.tanh([-1.0, 0.5]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("nfs", [1, 3])
+def test_n_filters_scale_multiplies_every_layer(nfs):
+    gen = _abstract(128, 4, 4, nfs, "sigmoid", True, True)
+    assert gen.encoder[0].conv_a.kernel.shape == (3, 3, 4, 16 * nfs)
+    assert gen.encoder[-1].conv_b.kernel.shape == (3, 3, 128 * nfs, 128 * nfs)
+    assert gen.amp.base[-1].conv_b.kernel.shape == (3, 3, 32 * nfs, 32 * nfs)
+    assert gen.phase.outer.conv_a.kernel.shape == (3, 3, 4, 16 * nfs)     # nfs * 2048 / N
+    assert gen.amp.head_center.kernel.shape == (3, 3, 32 * nfs - 4, 4)
 
 
 @pytest.mark.parametrize("head", HEADS)

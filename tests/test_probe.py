@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pinn_jax import probe as P
 
@@ -16,6 +18,7 @@ def tf_probe_guess(fixtures_dir):
 
 
 def test_default_probe_matches_tf_exactly(tf_probe_guess):
+    """get_default_probe(64) of the reference: bit-identical (tolerance 0)."""
     p = np.asarray(P.default_probe(64))
     assert p.dtype == np.complex64 and p.shape == (64, 64)
     np.testing.assert_array_equal(p, tf_probe_guess)
@@ -49,6 +52,7 @@ def test_probe_mask(N):
 
 
 def test_normalize_probe_matches_tf_probe_variable(fixtures_dir, tf_probe_guess):
+    """The TF in-model probe (set_probe_guess, probe_scale 4): rtol 1e-6, atol 0."""
     ref = np.load(fixtures_dir / "tf_reference" / "probe_variable_gs1.npz")["__probe_variable__"]
     out = np.asarray(P.normalize_probe(tf_probe_guess, 4.0))
     assert out.shape == (64, 64) and out.dtype == np.complex64
@@ -70,11 +74,32 @@ def test_normalize_probe_statistic(scale):
         np.testing.assert_allclose((np.abs(out) ** 2).sum(), 401, rtol=2e-3)
 
 
-def test_normalize_probe_accepts_trailing_axis_and_jit():
+def test_normalize_probe_accepts_trailing_axis():
     p = P.default_probe(32)
     a = np.asarray(P.normalize_probe(p[..., None], 4.0))
-    b = np.asarray(jax.jit(P.normalize_probe)(p, 4.0))
-    np.testing.assert_allclose(a, b, rtol=1e-6)
+    np.testing.assert_allclose(a, np.asarray(P.normalize_probe(p, 4.0)), rtol=1e-6)
+
+
+_normalize_jit = jax.jit(P.normalize_probe)     # one compile per shape, shared by all examples
+
+
+@settings(max_examples=5, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), scale=st.floats(0.5, 20.0))
+def test_normalize_probe_with_and_without_jit(seed, scale):
+    """jit vs eager (probe_scale traced under jit): equal to rtol 1e-6."""
+    rng = np.random.default_rng(seed)
+    p = (rng.standard_normal((32, 32)) + 1j * rng.standard_normal((32, 32))).astype(np.complex64)
+    np.testing.assert_allclose(np.asarray(_normalize_jit(p, scale)),
+                               np.asarray(P.normalize_probe(p, scale)), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("N", [64, 128, 256])
+def test_constructors_with_and_without_jit(N):
+    """default_probe / probe_mask are host-built constants; inside jit they are the same values."""
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda: P.default_probe(N))()),
+                                  np.asarray(P.default_probe(N)))
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda: P.probe_mask(N))()),
+                                  np.asarray(P.probe_mask(N)))
 
 
 def test_bad_inputs():
