@@ -1,0 +1,258 @@
+"""``JaxBackend``: the ``'jax'`` entry of ``backend_api``'s backend registry.
+
+Implements the :class:`backend_api.backends.Backend` protocol with the reference's return
+values (brief data_config_persistence.md §4.1):
+
+* ``train_cdi_model`` -> results with ``history`` (dict of lists), ``history_epochs``,
+  ``train_container``, ``test_container``, ``model_instance`` (an
+  :class:`~pinn_jax.inference.InferenceModel`; ``.model`` is the trained PtychoPINN),
+  ``intensity_scale``, and for test data the autoencoder outputs ``reconstructed_obj``
+  (object patches), ``pred_amp`` (scaled amplitude), ``reconstructed_obj_cdi`` (predicted
+  intensity; the reference's third output) and ``stitched_obj``;
+* ``run_cdi_example`` adds ``obj_tensor_full``, ``global_offsets``, ``recon_amp``,
+  ``recon_phase`` when stitching;
+* ``save_model`` / ``load_inference_bundle`` use :mod:`pinn_jax.checkpoint`;
+* ``reconstruct`` groups raw data (or takes a container), predicts and stitches, and places
+  the object on a given grid for ptychodus.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["JaxBackend", "reconstruct", "as_container"]
+
+log = logging.getLogger(__name__)
+
+
+def _is_container(data: Any) -> bool:
+    return hasattr(data, "X") and hasattr(data, "local_offsets") and hasattr(data, "global_offsets")
+
+
+def as_container(data: Any, config: Any, *, seed: int | None = 0):
+    """A ``PtychoDataContainer`` from RawData (grouped as the reference workflow does, with
+    ``seed``) or a container (returned unchanged). Anything else raises TypeError like the
+    reference's ``create_ptycho_data_container``."""
+    from backend_api.container import PtychoDataContainer
+
+    if data is None:
+        return None
+    if _is_container(data):
+        return data
+    if hasattr(data, "diff3d") and hasattr(data, "xcoords"):
+        return PtychoDataContainer.from_raw_data(data, config, seed=seed)
+    raise TypeError(
+        f"expected a backend_api RawData or PtychoDataContainer, got {type(data).__name__}"
+    )
+
+
+def _unwrap(model: Any):
+    from pinn_jax.inference import InferenceModel
+    from pinn_jax.model import PtychoPINN
+
+    if isinstance(model, InferenceModel):
+        return model.model
+    if isinstance(model, PtychoPINN):
+        return model
+    if isinstance(model, dict) and "model_instance" in model:
+        return _unwrap(model["model_instance"])
+    raise ValueError(
+        f"model: expected a pinn_jax PtychoPINN or InferenceModel (results['model_instance']), "
+        f"got {type(model).__name__}"
+    )
+
+
+def _group_for_inference(model, raw, config, seed):
+    """Group RawData with the model's N/gridsize (the bundle wins, as in the reference)."""
+    from backend_api.container import PtychoDataContainer
+
+    N, gs = int(model.spec.N), int(model.spec.gridsize)
+    diff = np.asarray(raw.diff3d)
+    if diff.ndim != 3 or diff.shape[1:] != (N, N):
+        raise ValueError(
+            f"raw data diff3d has shape {diff.shape}, but the model expects ({'n'}, {N}, {N}) patterns"
+        )
+    n_pos = diff.shape[0]
+    C = gs * gs
+    n_groups = getattr(config, "n_groups", None) if config is not None else None
+    nsamples = int(n_groups) if n_groups else (n_pos if C == 1 else max(1, n_pos // C))
+    K = int(getattr(config, "neighbor_count", 4)) if config is not None else 4
+    dset = raw.generate_grouped_data(
+        N,
+        K=K,
+        nsamples=nsamples,
+        seed=seed,
+        gridsize=gs,
+        enable_oversampling=bool(getattr(config, "enable_oversampling", False)),
+        neighbor_pool_size=getattr(config, "neighbor_pool_size", None),
+    )
+    nphotons = float(getattr(config, "nphotons", 1e9)) if config is not None else 1e9
+    return PtychoDataContainer.from_grouped(dset, raw.probeGuess, nphotons=nphotons)
+
+
+def reconstruct(
+    model: Any,
+    raw_data: Any,
+    config: Any = None,
+    M: int = 20,
+    object_shape: Sequence[int] | None = None,
+    *,
+    seed: int | None = 0,
+    flip_x: bool = False,
+    flip_y: bool = False,
+    transpose: bool = False,
+    coord_scale: float = 1.0,
+    batch_size: int = 64,
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Reconstruct the object from raw data (or a container) with a trained model.
+
+    ``model``: InferenceModel / PtychoPINN; ``raw_data``: ``backend_api`` RawData (grouped with
+    the model's N/gridsize, ``config.n_groups`` (default: every position, or ``n // C``) and
+    ``config.neighbor_count``) or a PtychoDataContainer. Returns ``(amplitude (S,S), phase
+    (S,S), results)``; with ``object_shape=(H, W)`` also ``results['object_on_grid']``
+    (``(H, W)`` complex64, patch centres at the groups' scan positions in object pixels) and
+    ``results['object_weights']``, plus ``results['amplitude_on_grid']`` /
+    ``results['phase_on_grid']``.
+    """
+    from pinn_jax import inference
+
+    net = _unwrap(model)
+    im = model if isinstance(model, inference.InferenceModel) else inference.InferenceModel(net)
+    if _is_container(raw_data):
+        container = raw_data
+    elif hasattr(raw_data, "diff3d"):
+        container = _group_for_inference(net, raw_data, config, seed)
+    else:
+        raise TypeError(f"raw_data: expected RawData or PtychoDataContainer, got {type(raw_data).__name__}")
+    amp, phase, results = inference.reconstruct(
+        im,
+        container,
+        M=M,
+        flip_x=flip_x,
+        flip_y=flip_y,
+        transpose=transpose,
+        coord_scale=coord_scale,
+        object_shape=object_shape,
+        batch_size=batch_size,
+    )
+    results["container"] = container
+    if object_shape is not None:
+        results["amplitude_on_grid"] = np.abs(results["object_on_grid"]).astype(np.float32)
+        results["phase_on_grid"] = np.angle(results["object_on_grid"]).astype(np.float32)
+    return amp, phase, results
+
+
+class JaxBackend:
+    """The JAX backend (see module docstring). ``seed`` fixes grouping, weights and shuffling;
+    ``checkpoint_dir``/``resume`` enable run checkpoints; ``progress`` shows the tqdm bar."""
+
+    name = "jax"
+
+    def __init__(self, *, seed: int = 0, checkpoint_dir: str | os.PathLike | None = None,
+                 resume: bool = False, progress: bool = True):
+        self.seed = int(seed)
+        self.checkpoint_dir = checkpoint_dir
+        self.resume = bool(resume)
+        self.progress = bool(progress)
+
+    # -- training -----------------------------------------------------------------------------
+    def train_cdi_model(self, train_data: Any, test_data: Any, config: Any, *, seed: int | None = None,
+                        checkpoint_dir: str | os.PathLike | None = None, resume: bool | None = None,
+                        history_path: str | os.PathLike | None = None,
+                        on_epoch_end: Any = None) -> dict:
+        """Train (see module docstring). ``on_epoch_end(epoch, logs)`` is called after each
+        epoch (0-based epoch; logs hold loss, val_loss, learning_rate, ...)."""
+        from backend_api import params as legacy
+        from pinn_jax import inference
+        from pinn_jax.train import train_model
+
+        if train_data is None:
+            raise ValueError("train_data: expected RawData or a PtychoDataContainer, got None")
+        config.validate()
+        seed = self.seed if seed is None else int(seed)
+        train_c = as_container(train_data, config, seed=seed)
+        test_c = as_container(test_data, config, seed=seed)
+        outcome = train_model(
+            train_c,
+            config,
+            seed=seed,
+            checkpoint_dir=self.checkpoint_dir if checkpoint_dir is None else checkpoint_dir,
+            resume=self.resume if resume is None else bool(resume),
+            progress=self.progress,
+            history_path=history_path,
+            on_epoch_end=on_epoch_end,
+        )
+        # As the reference: cfg carries the training scale and the normalised probe.
+        legacy.cfg["intensity_scale"] = outcome.intensity_scale
+        legacy.cfg["probe"] = np.asarray(outcome.model.probe, np.complex64).reshape(
+            outcome.model.spec.N, outcome.model.spec.N, 1
+        )
+        history = dict(outcome.history)
+        if "loss" in history and "train_loss" not in history:
+            history["train_loss"] = list(history["loss"])
+        results: dict[str, Any] = {
+            "history": history,
+            "history_epochs": list(range(outcome.epochs_run)),
+            "model_instance": inference.InferenceModel(outcome.model),
+            "train_container": train_c,
+            "test_container": test_c,
+            "intensity_scale": outcome.intensity_scale,
+            "stopped_early": outcome.stopped_early,
+        }
+        if test_c is not None:
+            s = float(np.asarray(outcome.model.intensity_scale))
+            obj, amp, inten = inference.predict_autoencoder(
+                outcome.model, np.asarray(test_c.X, np.float32) * np.float32(s),
+                np.asarray(test_c.coords_nominal, np.float32),
+            )
+            results["reconstructed_obj"] = obj
+            results["pred_amp"] = amp
+            results["reconstructed_obj_cdi"] = inten
+            try:
+                _, _, st = inference.stitch(obj, test_c.global_offsets, M=20)
+                results["stitched_obj"] = st["stitched_obj"]
+            except ValueError as exc:  # the reference stores None when stitching fails
+                log.warning("stitching the test reconstruction failed: %s", exc)
+                results["stitched_obj"] = None
+        return results
+
+    def run_cdi_example(self, train_data: Any, test_data: Any, config: Any, *, flip_x: bool = False,
+                        flip_y: bool = False, transpose: bool = False, M: int = 20,
+                        do_stitching: bool = False) -> tuple[Any, Any, dict]:
+        from pinn_jax import inference
+
+        results = self.train_cdi_model(train_data, test_data, config)
+        if do_stitching and test_data is not None and "reconstructed_obj" in results:
+            # The reference re-predicts with diffraction_to_obj([X*s, local_offsets]); the
+            # autoencoder's object output is the same function of the same inputs.
+            amp, phase, st = inference.stitch(
+                results["reconstructed_obj"], results["test_container"].global_offsets,
+                M=M, flip_x=flip_x, flip_y=flip_y, transpose=transpose,
+            )
+            st.pop("stitched_obj", None)
+            results.update(st)
+            return amp, phase, results
+        return None, None, results
+
+    # -- persistence --------------------------------------------------------------------------
+    def save_model(self, model: Any, output_dir: str | os.PathLike, config: Any = None) -> Path:
+        from pinn_jax.checkpoint import save_model
+
+        return save_model(_unwrap(model), output_dir, config)
+
+    def load_inference_bundle(self, model_dir: str | os.PathLike) -> tuple[Any, dict]:
+        from pinn_jax import inference
+
+        model, _cfg = inference.load_inference_bundle(model_dir)
+        return model, dict(model.params)
+
+    # -- inference ----------------------------------------------------------------------------
+    def reconstruct(self, model: Any, data: Any, *, config: Any = None, M: int = 20,
+                    object_shape: Sequence[int] | None = None, **kwargs: Any):
+        kwargs.setdefault("seed", self.seed)
+        return reconstruct(model, data, config, M, object_shape, **kwargs)

@@ -1,0 +1,217 @@
+"""Persistence: a trained :class:`~pinn_jax.model.PtychoPINN` <-> ``wts.h5.zip``.
+
+The archive keeps the reference's outer layout through :mod:`backend_api.archive` (manifest
+tagged ``backend: 'jax'``, one folder per model, a params snapshot in each) and stores the
+model's state as an Orbax checkpoint (a directory, zipped as a tree)::
+
+    wts.h5.zip
+      manifest.json / manifest.dill         {"models": [...], "version": "1.0-jax", "backend": "jax"}
+      autoencoder/params.json|.dill         legacy cfg snapshot + N, gridsize, intensity_scale, probe
+      autoencoder/state/...                 Orbax checkpoint of nnx.to_pure_dict(nnx.state(model))
+      diffraction_to_obj/params.json|.dill
+      diffraction_to_obj/state/...
+
+Both entries hold the same weights (as in the reference, where the two Keras models share
+layers); the loader reads ``diffraction_to_obj``. The snapshot's ``jax_model_spec`` (the
+:class:`~pinn_jax.model.ModelSpec` fields) and the two ``*.trainable`` flags rebuild the exact
+architecture; the state is restored into an abstract model (``nnx.eval_shape``), so loading
+is bitwise: save -> load -> predict gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "ARCHIVE_VERSION",
+    "MODEL_NAMES",
+    "params_snapshot",
+    "save_model",
+    "load_model",
+    "save_state",
+    "restore_state",
+]
+
+ARCHIVE_VERSION = "1.0-jax"
+MODEL_NAMES = ("autoencoder", "diffraction_to_obj")
+_STATE_DIR = "state"
+
+
+def save_state(directory: str | os.PathLike, tree: Any) -> Path:
+    """Write a pytree of arrays as a finalised Orbax checkpoint at ``directory`` (must not exist)."""
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory).absolute()
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(directory, tree)
+        ckptr.wait_until_finished()
+    return directory
+
+
+def restore_state(directory: str | os.PathLike, abstract_tree: Any) -> Any:
+    """Read an Orbax checkpoint into the structure/dtypes of ``abstract_tree`` (arrays or
+    ``jax.ShapeDtypeStruct``)."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(Path(directory).absolute(), abstract_tree)
+
+
+def _plain_value(v: Any) -> Any:
+    if isinstance(v, os.PathLike):
+        return str(v)
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return None
+    return v
+
+
+def params_snapshot(model, config: Any = None, *, base: Mapping[str, Any] | None = None) -> dict:
+    """The params snapshot stored with each archived model (a plain dict).
+
+    Starts from ``base`` (default: a copy of the live legacy ``backend_api.params.cfg``, as the
+    reference stores its whole cfg), overlays ``config`` (a Training/InferenceConfig, via
+    ``dataclass_to_legacy_dict``, ``None`` values skipped), then the model's own truth: ``N``,
+    ``gridsize`` and the other architecture keys, ``intensity_scale = exp(log_s)``, ``probe``
+    ``(N, N, 1)`` complex64, the trainable flags and ``jax_model_spec``.
+    """
+    from backend_api import params as legacy
+    from backend_api.config import dataclass_to_legacy_dict
+
+    snap = dict(legacy.cfg if base is None else base)
+    if config is not None:
+        for k, v in dataclass_to_legacy_dict(config).items():
+            if v is not None:
+                snap[k] = v
+    spec = model.spec
+    snap.update(
+        {
+            "N": int(spec.N),
+            "gridsize": int(spec.gridsize),
+            "n_filters_scale": int(spec.n_filters_scale),
+            "amp_activation": spec.amp_activation,
+            "object.big": bool(spec.object_big),
+            "probe.big": bool(spec.probe_big),
+            "probe.mask": bool(spec.probe_mask),
+            "pad_object": bool(spec.pad_object),
+            "gaussian_smoothing_sigma": float(spec.gaussian_smoothing_sigma),
+            "offset": int(spec.offset),
+            "max_position_jitter": int(spec.max_position_jitter),
+            "intensity_scale": float(np.asarray(model.intensity_scale)),
+            "probe": np.asarray(model.probe, np.complex64).reshape(spec.N, spec.N, 1),
+            "probe.trainable": bool(model.probe_trainable),
+            "intensity_scale.trainable": bool(model.intensity_scale_trainable),
+            "jax_model_spec": spec.to_dict(),
+            "backend": "jax",
+        }
+    )
+    return {k: _plain_value(v) for k, v in snap.items()}
+
+
+def save_model(model, output_dir: str | os.PathLike, config: Any = None, *, params: Mapping | None = None) -> Path:
+    """Write ``output_dir/wts.h5.zip`` (atomically) for a trained PtychoPINN; returns its path.
+
+    ``config``: the Training/InferenceConfig the model was trained with (goes into the params
+    snapshot); ``params``: a base snapshot instead of the live legacy cfg.
+    """
+    from flax import nnx
+
+    from backend_api import archive
+
+    snapshot = params_snapshot(model, config, base=params)
+    pure = nnx.to_pure_dict(nnx.state(model))
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".pinn_jax_save_", dir=output_dir) as tmp:
+        state_dir = save_state(Path(tmp) / _STATE_DIR, pure)
+        entries = {
+            name: archive.ModelEntry(params=snapshot, files={_STATE_DIR: state_dir}) for name in MODEL_NAMES
+        }
+        return archive.write_archive(
+            output_dir / archive.ARCHIVE_NAME, entries, backend="jax", version=ARCHIVE_VERSION
+        )
+
+
+def _spec_from_snapshot(params: Mapping[str, Any]):
+    from pinn_jax.model import ModelSpec
+
+    spec = params.get("jax_model_spec")
+    if isinstance(spec, Mapping):
+        return ModelSpec.from_config(dict(spec))
+    # A snapshot without our spec (hand-made archive): fall back to the legacy keys.
+    return ModelSpec(
+        N=int(params["N"]),
+        gridsize=int(params["gridsize"]),
+        n_filters_scale=int(params.get("n_filters_scale", 2)),
+        amp_activation=params.get("amp_activation", "sigmoid"),
+        object_big=bool(params.get("object.big", True)),
+        probe_big=bool(params.get("probe.big", True)),
+        probe_mask=bool(params.get("probe.mask", False)),
+        pad_object=bool(params.get("pad_object", True)),
+        gaussian_smoothing_sigma=float(params.get("gaussian_smoothing_sigma", 0.0)),
+        offset=int(params.get("offset", 4)),
+        max_position_jitter=int(params.get("max_position_jitter", 10)),
+    )
+
+
+def load_model(path: str | os.PathLike, *, model_name: str = "diffraction_to_obj"):
+    """Load a JAX ``wts.h5.zip`` (or the folder holding it): ``(PtychoPINN, params_snapshot)``.
+
+    A TensorFlow (or other) archive raises ``backend_api.archive.ArchiveBackendError`` (a
+    ValueError) naming both backends and suggesting ``pinn-jax convert``.
+    """
+    import jax
+    from flax import nnx
+
+    from backend_api import archive
+    from pinn_jax.model import PtychoPINN
+
+    with tempfile.TemporaryDirectory(prefix="pinn_jax_load_") as tmp:
+        contents = archive.read_archive(path, tmp, expected_backend="jax")
+        if model_name not in contents.models:
+            raise KeyError(
+                f"{contents.path}: model {model_name!r} not in archive; available: {sorted(contents.models)}"
+            )
+        entry = contents.models[model_name]
+        params = dict(entry.params)
+        spec = _spec_from_snapshot(params)
+        state_dir = entry.dir / _STATE_DIR
+        if not state_dir.is_dir():
+            raise archive.ArchiveFormatError(
+                f"{contents.path}: model {model_name!r} has no '{_STATE_DIR}/' Orbax checkpoint"
+            )
+        probe_trainable = bool(params.get("probe.trainable", False))
+        scale_trainable = bool(params.get("intensity_scale.trainable", False))
+        N = spec.N
+
+        def blank():
+            return PtychoPINN(
+                spec,
+                np.ones((N, N), np.complex64),
+                1.0,
+                probe_trainable=probe_trainable,
+                intensity_scale_trainable=scale_trainable,
+                rngs=nnx.Rngs(0),
+            )
+
+        abstract = nnx.eval_shape(blank)
+        graphdef, abstract_state = nnx.split(abstract)
+        target = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nnx.to_pure_dict(abstract_state)
+        )
+        try:
+            restored = restore_state(state_dir, target)
+        except Exception as exc:  # orbax raises several types for a mismatched tree
+            raise archive.ArchiveFormatError(
+                f"{contents.path}: the '{model_name}/{_STATE_DIR}' checkpoint does not match the "
+                f"architecture in its params snapshot ({spec}): {exc}"
+            ) from exc
+    nnx.replace_by_pure_dict(abstract_state, restored)
+    model = nnx.merge(graphdef, abstract_state)
+    return model, params

@@ -1,0 +1,834 @@
+"""The ``pinn-jax`` command: demo, simulate, train, infer, convert, ptychodus.
+
+``pinn-jax <command> --help`` lists every option. Bad flags and bad paths give a one-line
+error and exit code 2; a diverged training exits 1; Ctrl-C exits 130 (``train --resume``
+continues from the last epoch checkpoint). Heavy modules (jax, flax) are imported only once
+the arguments are valid, so ``--help`` and argument errors are fast.
+
+``train`` takes the reference training script's flags: every ``TrainingConfig`` and
+``ModelConfig`` field as ``--<field_name>`` (booleans as ``--flag true|false``; the reference's
+``type=bool`` turned "False" into True), plus ``--resume``, ``--seed``, ``--do_stitching``.
+Compiled XLA programs are cached across runs in ``~/.cache/pinn_jax/xla`` (or
+``JAX_COMPILATION_CACHE_DIR``; ``PINN_JAX_COMPILE_CACHE=0`` turns the cache off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["main", "build_parser", "CLIError"]
+
+PROG = "pinn-jax"
+log = logging.getLogger("pinn_jax.cli")
+
+
+class CLIError(Exception):
+    """A user error detected by the CLI: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``pinn-jax train: error: ... (see --help)``), exit 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# argument types
+# ---------------------------------------------------------------------------------------------
+
+_TRUE = {"1", "true", "t", "yes", "y", "on"}
+_FALSE = {"0", "false", "f", "no", "n", "off"}
+
+
+def _bool(text: str) -> bool:
+    t = str(text).strip().lower()
+    if t in _TRUE:
+        return True
+    if t in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _existing_file(text: str) -> Path:
+    p = Path(text)
+    if not p.exists():
+        raise argparse.ArgumentTypeError(f"file not found: {text}")
+    if not p.is_file():
+        raise argparse.ArgumentTypeError(f"not a file: {text}")
+    return p
+
+
+def _existing_dir(text: str) -> Path:
+    p = Path(text)
+    if not p.exists():
+        raise argparse.ArgumentTypeError(f"directory not found: {text}")
+    if not p.is_dir():
+        raise argparse.ArgumentTypeError(f"not a directory: {text}")
+    return p
+
+
+def _model_location(text: str) -> Path:
+    """A model directory holding wts.h5.zip, or the wts.h5.zip file itself (-> its folder)."""
+    p = Path(text)
+    if p.is_file() and p.name.endswith(".zip"):
+        return p
+    if not p.exists():
+        raise argparse.ArgumentTypeError(f"model path not found: {text}")
+    if p.is_dir() and not (p / "wts.h5.zip").is_file():
+        raise argparse.ArgumentTypeError(f"no wts.h5.zip in model directory {text}")
+    return p
+
+
+def _float_arg(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
+def _int_arg(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# config flags generated from the dataclasses (the reference script's convention)
+# ---------------------------------------------------------------------------------------------
+
+# Fields that make no sense on this command line (the backend is always jax here).
+_SKIP_FIELDS = {"model", "backend"}
+
+
+def _config_flags(parser: argparse.ArgumentParser, cls, group_title: str, *, skip=frozenset()) -> list[str]:
+    """Add ``--<field>`` for every field of a config dataclass; returns the field names."""
+    from backend_api import config as C
+
+    group = parser.add_argument_group(group_title)
+    names = []
+    for f in dataclasses.fields(cls):
+        if f.name in _SKIP_FIELDS or f.name in skip:
+            continue
+        chk = f.metadata.get("check")
+        kind = getattr(chk, "kind", None)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kw: dict[str, Any] = {"default": None, "dest": f"cfg_{f.name}"}
+        shown = default
+        if f.name == "N":
+            kw.update(type=_int_arg, choices=tuple(C.SUPPORTED_N["cnn"]), metavar="{64,128,256}")
+        elif kind == "bool":
+            kw.update(type=_bool, metavar="true|false")
+        elif kind == "int":
+            kw.update(type=_int_arg, metavar="INT")
+        elif kind == "float":
+            kw.update(type=_float_arg, metavar="FLOAT")
+        elif kind == "choice":
+            kw.update(choices=tuple(chk.choices))
+        elif kind == "path":
+            kw.update(type=Path, metavar="PATH")
+        else:
+            kw.update(type=str)
+        help_text = f"default: {shown}" if shown is not None else "default: unset"
+        if kind == "float" and isinstance(shown, float):
+            help_text = f"default: {shown:g}"
+        group.add_argument(f"--{f.name}", help=help_text, **kw)
+        names.append(f.name)
+    return names
+
+
+def _collect(args: argparse.Namespace, names: Sequence[str]) -> dict:
+    out = {}
+    for n in names:
+        v = getattr(args, f"cfg_{n}", None)
+        if v is not None:
+            out[n] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# parser
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from backend_api.config import ModelConfig, TrainingConfig
+
+    parser = _Parser(
+        prog=PROG,
+        description="PtychoPINN in JAX: simulate ptychography data, train, reconstruct, convert models.",
+        epilog="Run 'pinn-jax <command> --help' for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_Parser)
+
+    # demo ---------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "demo",
+        help="simulate a small dataset, train, reconstruct, evaluate and write results",
+        description=(
+            "Simulate a small dataset (pinn_jax.simulate), train a PtychoPINN on half of it, "
+            "reconstruct the other half (a different object), evaluate against the ground "
+            "truth, and write wts.h5.zip, reconstructed_amplitude.png, reconstructed_phase.png, "
+            "loss_curve.png, history.json and metrics.json into --output-dir. The default size "
+            "finishes in a few minutes on 2 CPU cores."
+        ),
+    )
+    p.add_argument("--output-dir", "--output_dir", type=Path, default=Path("pinn_jax_demo"),
+                   help="output folder (default: ./pinn_jax_demo)")
+    p.add_argument("--epochs", type=_positive_int, default=8, help="training epochs (default: 8)")
+    p.add_argument("--n-images", type=_positive_int, default=384,
+                   help="scan positions simulated in total, half for training (default: 384)")
+    p.add_argument("--N", type=_int_arg, choices=(64, 128, 256), default=64, metavar="{64,128,256}",
+                   help="diffraction pattern size (default: 64)")
+    p.add_argument("--object-size", type=_positive_int, default=128, help="object side in pixels (default: 128)")
+    p.add_argument("--gridsize", type=_positive_int, default=1, help="patterns per group side (default: 1)")
+    p.add_argument("--n-filters-scale", type=_positive_int, default=1,
+                   help="network width multiplier (reference default 2; demo default 1 for speed)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="batch size in groups (default: 16)")
+    p.add_argument("--nphotons", type=_float_arg, default=1e9, help="photons per pattern (default: 1e9)")
+    p.add_argument("--kind", choices=("lines", "grf"), default="lines", help="object kind (default: lines)")
+    p.add_argument("--seed", type=_int_arg, default=0, help="seed for simulation, weights and shuffling")
+    _common_flags(p)
+
+    # simulate -----------------------------------------------------------------------------
+    p = sub.add_parser(
+        "simulate",
+        help="simulate train/test NPZ files (the project's data contract)",
+        description="Simulate ptychography data and write train_data.npz and test_data.npz.",
+    )
+    p.add_argument("--output-dir", "--output_dir", type=Path, required=True,
+                   help="folder for train_data.npz and test_data.npz")
+    p.add_argument("--n-images", "--n_images", type=_positive_int, default=512,
+                   help="scan positions in total (default: 512)")
+    p.add_argument("--train-fraction", type=_float_arg, default=0.5,
+                   help="share of positions in the training file (default: 0.5)")
+    p.add_argument("--N", type=_int_arg, choices=(64, 128, 256), default=64, metavar="{64,128,256}",
+                   help="diffraction pattern size (default: 64)")
+    p.add_argument("--object-size", type=_positive_int, default=224, help="object side in pixels (default: 224)")
+    p.add_argument("--kind", choices=("lines", "grf"), default="lines", help="object kind (default: lines)")
+    p.add_argument("--scan", choices=("random", "raster"), default="random", help="scan pattern (default: random)")
+    p.add_argument("--split", choices=("objects", "halves"), default="objects",
+                   help="test set from another object, or the other half of one object (default: objects)")
+    p.add_argument("--nphotons", type=_float_arg, default=1e9, help="photons per pattern (default: 1e9)")
+    p.add_argument("--probe-scale", type=_float_arg, default=None, help="normalise the probe (default: as simulated)")
+    p.add_argument("--seed", type=_int_arg, default=0, help="seed (default: 0)")
+    _common_flags(p)
+
+    # train --------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "train",
+        help="train a model on NPZ data (the reference training script's flags)",
+        description=(
+            "Train a PtychoPINN (jax backend) on --train_data_file and write "
+            "<output_dir>/wts.h5.zip, history.json and Orbax run checkpoints "
+            "(<output_dir>/checkpoints). With --test_data_file and --do_stitching, also "
+            "reconstructed_amplitude.png / reconstructed_phase.png. Every TrainingConfig and "
+            "ModelConfig field is a flag; booleans take true/false."
+        ),
+    )
+    tnames = _config_flags(p, TrainingConfig, "training configuration (TrainingConfig)")
+    mnames = _config_flags(p, ModelConfig, "model configuration (ModelConfig)")
+    g = p.add_argument_group("run control")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the last epoch checkpoint in <output_dir>/checkpoints")
+    g.add_argument("--checkpoint_dir", type=Path, default=None,
+                   help="run checkpoint folder (default: <output_dir>/checkpoints)")
+    g.add_argument("--seed", type=_int_arg, default=0, help="seed for grouping, weights and shuffling (default: 0)")
+    g.add_argument("--do_stitching", action="store_true",
+                   help="reconstruct the test data after training and write the PNGs")
+    g.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.set_defaults(_tnames=tnames, _mnames=mnames)
+    _common_flags(p)
+
+    # infer --------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "infer",
+        help="reconstruct an object from NPZ data with a trained model",
+        description=(
+            "Load <model_path>/wts.h5.zip, reconstruct --test_data and write "
+            "reconstructed_amplitude.png, reconstructed_phase.png and reconstruction.npz "
+            "(complex 'object', 'amplitude', 'phase', 'global_offsets') into --output_dir; "
+            "with ground truth in the NPZ also 'object_on_grid' and metrics.json."
+        ),
+    )
+    p.add_argument("--model_path", type=_model_location, required=True,
+                   help="model directory holding wts.h5.zip (or the wts.h5.zip file)")
+    p.add_argument("--test_data", type=_existing_file, required=True, help="NPZ with the diffraction data")
+    p.add_argument("--output_dir", type=Path, default=Path("inference_outputs"),
+                   help="output folder (default: inference_outputs)")
+    p.add_argument("--n_images", "--n_groups", dest="n_groups", type=_positive_int, default=None,
+                   help="number of groups to reconstruct (default: every position)")
+    p.add_argument("--n_subsample", type=_positive_int, default=None, help="use a random subset of positions first")
+    p.add_argument("--subsample_seed", type=_int_arg, default=None, help="seed of that subset")
+    p.add_argument("--neighbor_count", type=_positive_int, default=4, help="K nearest neighbours for grouping")
+    p.add_argument("--M", type=_positive_int, default=20, help="central crop stitched from each patch (default: 20)")
+    p.add_argument("--phase_vmin", type=_float_arg, default=None, help="phase colour scale minimum")
+    p.add_argument("--phase_vmax", type=_float_arg, default=None, help="phase colour scale maximum")
+    p.add_argument("--seed", type=_int_arg, default=45, help="grouping seed (default: 45, as the reference)")
+    _common_flags(p)
+
+    # convert ------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "convert",
+        help="turn a TensorFlow wts.h5.zip into a JAX one",
+        description=(
+            "Import the weights, probe and intensity scale of a reference TensorFlow "
+            "wts.h5.zip (pinn_jax.interop) and save them as a jax-backend wts.h5.zip."
+        ),
+    )
+    p.add_argument("input", type=_model_location, help="TensorFlow wts.h5.zip or the folder holding it")
+    p.add_argument("output", type=Path, help="output folder (wts.h5.zip is written inside it)")
+    _common_flags(p)
+
+    # ptychodus ----------------------------------------------------------------------------
+    p = sub.add_parser(
+        "ptychodus",
+        help="start ptychodus with the PtychoPINN-JAX reconstructor (arguments go to ptychodus)",
+        description=(
+            "Run ptychodus with the PtychoPINN-JAX reconstructor library registered; every "
+            "argument after 'ptychodus' is passed to ptychodus (e.g. -b train -i IN -o OUT)."
+        ),
+        add_help=True,
+    )
+    p.add_argument("ptychodus_args", nargs=argparse.REMAINDER, help="arguments for ptychodus")
+    return parser
+
+
+def _common_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quiet", action="store_true", help="only warnings and errors")
+    g.add_argument("--verbose", action="store_true", help="debug logging")
+
+
+def _version() -> str:
+    try:
+        from pinn_jax import __version__
+
+        return __version__
+    except Exception:  # pragma: no cover
+        return "unknown"
+
+
+def _setup_logging(args) -> None:
+    level = logging.INFO
+    if getattr(args, "quiet", False):
+        level = logging.WARNING
+    if getattr(args, "verbose", False):
+        level = logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src", "orbax"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers shared by the commands
+# ---------------------------------------------------------------------------------------------
+
+
+def _load_raw(path: Path, what: str):
+    from backend_api.raw_data import RawData
+
+    try:
+        return RawData.from_file(path)
+    except FileNotFoundError as exc:
+        raise CLIError(f"{what}: file not found: {path}") from exc
+    except (ValueError, KeyError, OSError) as exc:
+        raise CLIError(f"{what}: cannot read {path}: {exc}") from exc
+
+
+def _subsample(raw, n: int, seed: int | None):
+    """A RawData with ``n`` positions drawn without replacement (sorted; seeded)."""
+    import numpy as np
+
+    from backend_api.raw_data import RawData
+
+    total = len(raw.xcoords)
+    if n >= total:
+        return raw
+    idx = np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False))
+    return RawData(
+        raw.xcoords[idx], raw.ycoords[idx], raw.xcoords_start[idx], raw.ycoords_start[idx],
+        raw.diff3d[idx], raw.probeGuess, raw.scan_index[idx],
+        objectGuess=raw.objectGuess, Y=None if raw.Y is None else raw.Y[idx], metadata=raw.metadata,
+    )
+
+
+def _save_loss_curve(history: dict, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    epochs = range(1, len(history.get("loss", [])) + 1)
+    for key, label in (("loss", "training loss"), ("val_loss", "validation loss")):
+        if history.get(key):
+            ax.plot(list(epochs)[: len(history[key])], history[key], marker="o", label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss (Poisson NLL, no constant)")
+    ax.legend()
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    _atomic_write_fig(fig, path)
+
+
+def _atomic_write_fig(fig, path: Path) -> None:
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fig.savefig(fh, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save_images(amp, phase, out: Path, *, vmin=None, vmax=None) -> None:
+    """reconstructed_amplitude.png (gray) and reconstructed_phase.png (viridis)."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    for label, arr, cmap, lo, hi in (("amplitude", amp, "gray", None, None), ("phase", phase, "viridis", vmin, vmax)):
+        fig = Figure(figsize=(8, 8))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, 1, 1)
+        im = ax.imshow(np.asarray(arr, np.float64), cmap=cmap, vmin=lo, vmax=hi)
+        fig.colorbar(im, ax=ax)
+        ax.set_title(f"Reconstructed {label}")
+        _atomic_write_fig(fig, out / f"reconstructed_{label}.png")
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    from pinn_jax.train import save_history
+
+    save_history(obj, path)
+
+
+def _write_npz(path: Path, **arrays) -> None:
+    import tempfile
+
+    import numpy as np
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npz", dir=path.parent)
+    os.close(fd)
+    try:
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _metrics_summary(m: dict) -> dict:
+    out = {}
+    for k in ("ssim", "psnr", "frc50", "mae", "ms_ssim", "frc1over7"):
+        if k in m:
+            a, p = m[k]
+            out[k] = {"amplitude": float(a), "phase": float(p)}
+    if "region_pixels" in m:
+        out["region_pixels"] = int(m["region_pixels"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_simulate(args) -> int:
+    from pinn_jax import simulate
+
+    if not 0.0 < args.train_fraction < 1.0:
+        raise CLIError(f"--train-fraction must be in (0, 1), got {args.train_fraction}")
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        train_p, test_p = simulate.simulate_to_npz(
+            args.output_dir, N=args.N, object_size=args.object_size, n_images=args.n_images,
+            train_fraction=args.train_fraction, kind=args.kind, scan=args.scan, split=args.split,
+            nphotons=args.nphotons, probe_scale=args.probe_scale, seed=args.seed,
+        )
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+    print(f"wrote {train_p} and {test_p} ({args.n_images} positions, N={args.N}) in "
+          f"{time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _training_config(args):
+    from backend_api.config import ModelConfig, TrainingConfig
+
+    mkw = _collect(args, args._mnames)
+    tkw = _collect(args, args._tnames)
+    try:
+        model = ModelConfig(**mkw)
+        cfg = TrainingConfig(model=model, backend="jax", **tkw)
+        cfg.validate()
+    except (ValueError, TypeError) as exc:
+        raise CLIError(str(exc)) from exc
+    return cfg
+
+
+def cmd_train(args) -> int:
+    import numpy as np
+
+    if args.cfg_train_data_file is None:
+        raise CLIError("--train_data_file is required")
+    for flag, path in (("--train_data_file", args.cfg_train_data_file), ("--test_data_file", args.cfg_test_data_file)):
+        if path is not None and not Path(path).is_file():
+            raise CLIError(f"{flag}: file not found: {path}")
+    cfg = _training_config(args)
+    out = Path(cfg.output_dir)
+    ckpt_dir = args.checkpoint_dir or out / "checkpoints"
+    if args.resume and not ckpt_dir.is_dir():
+        raise CLIError(f"--resume: no checkpoint folder {ckpt_dir} (train once without --resume first)")
+
+    train_raw = _load_raw(Path(cfg.train_data_file), "--train_data_file")
+    test_raw = _load_raw(Path(cfg.test_data_file), "--test_data_file") if cfg.test_data_file else None
+    n_px = int(np.shape(train_raw.diff3d)[-1])
+    if n_px != cfg.model.N:
+        raise CLIError(
+            f"--train_data_file has {n_px}x{n_px} patterns but --N is {cfg.model.N}; pass --N {n_px}"
+        )
+    if cfg.n_subsample:
+        train_raw = _subsample(train_raw, int(cfg.n_subsample), cfg.subsample_seed)
+    meta = getattr(train_raw, "metadata", None) or {}
+    if "nphotons" in meta and args.cfg_nphotons is None:
+        # As the reference script: the data's photon count wins over the default.
+        cfg.nphotons = float(meta["nphotons"])
+    gs = cfg.model.gridsize
+    if gs > 1 and cfg.n_groups > len(train_raw.xcoords) and not cfg.enable_oversampling:
+        raise CLIError(
+            f"--n_groups {cfg.n_groups} exceeds the {len(train_raw.xcoords)} positions of the training "
+            "data at gridsize > 1; lower --n_groups or pass --enable_oversampling true --neighbor_pool_size K"
+        )
+
+    from backend_api import params as legacy
+    from backend_api.config import update_legacy_dict
+    from pinn_jax.backend import JaxBackend
+    from pinn_jax.train import TrainingDivergedError
+
+    update_legacy_dict(legacy.cfg, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    backend = JaxBackend(seed=args.seed, checkpoint_dir=ckpt_dir, resume=args.resume,
+                         progress=not (args.no_progress or args.quiet))
+    _sigterm_as_interrupt()
+    t0 = time.perf_counter()
+    try:
+        results = backend.train_cdi_model(train_raw, test_raw if args.do_stitching else None, cfg,
+                                          history_path=out / "history.json")
+    except TrainingDivergedError as exc:
+        print(f"{PROG} train: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\n{PROG} train: interrupted; continue with the same command plus --resume "
+              f"(checkpoints in {ckpt_dir})", file=sys.stderr)
+        return 130
+    t_train = time.perf_counter() - t0
+    archive = backend.save_model(results["model_instance"], out, cfg)
+    h = results["history"]
+    msg = f"trained {len(h.get('loss', []))} epochs in {t_train:.1f} s; final loss {h['loss'][-1]:.6g}"
+    if h.get("val_loss"):
+        msg += f", val_loss {h['val_loss'][-1]:.6g}"
+    print(msg)
+    print(f"wrote {archive}")
+    if args.do_stitching and test_raw is not None and "reconstructed_obj" in results:
+        from pinn_jax import inference
+
+        amp, phase, _ = inference.stitch(results["reconstructed_obj"], results["test_container"].global_offsets, M=20)
+        _save_images(amp, phase, out)
+        print(f"wrote {out / 'reconstructed_amplitude.png'} and {out / 'reconstructed_phase.png'}")
+    return 0
+
+
+def _sigterm_as_interrupt() -> None:
+    """Treat SIGTERM (batch schedulers, `kill`) like Ctrl-C: stop cleanly, keep checkpoints."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def cmd_infer(args) -> int:
+    import numpy as np
+
+    from backend_api.archive import ArchiveBackendError, ArchiveError
+
+    model_dir = args.model_path.parent if args.model_path.is_file() else args.model_path
+    raw = _load_raw(args.test_data, "--test_data")
+    if args.n_subsample:
+        raw = _subsample(raw, args.n_subsample, args.subsample_seed)
+    from pinn_jax import backend as jb
+    from pinn_jax.inference import load_inference_bundle
+
+    try:
+        model, cfg = load_inference_bundle(model_dir)
+    except ArchiveBackendError as exc:
+        raise CLIError(str(exc)) from exc
+    except ArchiveError as exc:
+        raise CLIError(f"--model_path: {exc}") from exc
+    N = model.N
+    n_px = int(np.shape(raw.diff3d)[-1])
+    if n_px != N:
+        raise CLIError(f"--test_data has {n_px}x{n_px} patterns but the model was trained on {N}x{N}")
+    C = model.gridsize**2
+    n_pos = len(raw.xcoords)
+    n_groups = n_pos if C == 1 else max(1, n_pos // C)
+    if args.n_groups:
+        n_groups = min(args.n_groups, n_groups)
+    conf = argparse.Namespace(n_groups=n_groups, neighbor_count=args.neighbor_count, nphotons=cfg.get("nphotons", 1e9))
+    obj_shape = None if raw.objectGuess is None else tuple(np.shape(raw.objectGuess))
+    t0 = time.perf_counter()
+    try:
+        amp, phase, res = jb.reconstruct(model, raw, conf, args.M, obj_shape, seed=args.seed)
+    except ValueError as exc:
+        raise CLIError(f"--test_data: {exc}") from exc
+    elapsed = time.perf_counter() - t0
+    out = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    _save_images(amp, phase, out, vmin=args.phase_vmin, vmax=args.phase_vmax)
+    arrays = {
+        "object": res["stitched_obj"].astype(np.complex64),
+        "amplitude": amp,
+        "phase": phase,
+        "global_offsets": res["global_offsets"],
+    }
+    if obj_shape is not None:
+        arrays["object_on_grid"] = res["object_on_grid"].astype(np.complex64)
+        arrays["object_weights"] = res["object_weights"].astype(np.float32)
+    _write_npz(out / "reconstruction.npz", **arrays)
+    print(f"reconstructed {len(res['global_offsets'])} groups in {elapsed:.2f} s -> object {amp.shape}")
+    if obj_shape is not None and _has_signal(raw.objectGuess):
+        from pinn_jax import metrics
+
+        m = metrics.eval_reconstruction(res["object_on_grid"], raw.objectGuess,
+                                        positions=res["global_offsets"][:, 0, :, 0], M=args.M)
+        summary = _metrics_summary(m)
+        _write_json(summary, out / "metrics.json")
+        print(_format_metrics(summary))
+    print(f"wrote {out / 'reconstructed_amplitude.png'}, {out / 'reconstructed_phase.png'}, "
+          f"{out / 'reconstruction.npz'}")
+    return 0
+
+
+def _has_signal(obj) -> bool:
+    import numpy as np
+
+    a = np.asarray(obj)
+    return a.size > 0 and np.all(np.isfinite(a)) and float(np.ptp(np.abs(a))) > 0
+
+
+def _format_metrics(summary: dict) -> str:
+    parts = []
+    for k in ("ssim", "psnr", "frc50"):
+        if k in summary:
+            parts.append(f"{k.upper()} amp {summary[k]['amplitude']:.3f} / phase {summary[k]['phase']:.3f}")
+    return "; ".join(parts)
+
+
+def cmd_convert(args) -> int:
+    from backend_api import archive
+    from pinn_jax.checkpoint import save_model
+    from pinn_jax.interop import load_tf_archive
+
+    src = args.input
+    try:
+        manifest = archive.read_manifest(src)
+    except (ValueError, FileNotFoundError) as exc:
+        raise CLIError(f"{src}: {exc}") from exc
+    if manifest.get("backend") != "tensorflow":
+        raise CLIError(f"{src} was written by the {manifest.get('backend')!r} backend; convert reads TensorFlow archives")
+    try:
+        model, params = load_tf_archive(src)
+    except ValueError as exc:
+        raise CLIError(f"{src}: {exc}") from exc
+    dest = args.output
+    if dest.suffix == ".zip":
+        raise CLIError(f"output: give a folder (wts.h5.zip is written inside it), got {dest}")
+    path = save_model(model, dest, None, params=params)
+    print(f"converted {src} -> {path} (N={model.spec.N}, gridsize={model.spec.gridsize}, "
+          f"intensity_scale={float(model.intensity_scale):.6g})")
+    return 0
+
+
+def cmd_ptychodus(args) -> int:
+    try:
+        from backend_api.ptychodus.launcher import main as launcher_main
+    except ImportError as exc:
+        raise CLIError(f"the ptychodus integration is unavailable: {exc}") from exc
+    rest = list(args.ptychodus_args or [])
+    if rest and rest[0] == "--":
+        rest = rest[1:]
+    return int(launcher_main(rest) or 0)
+
+
+def cmd_demo(args) -> int:
+    import numpy as np
+
+    from backend_api.config import ModelConfig, TrainingConfig
+    from backend_api import params as legacy
+    from backend_api.config import update_legacy_dict
+    from pinn_jax import metrics, simulate
+    from pinn_jax.backend import JaxBackend, reconstruct
+
+    out = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    try:
+        train_raw, test_raw = simulate.simulate_dataset(
+            N=args.N, object_size=args.object_size, n_images=args.n_images, kind=args.kind,
+            nphotons=args.nphotons, seed=args.seed, probe_scale=None,
+        )
+        n_train = len(train_raw.xcoords)
+        C = args.gridsize**2
+        cfg = TrainingConfig(
+            model=ModelConfig(N=args.N, gridsize=args.gridsize, n_filters_scale=args.n_filters_scale),
+            nepochs=args.epochs, batch_size=args.batch_size,
+            n_groups=n_train if C == 1 else max(1, n_train // C), nphotons=args.nphotons,
+            output_dir=out, backend="jax",
+        )
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+    t_sim = time.perf_counter() - t_start
+    print(f"simulated {n_train} training and {len(test_raw.xcoords)} test patterns "
+          f"(N={args.N}, {args.object_size}px '{args.kind}' objects) in {t_sim:.1f} s")
+    update_legacy_dict(legacy.cfg, cfg)
+    backend = JaxBackend(seed=args.seed, progress=not args.quiet)
+    t0 = time.perf_counter()
+    results = backend.train_cdi_model(train_raw, None, cfg, history_path=out / "history.json")
+    t_train = time.perf_counter() - t0
+    model = results["model_instance"]
+    archive = backend.save_model(model, out, cfg)
+    t0 = time.perf_counter()
+    obj_shape = tuple(np.shape(test_raw.objectGuess))
+    amp, phase, res = reconstruct(model, test_raw, cfg_for_inference(cfg, len(test_raw.xcoords)), 20,
+                                  obj_shape, seed=args.seed)
+    t_inf = time.perf_counter() - t0
+    positions = res["global_offsets"][:, 0, :, 0]
+    m = metrics.eval_reconstruction(res["object_on_grid"], test_raw.objectGuess, positions=positions, M=20)
+    summary = _metrics_summary(m)
+    region = metrics.scan_region_mask(positions, obj_shape, 20)
+    on_grid = res["object_on_grid"]
+    _save_images(np.where(region, np.abs(on_grid), np.nan), np.where(region, np.angle(on_grid), np.nan), out)
+    _save_loss_curve(results["history"], out / "loss_curve.png")
+    h = results["history"]
+    report = {
+        "metrics": summary,
+        "config": {"N": args.N, "gridsize": args.gridsize, "n_filters_scale": args.n_filters_scale,
+                   "epochs": args.epochs, "batch_size": args.batch_size, "n_images": args.n_images,
+                   "object_size": args.object_size, "seed": args.seed, "nphotons": args.nphotons},
+        "timing_s": {"simulate": t_sim, "train": t_train, "reconstruct": t_inf,
+                     "total": time.perf_counter() - t_start},
+        "final_loss": h["loss"][-1],
+        "final_val_loss": h.get("val_loss", [None])[-1],
+        "epochs_run": len(h["loss"]),
+    }
+    _write_json(report, out / "metrics.json")
+    _write_npz(out / "reconstruction.npz", object_on_grid=on_grid.astype(np.complex64),
+               ground_truth=np.asarray(test_raw.objectGuess, np.complex64), region=region)
+    print(f"trained {len(h['loss'])} epochs in {t_train:.1f} s (loss {h['loss'][0]:.5g} -> {h['loss'][-1]:.5g}); "
+          f"reconstructed {len(positions)} test patterns in {t_inf:.1f} s")
+    print(_format_metrics(summary))
+    print(f"wrote {archive.name}, reconstructed_amplitude.png, reconstructed_phase.png, loss_curve.png, "
+          f"history.json, metrics.json to {out} ({time.perf_counter() - t_start:.0f} s in total)")
+    return 0
+
+
+def cfg_for_inference(cfg, n_positions: int):
+    """Grouping settings for reconstructing every test position with a training config."""
+    C = cfg.model.gridsize**2
+    return argparse.Namespace(n_groups=n_positions if C == 1 else max(1, n_positions // C),
+                              neighbor_count=cfg.neighbor_count, nphotons=cfg.nphotons)
+
+
+_COMMANDS = {
+    "demo": cmd_demo,
+    "simulate": cmd_simulate,
+    "train": cmd_train,
+    "infer": cmd_infer,
+    "convert": cmd_convert,
+    "ptychodus": cmd_ptychodus,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``pinn-jax``; returns the exit status (also used by ``python -m pinn_jax``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # ptychodus takes its own flags: hand everything after the command over untouched.
+    if argv and argv[0] == "ptychodus" and not (len(argv) == 2 and argv[1] in ("-h", "--help")):
+        ns = argparse.Namespace(command="ptychodus", ptychodus_args=argv[1:], quiet=False, verbose=False)
+        return _run(ns)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help / --version (0) or a usage error (2)
+        return int(exc.code or 0)
+    if not args.command:
+        parser.print_help()
+        return 2
+    return _run(args)
+
+
+def _default_compile_cache() -> None:
+    """Cache compiled XLA programs across runs (the train step takes tens of seconds to compile
+    on a laptop CPU): ``$XDG_CACHE_HOME/pinn_jax/xla`` (default ``~/.cache/pinn_jax/xla``) unless
+    ``JAX_COMPILATION_CACHE_DIR`` is set; ``PINN_JAX_COMPILE_CACHE=0`` turns it off. Only
+    effective before jax is first imported (it reads the variable then)."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.environ.get("PINN_JAX_COMPILE_CACHE", "1") == "0":
+        return
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(base / "pinn_jax" / "xla")
+
+
+def _run(args) -> int:
+    _setup_logging(args)
+    if args.command != "ptychodus":
+        _default_compile_cache()
+    try:
+        return _COMMANDS[args.command](args)
+    except CLIError as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError) as exc:
+        # Any remaining input problem (a malformed or unwritable path, a value a library rejected).
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
