@@ -1,0 +1,244 @@
+"""Settings for the PtychoPINN-JAX reconstructors, read from ptychodus's settings registry.
+
+ptychodus builds its reconstructor libraries *before* it applies ``settings.ini`` and lets
+users change values live, so nothing here caches a value: every ``snapshot_*`` call reads the
+parameters as they are at that moment (call it when a job starts).
+
+Groups:
+
+- ``PtychoPINNModel`` / ``PtychoPINNTraining`` / ``PtychoPINNInference``: ptychodus's own
+  PtychoPINN groups. When ptychodus has already created them (it always does inside
+  ``ModelCore``) we reuse them, so the existing PtychoPINN settings panel and ``settings.ini``
+  sections drive our backend too. When they do not exist (a bare registry), we create groups
+  with the same parameter names under ``PtychoPINNJaxModel`` / ``PtychoPINNJaxTraining`` /
+  ``PtychoPINNJaxInference`` — different names, so ptychodus's own library can still be built
+  on the same registry afterwards without a "Group already exists" error.
+- ``PtychoPINNJax``: options only this integration has (always ours): the backend name, the
+  random seed, the number of training groups and the stitching crop size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "OWN_GROUP",
+    "PtychoPINNJaxSettings",
+    "ModelSnapshot",
+    "TrainingSnapshot",
+    "InferenceSnapshot",
+]
+
+#: Group that holds the options specific to this integration.
+OWN_GROUP = "PtychoPINNJax"
+
+_SHARED_GROUPS = {
+    "model": ("PtychoPINNModel", "PtychoPINNJaxModel"),
+    "training": ("PtychoPINNTraining", "PtychoPINNJaxTraining"),
+    "inference": ("PtychoPINNInference", "PtychoPINNJaxInference"),
+}
+
+#: Amplitude activations the model accepts (ptychodus offers the same four in its panel).
+AMP_ACTIVATIONS = ("sigmoid", "swish", "softplus", "relu")
+
+
+@dataclass(frozen=True)
+class ModelSnapshot:
+    """Model-architecture settings at one moment (names follow backend_api.config.ModelConfig)."""
+
+    gridsize: int
+    n_filters_scale: int
+    amp_activation: str
+    object_big: bool
+    probe_big: bool
+    probe_mask: bool
+    pad_object: bool
+    probe_scale: float
+    gaussian_smoothing_sigma: float
+
+
+@dataclass(frozen=True)
+class TrainingSnapshot:
+    """Training settings at one moment (names follow backend_api.config.TrainingConfig)."""
+
+    batch_size: int
+    nepochs: int
+    mae_weight: float
+    nll_weight: float
+    realspace_mae_weight: float
+    realspace_weight: float
+    nphotons: float
+    n_groups: int
+    positions_provided: bool
+    probe_trainable: bool
+    intensity_scale_trainable: bool
+
+
+@dataclass(frozen=True)
+class InferenceSnapshot:
+    """Inference settings at one moment."""
+
+    n_nearest_neighbors: int
+    n_samples: int
+    stitch_crop_size: int
+
+
+def _create_model_group(registry: Any, name: str) -> Any:
+    group = registry.create_group(name)
+    group.create_integer_parameter("GridSize", 1, minimum=1, maximum=5)
+    group.create_integer_parameter("NumFiltersScale", 2, minimum=1, maximum=4)
+    group.create_string_parameter("AmpActivation", "sigmoid")
+    group.create_boolean_parameter("ObjectBig", True)
+    group.create_boolean_parameter("ProbeBig", True)
+    group.create_boolean_parameter("ProbeMask", False)
+    group.create_boolean_parameter("PadObject", True)
+    group.create_real_parameter("ProbeScale", 4.0, minimum=0.0)
+    group.create_real_parameter("GaussianSmoothingSigma", 0.0, minimum=0.0)
+    return group
+
+
+def _create_training_group(registry: Any, name: str) -> Any:
+    group = registry.create_group(name)
+    # ptychodus's default photon count (1e6), not the reference's 1e9: users of this group
+    # in ptychodus already rely on it.
+    group.create_real_parameter("NumPhotons", 1e6, minimum=0.0)
+    group.create_integer_parameter("BatchSize", 16, minimum=1, maximum=1 << 30)
+    group.create_integer_parameter("NumEpochs", 50, minimum=1)
+    group.create_real_parameter("MAEWeight", 0.0, minimum=0.0, maximum=1.0)
+    group.create_real_parameter("NLLWeight", 1.0, minimum=0.0, maximum=1.0)
+    group.create_real_parameter("RealspaceMAEWeight", 0.0, minimum=0.0, maximum=1.0)
+    group.create_real_parameter("RealspaceWeight", 0.0, minimum=0.0, maximum=1.0)
+    group.create_boolean_parameter("PositionsProvided", True)
+    group.create_boolean_parameter("ProbeTrainable", False)
+    group.create_boolean_parameter("IntensityScaleTrainable", True)
+    return group
+
+
+def _create_inference_group(registry: Any, name: str) -> Any:
+    group = registry.create_group(name)
+    group.create_path_parameter("ModelPath", Path("/path/to/model.zip"))
+    group.create_integer_parameter("NumNearestNeighbors", 7, minimum=0)
+    group.create_integer_parameter("NumSamples", 1, minimum=1)
+    return group
+
+
+def _create_own_group(registry: Any) -> Any:
+    group = registry.create_group(OWN_GROUP)
+    # 'jax' is ours; any name known to backend_api.backends works (e.g. 'tensorflow' when
+    # the upstream package is installed), because the child only speaks the Backend protocol.
+    group.create_string_parameter("Backend", "jax")
+    group.create_integer_parameter("Seed", 0, minimum=0)
+    # Groups drawn per epoch for training (the reference's n_groups); capped by the data.
+    group.create_integer_parameter("NumGroups", 512, minimum=1)
+    # Central crop (pixels) of each predicted patch used for stitching (the reference's M).
+    group.create_integer_parameter("StitchCropSize", 20, minimum=2)
+    return group
+
+
+def _get_or_create(registry: Any, preferred: str, fallback: str, factory: Any) -> Any:
+    for name in (preferred, fallback):
+        if name in set(registry):
+            return registry[name]
+    return factory(registry, fallback)
+
+
+class PtychoPINNJaxSettings:
+    """Handles on the settings groups; values are read only through the ``snapshot_*`` calls.
+
+    Args:
+        registry: a ``ptychodus.api.settings.SettingsRegistry`` (duck-typed: ``create_group``,
+            ``__iter__`` over group names, ``__getitem__``).
+    """
+
+    def __init__(self, registry: Any) -> None:
+        self._registry = registry
+        self.model_group = _get_or_create(registry, *_SHARED_GROUPS["model"], _create_model_group)
+        self.training_group = _get_or_create(
+            registry, *_SHARED_GROUPS["training"], _create_training_group
+        )
+        self.inference_group = _get_or_create(
+            registry, *_SHARED_GROUPS["inference"], _create_inference_group
+        )
+        if OWN_GROUP in set(registry):
+            self.own_group = registry[OWN_GROUP]
+        else:
+            self.own_group = _create_own_group(registry)
+
+    @property
+    def shares_ptychodus_groups(self) -> bool:
+        """True when the model/training/inference groups are ptychodus's own PtychoPINN ones."""
+        return self.model_group is _lookup(self._registry, _SHARED_GROUPS["model"][0])
+
+    @staticmethod
+    def _get(group: Any, name: str) -> Any:
+        return group.parameters()[name].get_value()
+
+    def parameter(self, group: str, name: str) -> Any:
+        """The live parameter object ``name`` of ``group`` ('model', 'training', 'inference',
+        'own'); for tests and for code that wants to set a value."""
+        groups = {
+            "model": self.model_group,
+            "training": self.training_group,
+            "inference": self.inference_group,
+            "own": self.own_group,
+        }
+        return groups[group].parameters()[name]
+
+    def backend(self) -> str:
+        return str(self._get(self.own_group, "Backend")).strip() or "jax"
+
+    def seed(self) -> int:
+        return int(self._get(self.own_group, "Seed"))
+
+    def nepochs(self) -> int:
+        return int(self._get(self.training_group, "NumEpochs"))
+
+    def snapshot_model(self) -> ModelSnapshot:
+        g = self.model_group
+        activation = str(self._get(g, "AmpActivation")).strip().lower()
+        if activation not in AMP_ACTIVATIONS:
+            raise ValueError(
+                f"PtychoPINNModel.AmpActivation is {activation!r}; expected one of "
+                f"{AMP_ACTIVATIONS}."
+            )
+        return ModelSnapshot(
+            gridsize=int(self._get(g, "GridSize")),
+            n_filters_scale=int(self._get(g, "NumFiltersScale")),
+            amp_activation=activation,
+            object_big=bool(self._get(g, "ObjectBig")),
+            probe_big=bool(self._get(g, "ProbeBig")),
+            probe_mask=bool(self._get(g, "ProbeMask")),
+            pad_object=bool(self._get(g, "PadObject")),
+            probe_scale=float(self._get(g, "ProbeScale")),
+            gaussian_smoothing_sigma=float(self._get(g, "GaussianSmoothingSigma")),
+        )
+
+    def snapshot_training(self) -> TrainingSnapshot:
+        g = self.training_group
+        return TrainingSnapshot(
+            batch_size=int(self._get(g, "BatchSize")),
+            nepochs=int(self._get(g, "NumEpochs")),
+            mae_weight=float(self._get(g, "MAEWeight")),
+            nll_weight=float(self._get(g, "NLLWeight")),
+            realspace_mae_weight=float(self._get(g, "RealspaceMAEWeight")),
+            realspace_weight=float(self._get(g, "RealspaceWeight")),
+            nphotons=float(self._get(g, "NumPhotons")),
+            n_groups=int(self._get(self.own_group, "NumGroups")),
+            positions_provided=bool(self._get(g, "PositionsProvided")),
+            probe_trainable=bool(self._get(g, "ProbeTrainable")),
+            intensity_scale_trainable=bool(self._get(g, "IntensityScaleTrainable")),
+        )
+
+    def snapshot_inference(self) -> InferenceSnapshot:
+        g = self.inference_group
+        return InferenceSnapshot(
+            n_nearest_neighbors=int(self._get(g, "NumNearestNeighbors")),
+            n_samples=int(self._get(g, "NumSamples")),
+            stitch_crop_size=int(self._get(self.own_group, "StitchCropSize")),
+        )
+
+
+def _lookup(registry: Any, name: str) -> Any:
+    return registry[name] if name in set(registry) else None
