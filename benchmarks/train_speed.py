@@ -1,0 +1,377 @@
+"""Training and inference throughput of the jax backend: tuned runtime vs plain, beside the TF reference.
+
+For each patch size N (gridsize 1 by default, optionally 2) and each *variant*, a fresh Python
+process (XLA reads ``XLA_FLAGS`` only when its backend starts) builds the project's real model
+(:func:`pinn_jax.model.build_model`, reference CNN with the probe_big border branch) and real
+train step (:func:`pinn_jax.train.make_train_step`: forward, Poisson NLL, gradient, Keras-Adam
+update, state donated) and times
+
+* training: steady-state steps of ``--batch-size`` groups, both one blocked step at a time
+  (wall and process-CPU seconds) and ``--steps`` steps dispatched back to back with one sync at
+  the end (what the epoch loop does; this gives groups/s);
+* inference: ``diffraction_to_obj`` through :class:`pinn_jax.inference.InferenceModel`
+  (numpy in / numpy out, as ``model.predict`` is called) for each ``--predict-batch``.
+
+Variants (all measured in the same run, interleaved ``--rounds`` times):
+
+* ``plain``: no pinn_jax runtime flags (``PINN_JAX_XLA_DEFAULTS=0``), i.e. jax's defaults plus
+  whatever the caller's ``XLA_FLAGS`` holds;
+* ``tuned``: :func:`pinn_jax.runtime.configure_cpu_runtime` applied (what ``import pinn_jax`` does);
+* any ``--variant NAME=XLA_FLAGS`` given on the command line.
+
+The TF reference figures (reference/tf_reference_run.md §3; TF 2.19 on a 2-core CPU host of the
+development machines' kind, N=64, gridsize 1, n_filters_scale 2, batch 16) are printed beside as
+constants: they were not measured in this run. Each worker also times a 2048^2 float32 matmul
+and reports the train step's FLOPs (XLA cost analysis), so that achieved GFLOP/s can be compared
+with what the host can do at all. Data are synthetic (timings do not depend on the values).
+
+Runs on any jax device (CPU, GPU); the runtime flags only concern the CPU backend.
+
+Usage::
+
+    python benchmarks/train_speed.py                              # N=64 and 128, plain vs tuned
+    python benchmarks/train_speed.py --N 64 --rounds 3 --out benchmarks/results/train_speed.json
+    python benchmarks/train_speed.py --N 64 --variant ynn_off=--xla_cpu_experimental_ynn_fusion_type=
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REFERENCE_TF_CPU = {
+    "source": "reference/tf_reference_run.md §3 (TF 2.19.1, 2 CPU cores; not measured in this run)",
+    "N": 64,
+    "gridsize": 1,
+    "n_filters_scale": 2,
+    "batch_size": 16,
+    "train_step_s": 0.356,
+    "train_groups_per_s": 44.9,
+    "first_step_s": 13.7,
+    "inference_patterns_per_s": {"predict(batch 32), 512 patterns": 146.0, "1024 patterns": 159.0,
+                                 "predict_on_batch(64)": 171.0},
+    "gs2_train_groups_per_s": 27.5,
+    "gs2_inference_patterns_per_s": 590.0,
+}
+
+DEFAULT_VARIANTS = ("plain", "tuned")
+
+# The caller's XLA_FLAGS before anything here can touch them (importing pinn_jax may add the
+# runtime's flags to os.environ, which must not leak into the 'plain' variant).
+_CALLER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
+
+
+# ---------------------------------------------------------------------------------------------
+# worker: one (N, gridsize, variant) in its own process
+# ---------------------------------------------------------------------------------------------
+
+
+def _blocked(fn, reps: int) -> tuple[list[float], list[float]]:
+    import jax
+
+    wall, cpu = [], []
+    for _ in range(reps):
+        c0, w0 = time.process_time(), time.perf_counter()
+        jax.block_until_ready(fn())
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    return wall, cpu
+
+
+def _matmul_gflops() -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    n = 2048
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    jax.block_until_ready(f(a))
+    wall, cpu = _blocked(lambda: f(a), 5)
+    flop = 2.0 * n**3
+    return {"wall_gflops": flop / min(wall) / 1e9, "per_cpu_second_gflops": flop / statistics.median(cpu) / 1e9}
+
+
+def worker(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from backend_api.config import ModelConfig, TrainingConfig
+    from pinn_jax import probe as probe_mod
+    from pinn_jax import train
+    from pinn_jax.inference import InferenceModel
+    from pinn_jax.model import build_model, split_model
+
+    N, gs, B = args.N[0], args.gridsize, args.batch_size
+    C = gs * gs
+    cfg = TrainingConfig(model=ModelConfig(N=N, gridsize=gs, n_filters_scale=args.n_filters_scale), batch_size=B)
+    s = train.intensity_scale_for(cfg.nphotons, N)
+    probe = probe_mod.normalize_probe(probe_mod.default_probe(N), cfg.model.probe_scale)
+    model = build_model(cfg.model, np.asarray(probe), s, seed=args.seed)
+    graphdef, params, rest = split_model(model)
+
+    rng = np.random.default_rng(args.seed)
+    n = max(4 * B, 64)
+    X = (rng.random((n, N, N, C), dtype=np.float32) * 0.5).astype(np.float32)
+    coords = (rng.standard_normal((n, 1, 2, C)) * (2.0 if gs > 1 else 0.0)).astype(np.float32)
+
+    loss_fn = train.make_loss_fn(graphdef, cfg, s)
+    opt = train.make_optimizer(1e-3)
+    mesh = train.make_mesh()
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    step = train.make_train_step(loss_fn, opt, mesh=mesh)
+    state = jax.device_put(train.init_train_state(params, rest, opt, args.seed), rep)
+    data = jax.device_put({"X": jnp.asarray(X), "coords": jnp.asarray(coords)}, rep)
+    batches = [jax.device_put(jnp.asarray(rng.choice(n, B, replace=False), jnp.int32), rep)
+               for _ in range(max(args.steps, args.blocked_steps) + 1)]
+
+    out: dict = {"N": N, "gridsize": gs, "batch_size": B, "n_filters_scale": args.n_filters_scale,
+                 "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    t0 = time.perf_counter()
+    compiled = step.lower(state, data, batches[0]).compile()
+    out["compile_s"] = time.perf_counter() - t0
+    try:
+        ca = compiled.cost_analysis()
+        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+        out["train_step_gflop"] = float(ca["flops"]) / 1e9
+    except Exception:  # cost analysis is best effort (not every backend provides it)
+        out["train_step_gflop"] = None
+
+    t0 = time.perf_counter()
+    state, m = step(state, data, batches[0])
+    jax.block_until_ready(m)
+    out["first_step_s"] = time.perf_counter() - t0
+    state, m = step(state, data, batches[1])  # one more warm-up step
+    jax.block_until_ready(m)
+
+    box = [state]
+    it = iter(range(10**9))
+
+    def one():
+        box[0], mm = step(box[0], data, batches[1 + next(it) % (len(batches) - 1)])
+        return mm
+
+    wall, cpu = _blocked(one, args.blocked_steps)
+    out["train_step_s_blocked_median"] = statistics.median(wall)
+    out["train_step_cpu_s_median"] = statistics.median(cpu)
+    pipelined = []
+    for _ in range(2):
+        c0, t0 = time.process_time(), time.perf_counter()
+        for i in range(args.steps):
+            box[0], m = step(box[0], data, batches[1 + i])
+        jax.block_until_ready(m)
+        pipelined.append((time.perf_counter() - t0, time.process_time() - c0))
+    best = min(pipelined)
+    out["train_step_s"] = best[0] / args.steps
+    out["train_step_cpu_s"] = best[1] / args.steps
+    out["train_groups_per_s"] = B / out["train_step_s"]
+    out["train_patterns_per_s"] = B * C / out["train_step_s"]
+    if out["train_step_gflop"]:
+        out["train_achieved_gflops"] = out["train_step_gflop"] / out["train_step_s"]
+    out["final_loss_finite"] = bool(np.isfinite(float(m["loss"])))
+
+    from flax import nnx
+
+    model = nnx.merge(graphdef, box[0].params, box[0].rest)
+    inf = {}
+    for pb in args.predict_batch:
+        im = InferenceModel(model, batch_size=pb)
+        total = max(pb, args.predict_patterns)
+        xi = np.resize(X, (total, N, N, C)) * np.float32(s)
+        oi = np.resize(coords, (total, 1, 2, C))
+        t0 = time.perf_counter()
+        im.predict([xi[:pb], oi[:pb]])
+        first = time.perf_counter() - t0
+        wall, cpu = _blocked(lambda: im.predict([xi, oi]), args.predict_repeats)
+        inf[str(pb)] = {"patterns": total * C, "first_call_s": first, "s_median": statistics.median(wall),
+                        "cpu_s_median": statistics.median(cpu),
+                        "patterns_per_s": total * C / statistics.median(wall)}
+    out["inference"] = inf
+    out["inference_patterns_per_s_best"] = max(v["patterns_per_s"] for v in inf.values())
+    out["matmul"] = _matmul_gflops()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+# ---------------------------------------------------------------------------------------------
+
+
+def _variant_env(name: str, flags: str | None) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = _CALLER_XLA_FLAGS
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # time real compilation, never a cache hit
+    if name == "plain":
+        env["PINN_JAX_XLA_DEFAULTS"] = "0"
+    elif name == "tuned":
+        env.pop("PINN_JAX_XLA_DEFAULTS", None)
+        from pinn_jax import runtime  # noqa: F401  (imports jax lazily; no backend is started)
+
+        runtime.configure_cpu_runtime(env)
+    else:
+        env["PINN_JAX_XLA_DEFAULTS"] = "0"
+        env["XLA_FLAGS"] = " ".join(x for x in (_CALLER_XLA_FLAGS, flags or "") if x)
+    return env
+
+
+def _run_worker(N: int, name: str, flags: str | None, args) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--N", str(N), "--gridsize", str(args.gridsize),
+           "--batch-size", str(args.batch_size), "--n-filters-scale", str(args.n_filters_scale),
+           "--steps", str(args.steps), "--blocked-steps", str(args.blocked_steps), "--seed", str(args.seed),
+           "--predict-patterns", str(args.predict_patterns), "--predict-repeats", str(args.predict_repeats),
+           "--predict-batch", *map(str, args.predict_batch)]
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as fh:
+        proc = subprocess.run(cmd + ["--out", fh.name], env=_variant_env(name, flags), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"worker N={N} variant={name} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+        return json.loads(Path(fh.name).read_text())
+
+
+def _median_row(runs: list[dict]) -> dict:
+    keys = ("train_step_s", "train_step_cpu_s", "train_step_s_blocked_median", "train_step_cpu_s_median",
+            "train_groups_per_s", "train_patterns_per_s", "compile_s", "first_step_s",
+            "inference_patterns_per_s_best")
+    row = {k: statistics.median(r[k] for r in runs) for k in keys}
+    row["train_step_gflop"] = runs[0].get("train_step_gflop")
+    if row["train_step_gflop"]:
+        row["train_achieved_gflops"] = row["train_step_gflop"] / row["train_step_s"]
+    row["matmul_wall_gflops"] = statistics.median(r["matmul"]["wall_gflops"] for r in runs)
+    row["inference"] = {pb: statistics.median(r["inference"][pb]["patterns_per_s"] for r in runs)
+                        for pb in runs[0]["inference"]}
+    row["xla_flags"] = runs[0]["xla_flags"]
+    return row
+
+
+def _markdown(summary: dict) -> str:
+    lines = ["| N | gs | variant | step s | groups/s | patterns/s | CPU-s/step | x plain | compile s | "
+             "infer patterns/s (best batch) | x plain |",  # compile s = lower+compile + first step
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, rows in summary.items():
+        N, gs = key.split("/")
+        base = rows.get("plain")
+        for name, r in rows.items():
+            sp = base["train_step_s"] / r["train_step_s"] if base else float("nan")
+            si = r["inference_patterns_per_s_best"] / base["inference_patterns_per_s_best"] if base else float("nan")
+            lines.append(f"| {N} | {gs} | {name} | {r['train_step_s']:.3f} | {r['train_groups_per_s']:.1f} | "
+                         f"{r['train_patterns_per_s']:.1f} | {r['train_step_cpu_s']:.2f} | {sp:.2f} | "
+                         f"{r['compile_s'] + r['first_step_s']:.1f} | "
+                         f"{r['inference_patterns_per_s_best']:.1f} | {si:.2f} |")
+    ref = REFERENCE_TF_CPU
+    lines.append(f"| 64 | 1 | TF reference (constant, other run) | {ref['train_step_s']:.3f} | "
+                 f"{ref['train_groups_per_s']:.1f} | {ref['train_groups_per_s']:.1f} | - | - | "
+                 f"{ref['first_step_s']:.1f} | ~150 | - |")
+    return "\n".join(lines)
+
+
+def _versions() -> dict:
+    import flax
+    import jax
+    import jaxlib
+
+    d = jax.devices()[0]
+    return {"device_platform": d.platform, "device_kind": d.device_kind, "device_count": len(jax.devices()),
+            "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+            "python": platform.python_version(), "host": platform.node(), "machine": platform.machine(),
+            "processor": _cpu_name(), "cpu_count": os.cpu_count()}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--N", type=int, nargs="+", default=[64, 128], help="patch sizes (default: 64 128)")
+    p.add_argument("--gridsize", type=int, default=1)
+    p.add_argument("--n-filters-scale", type=int, default=2, help="reference default 2")
+    p.add_argument("--batch-size", type=int, default=16, help="groups per train step (reference 16)")
+    p.add_argument("--steps", type=int, default=10, help="back-to-back timed train steps")
+    p.add_argument("--blocked-steps", type=int, default=5, help="individually synced train steps")
+    p.add_argument("--predict-batch", type=int, nargs="+", default=[64, 256], help="inference batch sizes")
+    p.add_argument("--predict-patterns", type=int, default=512, help="patterns per inference timing")
+    p.add_argument("--predict-repeats", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1, help="interleaved repetitions of every variant")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=XLA_FLAGS",
+                   help="extra variant: plain + these XLA flags (repeatable)")
+    p.add_argument("--only", nargs="+", default=None, help="run only these variant names")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("train_speed.json"))
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        result = worker(args)
+        args.out.write_text(json.dumps(result))
+        return 0
+
+    variants: dict[str, str | None] = {v: None for v in DEFAULT_VARIANTS}
+    for spec in args.variant:
+        name, _, flags = spec.partition("=")
+        if not name or name in DEFAULT_VARIANTS:
+            raise SystemExit(f"--variant {spec!r}: expected NAME=XLA_FLAGS with a new NAME")
+        variants[name] = flags
+    if args.only:
+        unknown = set(args.only) - set(variants)
+        if unknown:
+            raise SystemExit(f"--only: unknown variants {sorted(unknown)}; known {sorted(variants)}")
+        variants = {k: v for k, v in variants.items() if k in args.only}
+
+    runs: dict[str, dict[str, list]] = {}
+    t_start = time.perf_counter()
+    for N in args.N:
+        key = f"{N}/{args.gridsize}"
+        runs[key] = {name: [] for name in variants}
+        for rnd in range(args.rounds):
+            for name, flags in variants.items():
+                r = _run_worker(N, name, flags, args)
+                runs[key][name].append(r)
+                print(f"N={N} gs={args.gridsize} round {rnd + 1}/{args.rounds} {name:>8}: "
+                      f"{r['train_step_s']:.3f} s/step ({r['train_groups_per_s']:.1f} groups/s, "
+                      f"{r['train_step_cpu_s']:.2f} CPU-s/step), inference "
+                      f"{r['inference_patterns_per_s_best']:.1f} patterns/s", flush=True)
+    summary = {key: {name: _median_row(rs) for name, rs in per.items() if rs} for key, per in runs.items()}
+    report = {"versions": _versions(), "args": {k: (str(v) if isinstance(v, Path) else v)
+                                                 for k, v in vars(args).items() if k != "worker"},
+              "variants": {k: (v if v is not None else k) for k, v in variants.items()},
+              "summary": summary, "runs": runs, "reference_tf_cpu": REFERENCE_TF_CPU,
+              "wall_s": time.perf_counter() - t_start}
+    v = report["versions"]
+    print(f"\n{v['device_platform']} ({v['device_kind']}, {v['processor']}, {v['cpu_count']} CPUs); "
+          f"jax {v['jax']}, jaxlib {v['jaxlib']}, flax {v['flax']}\n")
+    print(_markdown(summary))
+    for key, rows in summary.items():
+        for name, r in rows.items():
+            print(f"  N/gs={key} {name}: XLA_FLAGS={r['xla_flags']!r}; achieved "
+                  f"{r.get('train_achieved_gflops') or float('nan'):.0f} GFLOP/s in training "
+                  f"({r['train_step_gflop'] or float('nan'):.1f} GFLOP/step); host 2048^2 matmul "
+                  f"{r['matmul_wall_gflops']:.0f} GFLOP/s; inference by batch {r['inference']}")
+    ref = REFERENCE_TF_CPU
+    gflop64 = next((r["train_step_gflop"] for key, rows in summary.items() if key == "64/1"
+                    for r in rows.values() if r.get("train_step_gflop")), None)
+    if gflop64 and args.batch_size == ref["batch_size"] and args.n_filters_scale == ref["n_filters_scale"]:
+        print(f"  the TF reference's {ref['train_step_s']} s/step implies {gflop64 / ref['train_step_s']:.0f} GFLOP/s "
+              f"for the same {gflop64:.1f} GFLOP step ({ref['source']})")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

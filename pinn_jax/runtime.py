@@ -1,0 +1,197 @@
+"""XLA runtime settings for the CPU backend, applied before jax creates its backends.
+
+XLA reads ``XLA_FLAGS`` once, when the first backend is initialised (the first ``jax.devices()``,
+array or jitted call), not when ``jax`` is imported. :func:`configure_cpu_runtime` therefore
+has to run before that; ``pinn_jax`` calls it when it is imported, so ``import pinn_jax`` before
+any jax computation is enough. It only *adds* flags the user has not set: an entry already in
+``XLA_FLAGS`` (``--name=value``, ``--name`` or ``--noname``) always wins.
+
+What it sets, and why (measured on the 2-core AMD EPYC (Zen 3, AVX2, no AVX-512) development
+machine, jax/jaxlib 0.10.2; numbers in ``benchmarks/train_speed.py`` output and the perf notes):
+
+``--xla_cpu_experimental_ynn_fusion_type=`` (empty: no YNNPACK fusions)
+    jaxlib 0.10 routes convolutions, dots and reductions through YNNPACK ("ynn" fusions) by
+    default. For convolutions that is a large loss here: the weight-gradient convolution of a
+    3x3 'same' layer (XLA expresses it as a convolution with an H x W window over the batch)
+    runs at ~6 GFLOP/s per core in YNNPACK against ~40 with XLA's own (Eigen) convolution, and
+    the forward / input-gradient convolutions are also ~10-20 % faster with Eigen. With the flag
+    the PtychoPINN CNN train step (N=64, gridsize 1, batch 16, n_filters_scale 2) costs 1.56
+    instead of 2.64 CPU-seconds (-41 %; 3.7 -> 1.7 in an earlier, more loaded measurement), and
+    ``diffraction_to_obj`` inference is ~1.2x faster. Keeping dots/reductions on YNNPACK and
+    taking only convolutions off it (``...=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,
+    LIBRARY_FUSION_TYPE_REDUCE``) trained as fast but inferred no faster, so the simpler setting
+    is kept. Outputs agree to float32 rounding: forward object/amplitude differ by ~1e-6
+    relative (L2); gradients differ by no more than a 1e-7 relative perturbation of the input
+    changes them (the Poisson-NLL gradient is that ill-conditioned).
+
+Flags that were measured and NOT kept are listed in ``REJECTED`` with the reason.
+
+Opt out with ``PINN_JAX_XLA_DEFAULTS=0`` in the environment (or set the flags yourself).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import mmap
+import os
+import shlex
+import sys
+import warnings
+from collections.abc import Mapping, MutableMapping
+from pathlib import Path
+
+__all__ = [
+    "CPU_XLA_FLAGS",
+    "REJECTED",
+    "OPT_OUT_ENV",
+    "flag_name",
+    "merge_xla_flags",
+    "supported_flags",
+    "recommended_xla_flags",
+    "configure_cpu_runtime",
+]
+
+log = logging.getLogger(__name__)
+
+OPT_OUT_ENV = "PINN_JAX_XLA_DEFAULTS"
+
+# name -> value. Every name and enum value is looked up in the installed jaxlib before use: XLA
+# aborts the process on an unknown flag, and these are "experimental" flags that may be renamed.
+CPU_XLA_FLAGS: dict[str, str] = {
+    "xla_cpu_experimental_ynn_fusion_type": "",
+}
+
+# Measured on the same machine and not kept (see the module docstring for the method).
+REJECTED: dict[str, str] = {
+    "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE":
+        "convolutions off YNNPACK only: training as fast as all-off, inference ~15 % slower",
+    "--xla_cpu_multi_thread_eigen=false":
+        "single-threaded Eigen convolutions: within noise of the default under load; not kept",
+    "--xla_cpu_use_xnnpack / --xla_cpu_experimental_xnn_fusion_type=...CONVOLUTION / xnn_graph_fusion_mode":
+        "no effect: this jaxlib does not route convolutions to XNNPACK (compiled HLO unchanged)",
+    "--xla_cpu_use_onednn / --xla_cpu_experimental_onednn_custom_call / onednn_fusion_type":
+        "no effect: no oneDNN custom calls or fusions appear for convolutions in this jaxlib",
+    "--xla_cpu_enable_fast_math=true":
+        "not numerically safe for the physics (exp/log/sqrt, inf/NaN semantics); gain within noise",
+}
+
+
+def flag_name(entry: str) -> str | None:
+    """The flag name of one ``XLA_FLAGS`` entry (``'--name=v'``, ``'--name'``, ``'--noname'`` ->
+    ``'name'``); ``None`` for something that is not a ``--flag``. ``--no`` prefixes are stripped
+    only for boolean spellings (no ``=``), as XLA's parser does."""
+    if not entry.startswith("--") or len(entry) <= 2:
+        return None
+    body = entry[2:]
+    if "=" in body:
+        return body.split("=", 1)[0]
+    if body.startswith("no") and len(body) > 2:
+        return body[2:]
+    return body
+
+
+def _split(flags: str) -> list[str]:
+    try:
+        return shlex.split(flags)
+    except ValueError:  # unbalanced quotes: fall back to XLA's plain whitespace split
+        return flags.split()
+
+
+def merge_xla_flags(existing: str, recommended: Mapping[str, str]) -> tuple[str, list[str]]:
+    """Add ``--name=value`` for every ``recommended`` name not already in ``existing``.
+
+    Args:
+      existing: the current ``XLA_FLAGS`` string (may be empty).
+      recommended: flag name (without ``--``) -> value.
+    Returns ``(merged XLA_FLAGS string, list of the entries added)``. The user's entries are
+    kept verbatim and first; nothing of theirs is overridden or reordered.
+    """
+    tokens = _split(existing)
+    present = {flag_name(t) for t in tokens}
+    added = [f"--{name}={value}" for name, value in recommended.items() if name not in present]
+    if not added:
+        return existing, []
+    merged = " ".join(([existing.strip()] if existing.strip() else []) + added)
+    return merged, added
+
+
+def _jaxlib_binaries() -> list[Path]:
+    spec = importlib.util.find_spec("jaxlib")
+    if spec is None or spec.origin is None:
+        return []
+    root = Path(spec.origin).parent
+    # The XLA flag table lives in the big shared library; look there first.
+    return sorted(root.glob("*.so"), key=lambda p: -p.stat().st_size) + sorted(root.glob("*.pyd"))
+
+
+def supported_flags(flags: Mapping[str, str]) -> dict[str, str]:
+    """The subset of ``flags`` whose name and (upper-case, comma-separated) enum values all occur
+    in the installed jaxlib binary. An unknown ``XLA_FLAGS`` entry aborts the process at backend
+    initialisation, so a flag that cannot be confirmed is dropped. Cost: one memory-mapped
+    search of the jaxlib library (~30 ms when cached by the OS)."""
+    needles = {name: [name.encode()] + [v.encode() for v in value.split(",") if v.isupper()]
+               for name, value in flags.items()}
+    wanted = {n for ns in needles.values() for n in ns}
+    found: set[bytes] = set()
+    for path in _jaxlib_binaries():
+        try:
+            with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                for n in wanted - found:
+                    if mm.find(n) >= 0:
+                        found.add(n)
+        except (OSError, ValueError):
+            continue
+        if found == wanted:
+            break
+    return {name: flags[name] for name, ns in needles.items() if all(n in found for n in ns)}
+
+
+def recommended_xla_flags() -> dict[str, str]:
+    """The CPU flags :func:`configure_cpu_runtime` would add (those this jaxlib supports)."""
+    return supported_flags(CPU_XLA_FLAGS)
+
+
+def _backends_initialised() -> bool:
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except Exception:  # private API moved: assume the worst only if devices were created
+        return False
+
+
+def configure_cpu_runtime(environ: MutableMapping[str, str] | None = None) -> list[str]:
+    """Add the measured-beneficial CPU XLA flags to ``XLA_FLAGS`` (only the ones not set yet).
+
+    Must run before jax initialises its backends; if they already exist, nothing is changed and
+    a ``RuntimeWarning`` says so. Set ``PINN_JAX_XLA_DEFAULTS=0`` to disable. Idempotent.
+
+    Args:
+      environ: the environment mapping to edit (default ``os.environ``; a dict for tests).
+    Returns the list of ``XLA_FLAGS`` entries added (empty when nothing changed).
+    """
+    env = os.environ if environ is None else environ
+    if env.get(OPT_OUT_ENV, "").strip().lower() in ("0", "false", "no", "off"):
+        return []
+    existing = env.get("XLA_FLAGS", "")
+    present = {flag_name(t) for t in _split(existing)}
+    missing = {k: v for k, v in CPU_XLA_FLAGS.items() if k not in present}
+    if not missing:
+        return []
+    if environ is None and _backends_initialised():
+        warnings.warn(
+            "pinn_jax.runtime.configure_cpu_runtime: jax backends are already initialised, so the "
+            f"CPU XLA flags {sorted(missing)} cannot take effect in this process (import pinn_jax "
+            "before running any jax computation, or set XLA_FLAGS yourself)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return []
+    merged, added = merge_xla_flags(existing, supported_flags(missing))
+    if added:
+        env["XLA_FLAGS"] = merged
+        log.debug("XLA_FLAGS += %s", " ".join(added))
+    return added

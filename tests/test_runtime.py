@@ -1,0 +1,130 @@
+"""pinn_jax.runtime: XLA flag merging (pure) and one subprocess check that the installed jaxlib
+accepts the recommended flags and computes a convolution to float32 accuracy with them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pinn_jax import runtime
+
+
+def test_flag_name_spellings():
+    assert runtime.flag_name("--xla_cpu_use_xnnpack=false") == "xla_cpu_use_xnnpack"
+    assert runtime.flag_name("--xla_cpu_use_xnnpack") == "xla_cpu_use_xnnpack"
+    assert runtime.flag_name("--noxla_cpu_use_xnnpack") == "xla_cpu_use_xnnpack"
+    assert runtime.flag_name("--xla_cpu_experimental_ynn_fusion_type=") == "xla_cpu_experimental_ynn_fusion_type"
+    assert runtime.flag_name("junk") is None
+    assert runtime.flag_name("--") is None
+
+
+def test_merge_adds_only_missing_and_keeps_user_entries_first():
+    rec = {"xla_a": "1", "xla_b": ""}
+    merged, added = runtime.merge_xla_flags("--xla_force_host_platform_device_count=4 --xla_a=7", rec)
+    assert added == ["--xla_b="]
+    assert merged == "--xla_force_host_platform_device_count=4 --xla_a=7 --xla_b="
+    merged, added = runtime.merge_xla_flags("", rec)
+    assert merged == "--xla_a=1 --xla_b=" and added == ["--xla_a=1", "--xla_b="]
+    # a boolean 'no' spelling counts as the user's choice
+    merged, added = runtime.merge_xla_flags("--noxla_a", rec)
+    assert added == ["--xla_b="] and merged.startswith("--noxla_a ")
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.sampled_from(["--xla_a=1", "--xla_b=x,y", "--noxla_c", "--xla_d", "--xla_force_x=4"]),
+                max_size=5))
+def test_merge_never_overrides_and_is_idempotent(user):
+    rec = {"xla_a": "9", "xla_b": "", "xla_c": "true", "xla_new": "v"}
+    existing = " ".join(user)
+    merged, added = runtime.merge_xla_flags(existing, rec)
+    assert merged.split()[: len(user)] == user  # the user's entries, verbatim and first
+    user_names = {runtime.flag_name(t) for t in user}
+    assert all(runtime.flag_name(a) not in user_names for a in added)
+    assert {runtime.flag_name(t) for t in merged.split()} >= set(rec)
+    again, added2 = runtime.merge_xla_flags(merged, rec)
+    assert again == merged and added2 == []
+
+
+def test_configure_respects_opt_out_and_existing_setting():
+    env = {"PINN_JAX_XLA_DEFAULTS": "0"}
+    assert runtime.configure_cpu_runtime(env) == [] and "XLA_FLAGS" not in env
+    env = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+    assert runtime.configure_cpu_runtime(env) == []
+    assert env["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+
+
+def test_configure_adds_supported_flags_once():
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    added = runtime.configure_cpu_runtime(env)
+    assert added == [f"--{k}={v}" for k, v in runtime.recommended_xla_flags().items()]
+    assert env["XLA_FLAGS"].startswith("--xla_force_host_platform_device_count=2")
+    assert runtime.configure_cpu_runtime(env) == []
+
+
+def test_unknown_flags_are_never_recommended():
+    assert runtime.supported_flags({"xla_cpu_this_flag_does_not_exist_42": "1"}) == {}
+    assert runtime.supported_flags({"xla_cpu_enable_fast_math": "NOT_A_REAL_ENUM_VALUE_42"}) == {}
+
+
+_CHILD = r"""
+import json, sys
+import numpy as np
+import jax, jax.numpy as jnp
+from jax import lax
+rng = np.random.default_rng(0)
+x = rng.standard_normal((2, 12, 12, 5)).astype(np.float32)
+w = rng.standard_normal((3, 3, 5, 4)).astype(np.float32)
+f = lambda x, w: jnp.sum(jnp.sin(lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))))
+y = lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+gw = jax.jit(jax.grad(f, argnums=1))(x, w)
+print(json.dumps({"y": np.asarray(y).tolist(), "gw": np.asarray(gw).tolist()}))
+"""
+
+
+def _direct_conv(x, w):
+    B, H, W, _ = x.shape
+    xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    y = np.zeros((B, H, W, w.shape[-1]))
+    for i in range(3):
+        for j in range(3):
+            y += np.einsum("bhwc,co->bhwo", xp[:, i : i + H, j : j + W], w[i, j].astype(np.float64))
+    return y
+
+
+def test_recommended_flags_run_and_are_exact_enough():
+    """The installed jaxlib starts with the flags (an unknown flag would abort it) and a conv and
+    its weight gradient match a float64 reference to float32 accuracy."""
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env["JAX_PLATFORMS"] = "cpu"
+    runtime.configure_cpu_runtime(env)
+    proc = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 12, 12, 5)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 5, 4)).astype(np.float32)
+    ref = _direct_conv(x, w)
+    y = np.asarray(out["y"])
+    assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 1e-5
+    # weight gradient of sum(sin(conv)): sum over positions of x-patch * cos(conv)
+    xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    g = np.cos(ref)
+    gw_ref = np.stack([np.stack([np.einsum("bhwc,bhwo->co", xp[:, i : i + 12, j : j + 12], g)
+                                 for j in range(3)]) for i in range(3)])
+    gw = np.asarray(out["gw"])
+    assert np.linalg.norm(gw - gw_ref) / np.linalg.norm(gw_ref) < 1e-5
+
+
+@pytest.mark.parametrize("bad", ["'unbalanced", "--xla_a='x y'"])
+def test_merge_tolerates_quoting(bad):
+    merged, added = runtime.merge_xla_flags(bad, {"xla_b": "1"})
+    assert merged.startswith(bad) and added == ["--xla_b=1"]
