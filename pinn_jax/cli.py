@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output-dir", "--output_dir", type=Path, default=Path("pinn_jax_demo"),
                    help="output folder (default: ./pinn_jax_demo)")
-    p.add_argument("--epochs", type=_positive_int, default=8, help="training epochs (default: 8)")
+    p.add_argument("--epochs", type=_positive_int, default=12, help="training epochs (default: 12)")
     p.add_argument("--n-images", type=_positive_int, default=384,
                    help="scan positions simulated in total, half for training (default: 384)")
     p.add_argument("--N", type=_int_arg, choices=(64, 128, 256), default=64, metavar="{64,128,256}",
@@ -207,7 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gridsize", type=_positive_int, default=1, help="patterns per group side (default: 1)")
     p.add_argument("--n-filters-scale", type=_positive_int, default=1,
                    help="network width multiplier (reference default 2; demo default 1 for speed)")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="batch size in groups (default: 16)")
+    # Small batches: with only ~200 training patterns, more optimiser steps per epoch learn
+    # visibly faster than the reference's batch of 16 in the same wall time (measured).
+    p.add_argument("--batch-size", type=_positive_int, default=4,
+                   help="batch size in groups (default: 4; the reference trains with 16)")
     p.add_argument("--nphotons", type=_float_arg, default=1e9, help="photons per pattern (default: 1e9)")
     p.add_argument("--kind", choices=("lines", "grf"), default="lines", help="object kind (default: lines)")
     p.add_argument("--seed", type=_int_arg, default=0, help="seed for simulation, weights and shuffling")
