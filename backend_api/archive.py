@@ -658,6 +658,25 @@ def resolve_archive_path(path: str | os.PathLike) -> Path:
     return p / ARCHIVE_NAME if p.is_dir() else p
 
 
+def bundle_archive_path(model_dir: str | os.PathLike) -> Path:
+    """``model_dir/wts.h5.zip``, checked as the reference's ``load_inference_bundle`` does.
+
+    ValueError when ``model_dir`` does not exist or is not a directory; FileNotFoundError
+    naming ``wts.h5.zip`` when the archive is missing.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise ValueError(f"Model directory does not exist: {model_dir}")
+    if not model_dir.is_dir():
+        raise ValueError(f"Model path is not a directory: {model_dir}")
+    archive_path = model_dir / ARCHIVE_NAME
+    if not archive_path.is_file():
+        raise FileNotFoundError(
+            f"Model archive not found: {archive_path} (expected {ARCHIVE_NAME} in {model_dir})"
+        )
+    return archive_path
+
+
 def _payload_members(model: str, key: str, src: Any) -> list[tuple[str, Any]]:
     """(arcname, bytes | Path | None for an empty dir) for one ``files`` item, checked."""
     _check_relative(key, f"model {model!r} file name")

@@ -111,16 +111,7 @@ def load_inference_bundle(model_dir: str | os.PathLike) -> tuple[Any, dict]:
     unknown backend tag; RuntimeError when the writing backend is not installed.
     """
     model_dir = Path(model_dir)
-    if not model_dir.exists():
-        raise ValueError(f"Model directory does not exist: {model_dir}")
-    if not model_dir.is_dir():
-        raise ValueError(f"Model path is not a directory: {model_dir}")
-    archive_path = model_dir / _archive.ARCHIVE_NAME
-    if not archive_path.is_file():
-        raise FileNotFoundError(
-            f"Model archive not found: {archive_path} (expected {_archive.ARCHIVE_NAME} in "
-            f"{model_dir})"
-        )
+    archive_path = _archive.bundle_archive_path(model_dir)
     manifest = _archive.read_manifest(archive_path)
     tag = manifest["backend"]
     if tag == "unknown":

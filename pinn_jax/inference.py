@@ -258,14 +258,7 @@ def load_inference_bundle(model_dir: str | os.PathLike, *, batch_size: int = DEF
     from backend_api import params as legacy
     from pinn_jax.checkpoint import load_model
 
-    model_dir = Path(model_dir)
-    if not model_dir.exists():
-        raise ValueError(f"Model directory does not exist: {model_dir}")
-    if not model_dir.is_dir():
-        raise ValueError(f"Model path is not a directory: {model_dir}")
-    archive_path = model_dir / archive.ARCHIVE_NAME
-    if not archive_path.is_file():
-        raise FileNotFoundError(f"Model archive not found: {archive_path} (expected {archive.ARCHIVE_NAME} in {model_dir})")
+    archive_path = archive.bundle_archive_path(model_dir)
     model, params = load_model(archive_path)
     restored = dict(params)
     restored.pop("_version", None)
