@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from pinn_jax import physics as ph
 from pinn_jax.geometry import center_mask
 from pinn_jax.probe import probe_mask
+from jit_parity import assert_jit_matches_eager
 
 TF = "tf_reference"
 
@@ -295,13 +296,7 @@ def test_jit_cases_cover_the_module():
 def test_with_and_without_jit(name, seed):
     """jax.jit(f)(x) == f(x) to rtol 2e-5 (+1e-6 of the max: XLA may fuse/reorder float ops)."""
     fn, make_args = _JIT_CASES[name]
-    args = make_args(np.random.default_rng(seed))
-    ref = fn(*args)
-    out = _JITTED[name](*args)
-    for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(ref), strict=True):
-        a, b = np.asarray(a), np.asarray(b)
-        assert a.shape == b.shape and a.dtype == b.dtype
-        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6 * (np.abs(b).max() + 1))
+    assert_jit_matches_eager(fn, _JITTED[name], make_args(np.random.default_rng(seed)), rtol=2e-5)
 
 
 @pytest.mark.parametrize("N", [64, 128, 256])
