@@ -63,6 +63,7 @@ REFERENCE_TF_CPU = {
 }
 
 DEFAULT_VARIANTS = ("plain", "tuned")
+KERAS_VARIANT = "keras"  # the same network in TensorFlow/Keras on this host (--keras-python)
 
 # The caller's XLA_FLAGS before anything here can touch them (importing pinn_jax may add the
 # runtime's flags to os.environ, which must not leak into the 'plain' variant).
@@ -235,6 +236,27 @@ def _run_worker(N: int, name: str, flags: str | None, args) -> dict:
         return json.loads(Path(fh.name).read_text())
 
 
+def _run_keras_worker(N: int, args) -> dict:
+    """The same-machine TensorFlow/Keras baseline (``keras_baseline.py``) under ``--keras-python``."""
+    script = Path(__file__).with_name("keras_baseline.py")
+    cmd = [str(args.keras_python), str(script), "--N", str(N), "--batch-size", str(args.batch_size),
+           "--n-filters-scale", str(args.n_filters_scale), "--steps", str(args.steps),
+           "--blocked-steps", str(args.blocked_steps), "--seed", str(args.seed),
+           "--predict-patterns", str(args.predict_patterns), "--predict-repeats", str(args.predict_repeats),
+           "--predict-batch", *map(str, args.predict_batch)]
+    env = dict(os.environ)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "keras.json"
+        proc = subprocess.run(cmd + ["--out", str(out)], env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"keras baseline N={N} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+        r = json.loads(out.read_text())
+    r.setdefault("compile_s", 0.0)  # Keras traces inside its first step (counted in first_step_s)
+    r.setdefault("xla_flags", "")
+    return r
+
+
 def _median_row(runs: list[dict]) -> dict:
     keys = ("train_step_s", "train_step_cpu_s", "train_step_s_blocked_median", "train_step_cpu_s_median",
             "train_groups_per_s", "train_patterns_per_s", "compile_s", "first_step_s",
@@ -243,10 +265,14 @@ def _median_row(runs: list[dict]) -> dict:
     row["train_step_gflop"] = runs[0].get("train_step_gflop")
     if row["train_step_gflop"]:
         row["train_achieved_gflops"] = row["train_step_gflop"] / row["train_step_s"]
-    row["matmul_wall_gflops"] = statistics.median(r["matmul"]["wall_gflops"] for r in runs)
+    if all("matmul" in r for r in runs):
+        row["matmul_wall_gflops"] = statistics.median(r["matmul"]["wall_gflops"] for r in runs)
     row["inference"] = {pb: statistics.median(r["inference"][pb]["patterns_per_s"] for r in runs)
                         for pb in runs[0]["inference"]}
-    row["xla_flags"] = runs[0]["xla_flags"]
+    row["xla_flags"] = runs[0].get("xla_flags", "")
+    for k in ("framework", "tensorflow", "keras", "params"):
+        if k in runs[0]:
+            row[k] = runs[0][k]
     return row
 
 
@@ -264,6 +290,12 @@ def _markdown(summary: dict) -> str:
                          f"{r['train_patterns_per_s']:.1f} | {r['train_step_cpu_s']:.2f} | {sp:.2f} | "
                          f"{r['compile_s'] + r['first_step_s']:.1f} | "
                          f"{r['inference_patterns_per_s_best']:.1f} | {si:.2f} |")
+        tf_here = rows.get(KERAS_VARIANT)
+        tuned = rows.get("tuned")
+        if tf_here and tuned:
+            lines.append(f"| {N} | {gs} | tuned / keras (same run) | x{tf_here['train_step_s'] / tuned['train_step_s']:.2f} "
+                         f"speed | | | | | | x{tuned['inference_patterns_per_s_best'] / tf_here['inference_patterns_per_s_best']:.2f} "
+                         f"speed | |")
     ref = REFERENCE_TF_CPU
     lines.append(f"| 64 | 1 | TF reference (constant, other run) | {ref['train_step_s']:.3f} | "
                  f"{ref['train_groups_per_s']:.1f} | {ref['train_groups_per_s']:.1f} | - | - | "
@@ -308,6 +340,9 @@ def main(argv=None) -> int:
     p.add_argument("--variant", action="append", default=[], metavar="NAME=XLA_FLAGS",
                    help="extra variant: plain + these XLA flags (repeatable)")
     p.add_argument("--only", nargs="+", default=None, help="run only these variant names")
+    p.add_argument("--keras-python", type=Path, default=None, metavar="PYTHON",
+                   help="a Python with TensorFlow: also time the same network in Keras (keras_baseline.py) "
+                        "in the same interleaved rounds, as a same-machine baseline")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("train_speed.json"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -335,9 +370,19 @@ def main(argv=None) -> int:
     for N in args.N:
         key = f"{N}/{args.gridsize}"
         runs[key] = {name: [] for name in variants}
+        if args.keras_python:
+            runs[key][KERAS_VARIANT] = []
         for rnd in range(args.rounds):
             for name, flags in variants.items():
                 r = _run_worker(N, name, flags, args)
+                runs[key][name].append(r)
+                print(f"N={N} gs={args.gridsize} round {rnd + 1}/{args.rounds} {name:>8}: "
+                      f"{r['train_step_s']:.3f} s/step ({r['train_groups_per_s']:.1f} groups/s, "
+                      f"{r['train_step_cpu_s']:.2f} CPU-s/step), inference "
+                      f"{r['inference_patterns_per_s_best']:.1f} patterns/s", flush=True)
+            if args.keras_python and args.gridsize == 1:
+                name = KERAS_VARIANT
+                r = _run_keras_worker(N, args)
                 runs[key][name].append(r)
                 print(f"N={N} gs={args.gridsize} round {rnd + 1}/{args.rounds} {name:>8}: "
                       f"{r['train_step_s']:.3f} s/step ({r['train_groups_per_s']:.1f} groups/s, "
@@ -358,7 +403,7 @@ def main(argv=None) -> int:
             print(f"  N/gs={key} {name}: XLA_FLAGS={r['xla_flags']!r}; achieved "
                   f"{r.get('train_achieved_gflops') or float('nan'):.0f} GFLOP/s in training "
                   f"({r['train_step_gflop'] or float('nan'):.1f} GFLOP/step); host 2048^2 matmul "
-                  f"{r['matmul_wall_gflops']:.0f} GFLOP/s; inference by batch {r['inference']}")
+                  f"{r.get('matmul_wall_gflops', float('nan')):.0f} GFLOP/s; inference by batch {r['inference']}")
     ref = REFERENCE_TF_CPU
     gflop64 = next((r["train_step_gflop"] for key, rows in summary.items() if key == "64/1"
                     for r in rows.values() if r.get("train_step_gflop")), None)

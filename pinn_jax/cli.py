@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Simulate a small dataset (pinn_jax.simulate), train a PtychoPINN on half of it, "
             "reconstruct the other half (a different object), evaluate against the ground "
             "truth, and write wts.h5.zip, reconstructed_amplitude.png, reconstructed_phase.png, "
-            "loss_curve.png, history.json and metrics.json into --output-dir. The default size "
+            "comparison.png (ground truth beside reconstruction), loss_curve.png, history.json, "
+            "metrics.json and reconstruction.npz into --output-dir. The default size "
             "finishes in a few minutes on 2 CPU cores."
         ),
     )
@@ -425,6 +426,35 @@ def _save_images(amp, phase, out: Path, *, vmin=None, vmax=None) -> None:
         fig.colorbar(im, ax=ax)
         ax.set_title(f"Reconstructed {label}")
         _atomic_write_fig(fig, out / f"reconstructed_{label}.png")
+
+
+def _save_comparison(truth, recon, region, out_path: Path) -> None:
+    """A 2x2 figure: ground truth and reconstruction, amplitude (top) and phase (bottom).
+
+    ``truth``/``recon``: ``(H, W)`` complex on the same pixel grid; ``region``: ``(H, W)`` bool,
+    the scanned area (outside it is left blank). The reconstruction's amplitude is shown on its
+    own colour scale (PtychoPINN's amplitude is known only up to a global factor); phases share
+    the ground truth's scale.
+    """
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    truth, recon = np.asarray(truth), np.asarray(recon)
+    fig = Figure(figsize=(9, 8.5))
+    FigureCanvasAgg(fig)
+    rows = (("amplitude", np.abs, "gray"), ("phase", np.angle, "viridis"))
+    for i, (label, fn, cmap) in enumerate(rows):
+        t = np.where(region, fn(truth), np.nan)
+        r = np.where(region, fn(recon), np.nan)
+        lim = (np.nanmin(t), np.nanmax(t)) if label == "phase" else (None, None)
+        for j, (title, arr) in enumerate((("ground truth", t), ("reconstruction", r))):
+            ax = fig.add_subplot(2, 2, 2 * i + j + 1)
+            im = ax.imshow(arr.astype(np.float64), cmap=cmap, vmin=lim[0], vmax=lim[1])
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+            ax.set_title(f"{title}: {label}")
+    fig.tight_layout()
+    _atomic_write_fig(fig, out_path)
 
 
 def _write_json(obj: Any, path: Path) -> None:
@@ -745,6 +775,7 @@ def cmd_demo(args) -> int:
     region = metrics.scan_region_mask(positions, obj_shape, 20)
     on_grid = res["object_on_grid"]
     _save_images(np.where(region, np.abs(on_grid), np.nan), np.where(region, np.angle(on_grid), np.nan), out)
+    _save_comparison(test_raw.objectGuess, on_grid, region, out / "comparison.png")
     _save_loss_curve(results["history"], out / "loss_curve.png")
     h = results["history"]
     report = {
@@ -764,8 +795,8 @@ def cmd_demo(args) -> int:
     print(f"trained {len(h['loss'])} epochs in {t_train:.1f} s (loss {h['loss'][0]:.5g} -> {h['loss'][-1]:.5g}); "
           f"reconstructed {len(positions)} test patterns in {t_inf:.1f} s")
     print(_format_metrics(summary))
-    print(f"wrote {archive.name}, reconstructed_amplitude.png, reconstructed_phase.png, loss_curve.png, "
-          f"history.json, metrics.json to {out} ({time.perf_counter() - t_start:.0f} s in total)")
+    print(f"wrote {archive.name}, reconstructed_amplitude.png, reconstructed_phase.png, comparison.png, "
+          f"loss_curve.png, history.json, metrics.json, reconstruction.npz to {out} ({time.perf_counter() - t_start:.0f} s in total)")
     return 0
 
 

@@ -197,8 +197,8 @@ def test_demo_runs_in_process(capsys, tmp_path):
                "--quiet"])
     out = capsys.readouterr().out
     assert rc == 0
-    for name in ("wts.h5.zip", "reconstructed_amplitude.png", "reconstructed_phase.png", "loss_curve.png",
-                 "metrics.json", "history.json"):
+    for name in ("wts.h5.zip", "reconstructed_amplitude.png", "reconstructed_phase.png", "comparison.png",
+                 "loss_curve.png", "metrics.json", "history.json", "reconstruction.npz"):
         assert (tmp_path / "demo" / name).is_file(), name
     m = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert set(m["metrics"]) >= {"ssim", "psnr", "frc50"}
