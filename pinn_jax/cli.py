@@ -433,14 +433,18 @@ def _save_comparison(truth, recon, region, out_path: Path) -> None:
 
     ``truth``/``recon``: ``(H, W)`` complex on the same pixel grid; ``region``: ``(H, W)`` bool,
     the scanned area (outside it is left blank). The reconstruction's amplitude is shown on its
-    own colour scale (PtychoPINN's amplitude is known only up to a global factor); phases share
-    the ground truth's scale.
+    own colour scale (PtychoPINN's amplitude is known only up to a global factor); its phase,
+    known only up to a constant and a linear ramp, is aligned to the ground truth's over the
+    region (:func:`pinn_jax.metrics.align_phase_to`) and shares its colour scale.
     """
     import numpy as np
+
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from pinn_jax.metrics import align_phase_to
 
     truth, recon = np.asarray(truth), np.asarray(recon)
+    recon = align_phase_to(recon, truth, region)
     fig = Figure(figsize=(9, 8.5))
     FigureCanvasAgg(fig)
     rows = (("amplitude", np.abs, "gray"), ("phase", np.angle, "viridis"))
@@ -448,7 +452,8 @@ def _save_comparison(truth, recon, region, out_path: Path) -> None:
         t = np.where(region, fn(truth), np.nan)
         r = np.where(region, fn(recon), np.nan)
         lim = (np.nanmin(t), np.nanmax(t)) if label == "phase" else (None, None)
-        for j, (title, arr) in enumerate((("ground truth", t), ("reconstruction", r))):
+        recon_title = "reconstruction" if label == "amplitude" else "reconstruction (aligned)"
+        for j, (title, arr) in enumerate((("ground truth", t), (recon_title, r))):
             ax = fig.add_subplot(2, 2, 2 * i + j + 1)
             im = ax.imshow(arr.astype(np.float64), cmap=cmap, vmin=lim[0], vmax=lim[1])
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
