@@ -257,6 +257,13 @@ def _run_keras_worker(N: int, args) -> dict:
     return r
 
 
+def _print_round(N: int, rnd: int, name: str, r: dict, args) -> None:
+    print(f"N={N} gs={args.gridsize} round {rnd + 1}/{args.rounds} {name:>8}: "
+          f"{r['train_step_s']:.3f} s/step ({r['train_groups_per_s']:.1f} groups/s, "
+          f"{r['train_step_cpu_s']:.2f} CPU-s/step), inference "
+          f"{r['inference_patterns_per_s_best']:.1f} patterns/s", flush=True)
+
+
 def _median_row(runs: list[dict]) -> dict:
     keys = ("train_step_s", "train_step_cpu_s", "train_step_s_blocked_median", "train_step_cpu_s_median",
             "train_groups_per_s", "train_patterns_per_s", "compile_s", "first_step_s",
@@ -353,6 +360,10 @@ def main(argv=None) -> int:
         args.out.write_text(json.dumps(result))
         return 0
 
+    if args.keras_python and args.gridsize != 1:
+        raise SystemExit(f"--keras-python: the Keras baseline is built for gridsize 1, got --gridsize {args.gridsize}")
+    if args.keras_python and not args.keras_python.is_file():
+        raise SystemExit(f"--keras-python {args.keras_python}: no such file (expected a Python with TensorFlow)")
     variants: dict[str, str | None] = {v: None for v in DEFAULT_VARIANTS}
     for spec in args.variant:
         name, _, flags = spec.partition("=")
@@ -374,20 +385,11 @@ def main(argv=None) -> int:
             runs[key][KERAS_VARIANT] = []
         for rnd in range(args.rounds):
             for name, flags in variants.items():
-                r = _run_worker(N, name, flags, args)
-                runs[key][name].append(r)
-                print(f"N={N} gs={args.gridsize} round {rnd + 1}/{args.rounds} {name:>8}: "
-                      f"{r['train_step_s']:.3f} s/step ({r['train_groups_per_s']:.1f} groups/s, "
-                      f"{r['train_step_cpu_s']:.2f} CPU-s/step), inference "
-                      f"{r['inference_patterns_per_s_best']:.1f} patterns/s", flush=True)
-            if args.keras_python and args.gridsize == 1:
-                name = KERAS_VARIANT
-                r = _run_keras_worker(N, args)
-                runs[key][name].append(r)
-                print(f"N={N} gs={args.gridsize} round {rnd + 1}/{args.rounds} {name:>8}: "
-                      f"{r['train_step_s']:.3f} s/step ({r['train_groups_per_s']:.1f} groups/s, "
-                      f"{r['train_step_cpu_s']:.2f} CPU-s/step), inference "
-                      f"{r['inference_patterns_per_s_best']:.1f} patterns/s", flush=True)
+                runs[key][name].append(_run_worker(N, name, flags, args))
+                _print_round(N, rnd, name, runs[key][name][-1], args)
+            if args.keras_python:
+                runs[key][KERAS_VARIANT].append(_run_keras_worker(N, args))
+                _print_round(N, rnd, KERAS_VARIANT, runs[key][KERAS_VARIANT][-1], args)
     summary = {key: {name: _median_row(rs) for name, rs in per.items() if rs} for key, per in runs.items()}
     report = {"versions": _versions(), "args": {k: (str(v) if isinstance(v, Path) else v)
                                                  for k, v in vars(args).items() if k != "worker"},
