@@ -223,12 +223,17 @@ def _variant_env(name: str, flags: str | None) -> dict:
     return env
 
 
+def _timing_flags(N: int, args) -> list[str]:
+    """The measurement flags both workers (jax and ``keras_baseline.py``) take."""
+    return ["--N", str(N), "--batch-size", str(args.batch_size), "--n-filters-scale", str(args.n_filters_scale),
+            "--steps", str(args.steps), "--blocked-steps", str(args.blocked_steps), "--seed", str(args.seed),
+            "--predict-patterns", str(args.predict_patterns), "--predict-repeats", str(args.predict_repeats),
+            "--predict-batch", *map(str, args.predict_batch)]
+
+
 def _run_worker(N: int, name: str, flags: str | None, args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--N", str(N), "--gridsize", str(args.gridsize),
-           "--batch-size", str(args.batch_size), "--n-filters-scale", str(args.n_filters_scale),
-           "--steps", str(args.steps), "--blocked-steps", str(args.blocked_steps), "--seed", str(args.seed),
-           "--predict-patterns", str(args.predict_patterns), "--predict-repeats", str(args.predict_repeats),
-           "--predict-batch", *map(str, args.predict_batch)]
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--gridsize", str(args.gridsize),
+           *_timing_flags(N, args)]
     with tempfile.NamedTemporaryFile("r", suffix=".json") as fh:
         proc = subprocess.run(cmd + ["--out", fh.name], env=_variant_env(name, flags), capture_output=True, text=True)
         if proc.returncode != 0:
@@ -239,11 +244,7 @@ def _run_worker(N: int, name: str, flags: str | None, args) -> dict:
 def _run_keras_worker(N: int, args) -> dict:
     """The same-machine TensorFlow/Keras baseline (``keras_baseline.py``) under ``--keras-python``."""
     script = Path(__file__).with_name("keras_baseline.py")
-    cmd = [str(args.keras_python), str(script), "--N", str(N), "--batch-size", str(args.batch_size),
-           "--n-filters-scale", str(args.n_filters_scale), "--steps", str(args.steps),
-           "--blocked-steps", str(args.blocked_steps), "--seed", str(args.seed),
-           "--predict-patterns", str(args.predict_patterns), "--predict-repeats", str(args.predict_repeats),
-           "--predict-batch", *map(str, args.predict_batch)]
+    cmd = [str(args.keras_python), str(script), *_timing_flags(N, args)]
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with tempfile.TemporaryDirectory() as tmp:
