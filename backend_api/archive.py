@@ -18,7 +18,14 @@ builds only plain containers, numbers, strings and numpy arrays of numeric/bool/
 Member names that would escape the extraction folder are refused before anything is written.
 
 Writing is atomic: the zip is written to a temporary file in the target folder and moved into
-place with :func:`os.replace`, so a failure leaves a previous archive untouched.
+place with :func:`os.replace`, so a failure leaves a previous archive untouched. Temporary
+files and folders carry the writer's PID and host name (``.wts.h5.zip.<pid>@<host>.XXXXXXXX.tmp``)
+and are locked while written; the next write into the same folder removes those whose writer is
+gone (see :func:`remove_stale_temps`).
+
+Reading checks before it writes anything: the manifest's ``format_version`` must not be newer
+than :data:`FORMAT_VERSION`, and every member's declared size, the total and the compression
+ratio must stay within :class:`ExtractionLimits` (a zip bomb is refused, not extracted).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import os
 import pickle
 import re
 import shutil
+import socket
 import stat
 import tempfile
 import zipfile
@@ -44,6 +52,11 @@ from typing import Any, BinaryIO, Iterator, Union
 
 import numpy as np
 
+try:  # POSIX advisory locks mark a temporary file as held by a live writer
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: stale temporaries are then never removed
+    fcntl = None
+
 __all__ = [
     "ARCHIVE_NAME",
     "FORMAT_NAME",
@@ -51,6 +64,10 @@ __all__ = [
     "REQUIRED_PARAMS",
     "ArchiveError",
     "ArchiveFormatError",
+    "ArchiveVersionError",
+    "ArchiveNotFoundError",
+    "ArchiveLimitError",
+    "ExtractionLimits",
     "ArchiveBackendError",
     "UnsafeArchiveError",
     "UnsafePickleError",
@@ -66,6 +83,8 @@ __all__ = [
     "detect_backend",
     "resolve_archive_path",
     "atomic_write",
+    "remove_stale_temps",
+    "writer_temp_dir",
 ]
 
 ARCHIVE_NAME = "wts.h5.zip"
@@ -97,6 +116,29 @@ class ArchiveError(ValueError):
 
 class ArchiveFormatError(ArchiveError):
     """Not a zip, truncated/corrupt, missing manifest or params, malformed content."""
+
+
+class ArchiveVersionError(ArchiveFormatError):
+    """The manifest's ``format_version`` is newer than this reader knows.
+
+    Attributes: ``path``, ``found`` (the archive's format version), ``supported``
+    (:data:`FORMAT_VERSION`).
+    """
+
+    def __init__(self, message: str, *, path: Path, found: int, supported: int) -> None:
+        super().__init__(message)
+        self.path = path
+        self.found = found
+        self.supported = supported
+
+
+class ArchiveNotFoundError(ArchiveError, FileNotFoundError):
+    """No archive at the given path (also a ``FileNotFoundError``, as it always was)."""
+
+
+class ArchiveLimitError(ArchiveError):
+    """A member's declared size, the archive's total size or a member's compression ratio is
+    over the :class:`ExtractionLimits` (or a member decompresses to more than it declares)."""
 
 
 class UnsafeArchiveError(ArchiveError):
@@ -658,6 +700,18 @@ def resolve_archive_path(path: str | os.PathLike) -> Path:
     return p / ARCHIVE_NAME if p.is_dir() else p
 
 
+def _archive_file(path: str | os.PathLike) -> Path:
+    """:func:`resolve_archive_path`, with a clear error for a folder that holds no archive."""
+    folder = Path(path)
+    p = resolve_archive_path(folder)
+    if p != folder and not p.exists():
+        raise ArchiveNotFoundError(
+            f"Model archive not found: {p} ({folder} is a directory without a {ARCHIVE_NAME} "
+            "model archive)"
+        )
+    return p
+
+
 def bundle_archive_path(model_dir: str | os.PathLike) -> Path:
     """``model_dir/wts.h5.zip``, checked as the reference's ``load_inference_bundle`` does.
 
@@ -671,7 +725,7 @@ def bundle_archive_path(model_dir: str | os.PathLike) -> Path:
         raise ValueError(f"Model path is not a directory: {model_dir}")
     archive_path = model_dir / ARCHIVE_NAME
     if not archive_path.is_file():
-        raise FileNotFoundError(
+        raise ArchiveNotFoundError(
             f"Model archive not found: {archive_path} (expected {ARCHIVE_NAME} in {model_dir})"
         )
     return archive_path
@@ -757,6 +811,141 @@ def _finish_atomic(tmp_name: str, target: Path) -> None:
         os.close(dir_fd)
 
 
+# --------------------------------------------------------------------------------------------
+# temporary files of interrupted writes
+#
+# A writer killed midway (SIGKILL, power loss) cannot remove its temporary file or folder. Each
+# temporary name therefore carries its writer, ``<prefix><pid>@<host>.<8 random chars><suffix>``,
+# and the writer holds an exclusive ``flock`` on it while writing. A later writer of the same
+# prefix removes an entry only when all of these hold: the name matches our pattern exactly, it
+# was made on this host, that PID is not a running process (a zombie counts as gone), and the
+# entry can be locked now. The PID check covers the moment between creating the entry and
+# locking it; the lock covers a PID that the check cannot see (another PID namespace on the same
+# host). Entries of other hosts (a shared file system), of this very process, of a PID that was
+# reused, or on a system without ``fcntl`` are kept: a stale file left in place costs disk space,
+# removing a live one would break someone's save.
+
+_TEMP_RANDOM = r"[a-z0-9_]{8}"  # what tempfile.mkstemp/mkdtemp put between prefix and suffix
+_TEMP_WRITER = r"(?P<pid>[1-9][0-9]{0,9})@(?P<host>[A-Za-z0-9-]{1,63})"
+
+
+def _host_tag() -> str:
+    """This host's name as it appears in temporary names (letters, digits and '-', <= 63)."""
+    name = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63]
+    return name or "localhost"
+
+
+def _writer_tag() -> str:
+    return f"{os.getpid()}@{_host_tag()}"
+
+
+def _lock_held(fd: int) -> bool:
+    """Try to take an exclusive flock on ``fd`` without waiting; False when someone holds it
+    (or locking is not available here)."""
+    if fcntl is None:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # BlockingIOError: held by another open file; ENOLCK etc.: cannot tell
+        return False
+    return True
+
+
+def _pid_running(pid: int) -> bool:
+    """Whether ``pid`` is a live process on this host (unknown counts as live)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, owned by someone else
+        return True
+    try:  # Linux: a killed process nobody has reaped yet is a zombie ('Z'): gone for our purpose
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat_line.rpartition(")")[2].split()[:1] != ["Z"]
+
+
+def _temp_pattern(prefix: str, suffix: str) -> re.Pattern:
+    return re.compile(re.escape(prefix) + _TEMP_WRITER + r"\." + _TEMP_RANDOM + re.escape(suffix) + r"\Z")
+
+
+def _remove_if_unlocked(path: Path, is_dir: bool) -> bool:
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | (getattr(os, "O_DIRECTORY", 0) if is_dir else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return False
+    try:
+        if not _lock_held(fd):
+            return False
+        # still the entry we locked (not replaced by a new writer meanwhile)
+        if not os.path.samestat(os.fstat(fd), os.lstat(path)):
+            return False
+        if is_dir:
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(folder: str | os.PathLike, prefix: str, suffix: str = "") -> list[Path]:
+    """Remove the temporary files/folders named ``<prefix><pid>@<host>.XXXXXXXX<suffix>`` in
+    ``folder`` whose writer is gone (rules above); return the paths removed.
+
+    Only entries matching that pattern exactly are considered, never symlinks or other names;
+    errors (an unreadable folder, a vanished entry) are ignored, so a save never fails here.
+    """
+    if fcntl is None:
+        return []
+    pattern = _temp_pattern(prefix, suffix)
+    here = _host_tag()
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m is None or m["host"] != here or _pid_running(int(m["pid"])):
+            continue
+        try:
+            mode = entry.stat(follow_symlinks=False).st_mode
+        except OSError:
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            continue
+        path = Path(entry.path)
+        if _remove_if_unlocked(path, stat.S_ISDIR(mode)):
+            removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def writer_temp_dir(parent: str | os.PathLike, prefix: str) -> Iterator[Path]:
+    """A fresh folder ``parent/<prefix><pid>@<host>.XXXXXXXX``, locked while the ``with`` body
+    runs and removed afterwards; stale folders of the same prefix are removed first."""
+    parent = Path(parent)
+    remove_stale_temps(parent, prefix)
+    path = Path(tempfile.mkdtemp(prefix=f"{prefix}{_writer_tag()}.", dir=parent))
+    fd = None
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        _lock_held(fd)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        if fd is not None:
+            os.close(fd)
+
+
+
 @contextlib.contextmanager
 def atomic_write(target: str | os.PathLike) -> Iterator[BinaryIO]:
     """Open a temporary file next to ``target`` for binary writing; on a clean exit flush it to
@@ -764,13 +953,18 @@ def atomic_write(target: str | os.PathLike) -> Iterator[BinaryIO]:
 
     If the ``with`` body (or the flush) raises, the temporary file is removed and ``target``
     is left exactly as it was. The parent folder must exist. The file gets the mode of the file
-    it replaces, or 0644 for a new one (``mkstemp`` would leave it 0600)::
+    it replaces, or 0644 for a new one (``mkstemp`` would leave it 0600). The temporary file is
+    ``.<target name>.<pid>@<host>.XXXXXXXX.tmp``, locked while written; stale ones of the same
+    target left by a killed writer are removed first (:func:`remove_stale_temps`)::
 
         with atomic_write(path) as fh:
             np.savez(fh, **arrays)
     """
     target = Path(target)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    prefix = f".{target.name}."
+    remove_stale_temps(target.parent, prefix, ".tmp")
+    fd, tmp_name = tempfile.mkstemp(prefix=prefix + _writer_tag() + ".", suffix=".tmp", dir=target.parent)
+    _lock_held(fd)  # released when the file is closed, just before the rename
     try:
         with os.fdopen(fd, "wb") as fh:
             yield fh
@@ -853,12 +1047,222 @@ def write_archive(
 
 
 # --------------------------------------------------------------------------------------------
+# extraction limits
+
+_KIB = 1 << 10
+_GIB = 1 << 30
+#: environment variables overriding the :class:`ExtractionLimits` defaults (see there)
+ENV_MAX_MEMBER_BYTES = "PINN_ARCHIVE_MAX_MEMBER_BYTES"
+ENV_MAX_TOTAL_BYTES = "PINN_ARCHIVE_MAX_TOTAL_BYTES"
+ENV_MAX_RATIO = "PINN_ARCHIVE_MAX_RATIO"
+# Members at most this large are not ratio-checked: a small block of zeros legitimately
+# compresses ~1000:1, and the size limits already bound what small members can cost.
+_RATIO_FLOOR_BYTES = 1 << 20
+_COPY_CHUNK = 1 << 20
+_SIZE_UNITS = {"": 1, "k": _KIB, "m": _KIB**2, "g": _KIB**3, "t": _KIB**4}
+
+
+@dataclass(frozen=True)
+class ExtractionLimits:
+    """What :func:`read_archive` agrees to extract, checked on the declared sizes before
+    anything is written (and on the real data while extracting).
+
+    max_member_bytes: largest uncompressed member (default 2 GiB).
+    max_total_bytes: sum of all uncompressed members (default 4 GiB).
+    max_ratio: largest uncompressed/compressed size of a member over 1 MiB (default 200).
+
+    Why these defaults: a jax model archive at N=128 (n_filters_scale 2) holds ~35 MB
+    uncompressed, its largest member ~15 MB, and its worst compression ratio is ~40 (the JSON
+    params snapshot; Orbax's array data do not compress, ratio ~1). The limits leave a factor
+    of >100 for bigger models, yet refuse a zip bomb (deflate reaches ~1030:1 on zeros) before
+    it fills a disk.
+
+    Overrides: pass ``limits=ExtractionLimits(...)`` to :func:`read_archive` (and the loaders
+    that call it), or set ``PINN_ARCHIVE_MAX_MEMBER_BYTES`` / ``PINN_ARCHIVE_MAX_TOTAL_BYTES``
+    (bytes, or with a K/M/G/T binary suffix, e.g. ``8G``) / ``PINN_ARCHIVE_MAX_RATIO`` (a
+    number); the variables are read when no ``limits`` are passed (:meth:`from_env`).
+    """
+
+    max_member_bytes: int = 2 * _GIB
+    max_total_bytes: int = 4 * _GIB
+    max_ratio: float = 200.0
+
+    def __post_init__(self) -> None:
+        # math.inf switches a check off
+        for name in ("max_member_bytes", "max_total_bytes"):
+            v = getattr(self, name)
+            if not ((isinstance(v, int) and not isinstance(v, bool) and v > 0) or v == math.inf):
+                raise ValueError(f"ExtractionLimits.{name}: expected a positive int (bytes), got {v!r}")
+        v = self.max_ratio
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(f"ExtractionLimits.max_ratio: expected a positive number, got {v!r}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "ExtractionLimits":
+        """The defaults, overridden by the ``PINN_ARCHIVE_MAX_*`` variables that are set."""
+        env = os.environ if environ is None else environ
+        kw: dict[str, Any] = {}
+        for var, name in ((ENV_MAX_MEMBER_BYTES, "max_member_bytes"), (ENV_MAX_TOTAL_BYTES, "max_total_bytes")):
+            if env.get(var, "").strip():
+                kw[name] = _parse_bytes(env[var], var)
+        if env.get(ENV_MAX_RATIO, "").strip():
+            try:
+                kw["max_ratio"] = float(env[ENV_MAX_RATIO])
+            except ValueError:
+                raise ValueError(f"${ENV_MAX_RATIO}={env[ENV_MAX_RATIO]!r}: expected a positive number") from None
+            if not kw["max_ratio"] > 0:
+                raise ValueError(f"${ENV_MAX_RATIO}={env[ENV_MAX_RATIO]!r}: expected a positive number")
+        return cls(**kw)
+
+
+def _parse_bytes(text: str, var: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
+    if m is None or float(m[1]) <= 0:
+        raise ValueError(f"${var}={text!r}: expected a positive size in bytes, e.g. 4294967296 or 4G")
+    return int(float(m[1]) * _SIZE_UNITS[m[2].lower()])
+
+
+def _resolve_limits(limits: ExtractionLimits | None) -> ExtractionLimits:
+    if limits is None:
+        return ExtractionLimits.from_env()
+    if not isinstance(limits, ExtractionLimits):
+        raise ValueError(f"limits: expected an ExtractionLimits or None, got {type(limits).__name__}")
+    return limits
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, size in (("GiB", _GIB), ("MiB", _KIB**2), ("KiB", _KIB)):
+        if n >= size:
+            return f"{n / size:.3g} {unit} ({int(n)} bytes)"
+    return f"{int(n)} bytes"
+
+
+def _override_hint(field_name: str, var: str) -> str:
+    return f"if the archive is trusted, raise it with limits=ExtractionLimits({field_name}=...) or ${var}"
+
+
+def _check_member_size(info: zipfile.ZipInfo, path: Path, limits: ExtractionLimits) -> None:
+    """Refuse a member whose declared size or compression ratio is over ``limits``."""
+    if info.is_dir():
+        return
+    size = info.file_size
+    if size > limits.max_member_bytes:
+        raise ArchiveLimitError(
+            f"{path}: member {info.filename!r} declares {_fmt_bytes(size)} uncompressed, over the "
+            f"per-member limit of {_fmt_bytes(limits.max_member_bytes)}; nothing was extracted ("
+            + _override_hint("max_member_bytes", ENV_MAX_MEMBER_BYTES) + ")"
+        )
+    if size > _RATIO_FLOOR_BYTES:
+        ratio = size / info.compress_size if info.compress_size > 0 else math.inf
+        if ratio > limits.max_ratio:
+            raise ArchiveLimitError(
+                f"{path}: member {info.filename!r} expands {info.compress_size} -> {size} bytes "
+                f"(ratio {ratio:.0f}), over the compression-ratio limit of {limits.max_ratio:g} "
+                "(a zip bomb?); nothing was extracted ("
+                + _override_hint("max_ratio", ENV_MAX_RATIO) + ")"
+            )
+
+
+def _check_sizes(infos: Mapping[str, zipfile.ZipInfo], path: Path, limits: ExtractionLimits) -> None:
+    """All members' declared sizes and ratios, then their total, against ``limits``."""
+    total = 0
+    for info in infos.values():
+        _check_member_size(info, path, limits)
+        total += 0 if info.is_dir() else info.file_size
+    if total > limits.max_total_bytes:
+        raise ArchiveLimitError(
+            f"{path}: its {len(infos)} members declare {_fmt_bytes(total)} uncompressed in total, "
+            f"over the limit of {_fmt_bytes(limits.max_total_bytes)}; nothing was extracted ("
+            + _override_hint("max_total_bytes", ENV_MAX_TOTAL_BYTES) + ")"
+        )
+
+
+def _copy_bounded(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dst: BinaryIO, path: Path) -> None:
+    """Decompress one member into ``dst`` in bounded chunks, stopping with an error as soon as
+    the data run past the member's declared size (the declared size is what was checked)."""
+    limit = info.file_size
+    written = 0
+    try:
+        with zf.open(info) as src:
+            while True:
+                chunk = src.read(min(_COPY_CHUNK, limit - written + 1))
+                if not chunk:
+                    return
+                written += len(chunk)
+                if written > limit:
+                    raise ArchiveLimitError(
+                        f"{path}: member {info.filename!r} decompresses to more than the {limit} "
+                        "bytes it declares (corrupt or crafted archive); extraction stopped"
+                    )
+                dst.write(chunk)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+        raise ArchiveFormatError(
+            f"{path}: member {info.filename!r} cannot be extracted (truncated or corrupt "
+            f"archive): {exc}"
+        ) from exc
+
+
+def _make_dirs(folder: Path, created: list[Path]) -> None:
+    """``mkdir -p folder``, recording each folder made (outermost first) in ``created``."""
+    missing = []
+    for d in (folder, *folder.parents):
+        if d.is_dir():
+            break
+        missing.append(d)
+    for d in reversed(missing):
+        d.mkdir(exist_ok=True)
+        created.append(d)
+
+
+def _undo_created(created: list[Path]) -> None:
+    """Remove what a failed extraction made, innermost first (folders only when empty)."""
+    for p in reversed(created):
+        try:
+            if p.is_dir() and not p.is_symlink():
+                p.rmdir()
+            else:
+                p.unlink()
+        except OSError:
+            pass
+
+
+# --------------------------------------------------------------------------------------------
 # reading
+
+
+_SIGNATURES = (
+    (b"\x89HDF\r\n\x1a\n", "it is an HDF5 file (e.g. Keras .h5 weights), not a zip archive"),
+    (b"\x93NUMPY", "it is a numpy .npy file, not a zip archive"),
+    (b"\x80", "it is a bare pickle, not a zip archive"),
+    (b"\x1f\x8b", "it is a gzip file, not a zip archive"),
+    (b"PK\x03\x04", "it starts like a zip archive but is truncated or corrupt (its central "
+                     "directory is missing or damaged)"),
+)
+
+
+def _describe_non_zip(path: Path, size: int) -> str:
+    """What a file that zipfile cannot open looks like, for the error message."""
+    if size == 0:
+        return "the file is empty"
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc})"
+    for magic, what in _SIGNATURES:
+        if head.startswith(magic):
+            return what
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 4:  # not just a character cut at the 4096-byte boundary
+            return "its content is not a zip archive"
+    return "it is a text file, not a zip archive"
 
 
 def _open_zip(path: Path) -> zipfile.ZipFile:
     if not path.exists():
-        raise FileNotFoundError(f"Model archive not found: {path}")
+        raise ArchiveNotFoundError(f"Model archive not found: {path}")
     if path.is_dir():
         raise ArchiveFormatError(f"{path} is a directory, expected a {ARCHIVE_NAME} file")
     try:
@@ -866,8 +1270,8 @@ def _open_zip(path: Path) -> zipfile.ZipFile:
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError) as exc:
         size = path.stat().st_size
         raise ArchiveFormatError(
-            f"{path} ({size} bytes) is not a readable zip archive (truncated, corrupt, or not "
-            f"a {ARCHIVE_NAME} model archive): {exc}"
+            f"{path} ({size} bytes) is not a readable zip archive: {_describe_non_zip(path, size)}; "
+            f"expected a {ARCHIVE_NAME} model archive ({type(exc).__name__}: {exc})"
         ) from exc
 
 
@@ -885,13 +1289,18 @@ def _checked_infos(zf: zipfile.ZipFile, path: Path) -> dict[str, zipfile.ZipInfo
     return infos
 
 
-def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> bytes:
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path,
+                 limits: ExtractionLimits | None = None) -> bytes:
+    """A member's bytes, its declared size checked against ``limits`` first."""
+    _check_member_size(info, path, _resolve_limits(limits))
+    buf = io.BytesIO()
     try:
-        return zf.read(info)
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+        _copy_bounded(zf, info, buf, path)
+    except OSError as exc:
         raise ArchiveFormatError(
             f"{path}: member {info.filename!r} cannot be read (truncated or corrupt archive): {exc}"
         ) from exc
+    return buf.getvalue()
 
 
 def detect_backend(manifest: Mapping[str, Any], member_names: Any = ()) -> str:
@@ -910,15 +1319,37 @@ def detect_backend(manifest: Mapping[str, Any], member_names: Any = ()) -> str:
     return "unknown"
 
 
-def _manifest_from_zip(zf: zipfile.ZipFile, infos: Mapping[str, zipfile.ZipInfo], path: Path) -> dict:
+def _check_format_version(manifest: Mapping[str, Any], path: Path) -> None:
+    """Refuse a manifest ``format_version`` that is not an int >= 1, or newer than ours.
+    (Reference archives have no ``format_version``: they are the original layout.)"""
+    if "format_version" not in manifest:
+        return
+    found = manifest["format_version"]
+    if isinstance(found, bool) or not isinstance(found, int) or found < 1:
+        raise ArchiveFormatError(
+            f"{path}: manifest format_version {found!r} is not a positive integer "
+            f"(this reader knows format versions 1..{FORMAT_VERSION})"
+        )
+    if found > FORMAT_VERSION:
+        raise ArchiveVersionError(
+            f"{path}: archive format version {found} is newer than this reader supports "
+            f"(format version {FORMAT_VERSION}); read it with a newer backend_api/pinn-jax",
+            path=path,
+            found=found,
+            supported=FORMAT_VERSION,
+        )
+
+
+def _manifest_from_zip(zf: zipfile.ZipFile, infos: Mapping[str, zipfile.ZipInfo], path: Path,
+                       limits: ExtractionLimits | None = None) -> dict:
     if _MANIFEST_JSON in infos:
-        raw = _read_member(zf, infos[_MANIFEST_JSON], path)
+        raw = _read_member(zf, infos[_MANIFEST_JSON], path, limits)
         try:
             manifest = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ArchiveFormatError(f"{path}: manifest.json is not valid JSON: {exc}") from exc
     elif _MANIFEST_DILL in infos:
-        manifest = safe_loads(_read_member(zf, infos[_MANIFEST_DILL], path))
+        manifest = safe_loads(_read_member(zf, infos[_MANIFEST_DILL], path, limits))
     else:
         raise ArchiveFormatError(
             f"{path} has no manifest.json or manifest.dill at its root: not a PtychoPINN "
@@ -926,6 +1357,7 @@ def _manifest_from_zip(zf: zipfile.ZipFile, infos: Mapping[str, zipfile.ZipInfo]
         )
     if not isinstance(manifest, Mapping):
         raise ArchiveFormatError(f"{path}: manifest is a {type(manifest).__name__}, expected a dict")
+    _check_format_version(manifest, path)
     models = manifest.get("models")
     if not isinstance(models, (list, tuple)) or not all(isinstance(m, str) for m in models):
         raise ArchiveFormatError(f"{path}: manifest 'models' must be a list of names, got {models!r}")
@@ -938,17 +1370,18 @@ def _manifest_from_zip(zf: zipfile.ZipFile, infos: Mapping[str, zipfile.ZipInfo]
     return out
 
 
-def read_manifest(path: str | os.PathLike) -> dict:
+def read_manifest(path: str | os.PathLike, *, limits: ExtractionLimits | None = None) -> dict:
     """The archive's manifest, normalised, without extracting anything.
 
     Returns a dict with at least ``models`` (list of str), ``version`` (str) and ``backend``
     (the tag, or the one inferred for reference archives, see :func:`detect_backend`).
-    ``path`` may be the archive or the folder holding ``wts.h5.zip``.
+    ``path`` may be the archive or the folder holding ``wts.h5.zip``. Errors as
+    :func:`read_archive` (only the manifest member is size-checked against ``limits``).
     """
-    p = resolve_archive_path(path)
+    p = _archive_file(path)
     with _open_zip(p) as zf:
         infos = _checked_infos(zf, p)
-        return _manifest_from_zip(zf, infos, p)
+        return _manifest_from_zip(zf, infos, p, limits)
 
 
 def _backend_hint(writer: str, loader: str) -> str:
@@ -984,33 +1417,39 @@ def _check_backend(manifest: Mapping[str, Any], expected: str | None, path: Path
 
 
 def _extract(zf: zipfile.ZipFile, infos: Mapping[str, zipfile.ZipInfo], dest: Path, path: Path) -> None:
+    """Write every member under ``dest`` (created if missing). Sizes must have been checked;
+    on any failure the files and folders made so far are removed again."""
     root = dest.resolve()
     for info in infos.values():
         target = (root / info.filename.rstrip("/")).resolve()
         if target != root and root not in target.parents:
             raise UnsafeArchiveError(f"{path}: member {info.filename!r} would land outside {root}")
-    for info in infos.values():
-        target = root / info.filename.rstrip("/")
-        if info.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with zf.open(info) as src, open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
-            raise ArchiveFormatError(
-                f"{path}: member {info.filename!r} cannot be extracted (truncated or corrupt "
-                f"archive): {exc}"
-            ) from exc
+    created: list[Path] = []
+    try:
+        _make_dirs(root, created)
+        for info in infos.values():
+            target = root / info.filename.rstrip("/")
+            if info.is_dir():
+                _make_dirs(target, created)
+                continue
+            _make_dirs(target.parent, created)
+            existed = target.exists()
+            with open(target, "wb") as dst:
+                if not existed:
+                    created.append(target)
+                _copy_bounded(zf, info, dst, path)
+    except BaseException:
+        _undo_created(created)
+        raise
 
 
-def _load_params(zf: zipfile.ZipFile, infos: Mapping[str, zipfile.ZipInfo], model: str, path: Path) -> dict:
+def _load_params(zf: zipfile.ZipFile, infos: Mapping[str, zipfile.ZipInfo], model: str, path: Path,
+                 limits: ExtractionLimits | None = None) -> dict:
     jname, dname = f"{model}/{_PARAMS_JSON}", f"{model}/{_PARAMS_DILL}"
     if jname in infos:
-        params = params_from_json(_read_member(zf, infos[jname], path))
+        params = params_from_json(_read_member(zf, infos[jname], path, limits))
     elif dname in infos:
-        params = safe_loads(_read_member(zf, infos[dname], path))
+        params = safe_loads(_read_member(zf, infos[dname], path, limits))
     else:
         raise ArchiveFormatError(f"{path}: model {model!r} has no {_PARAMS_JSON} or {_PARAMS_DILL}")
     if not isinstance(params, dict):
@@ -1030,30 +1469,37 @@ def read_archive(
     dest_dir: str | os.PathLike,
     *,
     expected_backend: str | None = None,
+    limits: ExtractionLimits | None = None,
 ) -> ArchiveContents:
     """Check, then extract an archive into ``dest_dir`` and read its params snapshots.
 
     path: the archive, or the folder holding ``wts.h5.zip``. Files of model ``m`` land under
     ``dest_dir/m``. With ``expected_backend``, an archive written by another backend raises
-    :class:`ArchiveBackendError` before anything is extracted.
+    :class:`ArchiveBackendError` before anything is extracted. ``limits``: the size limits
+    (default :meth:`ExtractionLimits.from_env`), checked on every member before anything is
+    read or written.
 
-    Errors: FileNotFoundError (no archive), ArchiveFormatError (not a zip, truncated, no
-    manifest, a listed model without params or without N/gridsize), UnsafeArchiveError
+    Errors (all ValueErrors): ArchiveNotFoundError (no archive; also a FileNotFoundError),
+    ArchiveFormatError (not a zip, truncated, no manifest, a listed model without params or
+    without N/gridsize), ArchiveVersionError (format version newer than ours),
+    ArchiveLimitError (a member, the total or a ratio over ``limits``), UnsafeArchiveError
     (absolute/``..``/symlink members), UnsafePickleError (a pickle that is not plain data).
+    When extraction fails midway, what it wrote is removed again.
     """
-    p = resolve_archive_path(path)
+    limits = _resolve_limits(limits)
+    p = _archive_file(path)
     dest = Path(dest_dir)
     with _open_zip(p) as zf:
         infos = _checked_infos(zf, p)
-        manifest = _manifest_from_zip(zf, infos, p)
+        _check_sizes(infos, p, limits)
+        manifest = _manifest_from_zip(zf, infos, p, limits)
         _check_backend(manifest, expected_backend, p)
         for name in manifest["models"]:
             try:
                 _check_model_name(name)
             except ValueError as exc:
                 raise UnsafeArchiveError(f"{p}: manifest lists a bad model name: {exc}") from None
-        params = {name: _load_params(zf, infos, name, p) for name in manifest["models"]}
-        dest.mkdir(parents=True, exist_ok=True)
+        params = {name: _load_params(zf, infos, name, p, limits) for name in manifest["models"]}
         _extract(zf, infos, dest, p)
     root = dest.resolve()
     models = {
