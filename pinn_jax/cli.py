@@ -632,6 +632,8 @@ def cmd_infer(args) -> int:
     from pinn_jax.inference import load_inference_bundle
 
     try:
+        if args.model_path.is_file():
+            _check_model_file(args.model_path)
         model, cfg = load_inference_bundle(model_dir)
     except ArchiveBackendError as exc:
         raise CLIError(str(exc)) from exc
@@ -679,6 +681,17 @@ def cmd_infer(args) -> int:
     print(f"wrote {out / 'reconstructed_amplitude.png'}, {out / 'reconstructed_phase.png'}, "
           f"{out / 'reconstruction.npz'}")
     return 0
+
+
+def _check_model_file(path: Path) -> None:
+    """``--model_path`` given as a file: it must itself be the model archive (a text, HDF5,
+    empty or truncated file is named as such), never stand for a sibling wts.h5.zip."""
+    from backend_api.archive import ARCHIVE_NAME, read_manifest
+
+    read_manifest(path)
+    if path.name != ARCHIVE_NAME:
+        raise CLIError(f"--model_path: {path} is a model archive, but infer loads {ARCHIVE_NAME}; "
+                       f"rename it to {ARCHIVE_NAME} or pass the folder holding {ARCHIVE_NAME}")
 
 
 def _has_signal(obj) -> bool:
