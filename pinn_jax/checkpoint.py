@@ -20,28 +20,114 @@ is bitwise: save -> load -> predict gives the same numbers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
+import re
+import sys
 import tempfile
+import traceback
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 __all__ = [
     "ARCHIVE_VERSION",
     "MODEL_NAMES",
+    "CheckpointError",
     "params_snapshot",
     "save_model",
     "load_model",
     "save_state",
     "restore_state",
+    "one_line",
 ]
 
 ARCHIVE_VERSION = "1.0-jax"
 MODEL_NAMES = ("autoencoder", "diffraction_to_obj")
 _STATE_DIR = "state"
+#: prefix of the scratch folder save_model writes the Orbax checkpoint into (inside output_dir)
+SAVE_TEMP_PREFIX = ".pinn_jax_save_"
+
+
+class CheckpointError(ValueError):
+    """An Orbax run checkpoint that cannot be read (corrupt, truncated, incomplete, or for
+    another model). ``path``: the checkpoint step folder."""
+
+    def __init__(self, message: str, *, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """``exc`` as one short line for an error message: its first line, without tensorstore's
+    JSON spec dumps, whitespace collapsed, cut to ``limit`` characters."""
+    text = str(exc).strip() or type(exc).__name__
+    text = text.splitlines()[0]
+    text = re.split(r" \[tensorstore_spec", text, maxsplit=1)[0]
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+def _is_closed_loop_noise(unraisable: Any) -> bool:
+    exc = getattr(unraisable, "exc_value", None)
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _raised_in_orbax(exc: BaseException | None) -> bool:
+    tb = getattr(exc, "__traceback__", None)
+    return any(f"{os.sep}orbax{os.sep}" in frame.f_code.co_filename for frame, _ in traceback.walk_tb(tb))
+
+
+class _UnretrievedOrbaxTasks(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" records for Orbax read tasks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        noise = str(record.msg).startswith("Task exception was never retrieved") and _raised_in_orbax(exc)
+        return not noise
+
+
+_ASYNCIO_FILTER = _UnretrievedOrbaxTasks()
+
+
+def _quiet_unraisable(previous: Any) -> Any:
+    def hook(unraisable: Any) -> None:
+        if not _is_closed_loop_noise(unraisable):
+            previous(unraisable)
+
+    hook._pinn_jax_quiet = True
+    return hook
+
+
+@contextlib.contextmanager
+def quiet_aborted_restore() -> Iterator[None]:
+    """Silence the echoes of an Orbax restore that failed; the failure itself propagates.
+
+    When one array of a checkpoint cannot be read, Orbax's ``asyncio.gather`` fails and its
+    event loop is closed while tensorstore still completes the other reads: each completion
+    then calls ``loop.call_soon_threadsafe`` on the closed loop, which tensorstore reports as
+    a "RuntimeError: Event loop is closed" traceback through ``sys.unraisablehook``, and the
+    other failed read tasks are later logged by asyncio as "Task exception was never
+    retrieved". Both arrive asynchronously, even after the error has been handled, and carry
+    nothing the error does not. The filters (chained: everything else passes) are removed
+    after a successful restore and kept for the stragglers after a failed one.
+    """
+    asyncio_log = logging.getLogger("asyncio")
+    added_filter = _ASYNCIO_FILTER not in asyncio_log.filters
+    asyncio_log.addFilter(_ASYNCIO_FILTER)
+    previous = sys.unraisablehook
+    hook = None
+    if not getattr(previous, "_pinn_jax_quiet", False):
+        hook = sys.unraisablehook = _quiet_unraisable(previous)
+    yield  # an exception from the body propagates from here and leaves the filters installed
+    if hook is not None and sys.unraisablehook is hook:
+        sys.unraisablehook = previous
+    if added_filter:
+        asyncio_log.removeFilter(_ASYNCIO_FILTER)
 
 
 def save_state(directory: str | os.PathLike, tree: Any) -> Path:
@@ -60,7 +146,7 @@ def restore_state(directory: str | os.PathLike, abstract_tree: Any) -> Any:
     ``jax.ShapeDtypeStruct``)."""
     import orbax.checkpoint as ocp
 
-    with ocp.StandardCheckpointer() as ckptr:
+    with quiet_aborted_restore(), ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(Path(directory).absolute(), abstract_tree)
 
 
@@ -118,7 +204,10 @@ def save_model(model, output_dir: str | os.PathLike, config: Any = None, *, para
     """Write ``output_dir/wts.h5.zip`` (atomically) for a trained PtychoPINN; returns its path.
 
     ``config``: the Training/InferenceConfig the model was trained with (goes into the params
-    snapshot); ``params``: a base snapshot instead of the live legacy cfg.
+    snapshot); ``params``: a base snapshot instead of the live legacy cfg. Scratch files
+    (``.pinn_jax_save_<pid>@<host>.*``, ``.wts.h5.zip.<pid>@<host>.*.tmp``) of earlier saves
+    into ``output_dir`` that were killed midway are removed first; a failure leaves none of
+    its own and keeps a previous archive byte-identical.
     """
     from flax import nnx
 
@@ -128,8 +217,10 @@ def save_model(model, output_dir: str | os.PathLike, config: Any = None, *, para
     pure = nnx.to_pure_dict(nnx.state(model))
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".pinn_jax_save_", dir=output_dir) as tmp:
-        state_dir = save_state(Path(tmp) / _STATE_DIR, pure)
+    # The scratch folder carries this process's PID and is locked while in use, so a save
+    # killed midway leaves one that the next save into output_dir removes (remove_stale_temps).
+    with archive.writer_temp_dir(output_dir, SAVE_TEMP_PREFIX) as tmp:
+        state_dir = save_state(tmp / _STATE_DIR, pure)
         entries = {
             name: archive.ModelEntry(params=snapshot, files={_STATE_DIR: state_dir}) for name in MODEL_NAMES
         }
@@ -160,11 +251,13 @@ def _spec_from_snapshot(params: Mapping[str, Any]):
     )
 
 
-def load_model(path: str | os.PathLike, *, model_name: str = "diffraction_to_obj"):
+def load_model(path: str | os.PathLike, *, model_name: str = "diffraction_to_obj", limits=None):
     """Load a JAX ``wts.h5.zip`` (or the folder holding it): ``(PtychoPINN, params_snapshot)``.
 
     A TensorFlow (or other) archive raises ``backend_api.archive.ArchiveBackendError`` (a
-    ValueError) naming both backends and suggesting ``pinn-jax convert``.
+    ValueError) naming both backends and suggesting ``pinn-jax convert``; every other bad file
+    an ``ArchiveError`` naming it (see :func:`backend_api.archive.read_archive`). ``limits``:
+    an ``archive.ExtractionLimits`` (default: from the environment).
     """
     import jax
     from flax import nnx
@@ -173,7 +266,7 @@ def load_model(path: str | os.PathLike, *, model_name: str = "diffraction_to_obj
     from pinn_jax.model import PtychoPINN
 
     with tempfile.TemporaryDirectory(prefix="pinn_jax_load_") as tmp:
-        contents = archive.read_archive(path, tmp, expected_backend="jax")
+        contents = archive.read_archive(path, tmp, expected_backend="jax", limits=limits)
         if model_name not in contents.models:
             raise KeyError(
                 f"{contents.path}: model {model_name!r} not in archive; available: {sorted(contents.models)}"
@@ -209,8 +302,8 @@ def load_model(path: str | os.PathLike, *, model_name: str = "diffraction_to_obj
             restored = restore_state(state_dir, target)
         except Exception as exc:  # orbax raises several types for a mismatched tree
             raise archive.ArchiveFormatError(
-                f"{contents.path}: the '{model_name}/{_STATE_DIR}' checkpoint does not match the "
-                f"architecture in its params snapshot ({spec}): {exc}"
+                f"{contents.path}: the '{model_name}/{_STATE_DIR}' checkpoint is unreadable or does "
+                f"not match the architecture in its params snapshot ({spec}): {one_line(exc)}"
             ) from exc
     nnx.replace_by_pure_dict(abstract_state, restored)
     model = nnx.merge(graphdef, abstract_state)

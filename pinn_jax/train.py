@@ -536,6 +536,9 @@ def _plain(x: float | None):
     return None if x is None else float(x)
 
 
+_LOOP_KEYS = frozenset({"epochs_done", "n_samples", "batch_size", "history", "plateau", "early_stopping"})
+
+
 class _RunCheckpoints:
     """Orbax run checkpoints: the TrainState (arrays) plus a JSON record of the loop state."""
 
@@ -567,14 +570,31 @@ class _RunCheckpoints:
         )
 
     def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict]:
+        """The TrainState and loop record of ``step``; a checkpoint that cannot be read (garbled
+        or truncated array files, missing metadata, a loop record without its keys) raises
+        :class:`~pinn_jax.checkpoint.CheckpointError`, one line naming the step folder."""
+        from pinn_jax.checkpoint import CheckpointError, one_line, quiet_aborted_restore
+
         ocp = self._ocp
-        out = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), loop=ocp.args.JsonRestore()
-            ),
-        )
-        return out["state"], out["loop"]
+        step_dir = self.directory / str(step)
+        try:
+            with quiet_aborted_restore():
+                out = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state), loop=ocp.args.JsonRestore()
+                    ),
+                )
+            state, loop = out["state"], out["loop"]
+            if not isinstance(loop, dict) or not _LOOP_KEYS <= set(loop):
+                raise ValueError(f"its loop record lacks {sorted(_LOOP_KEYS - set(loop or {}))}")
+        except Exception as exc:  # orbax/tensorstore raise ValueError, KeyError, OSError, ...
+            raise CheckpointError(
+                f"checkpoint {step_dir} is unreadable ({type(exc).__name__}: {one_line(exc)}); "
+                "delete it or start without --resume",
+                path=step_dir,
+            ) from exc
+        return state, loop
 
     def close(self) -> None:
         self.manager.wait_until_finished()
@@ -651,30 +671,33 @@ def fit(
     history: dict[str, list] = {}
     start_epoch = 0
     ckpt = None
-    if options.checkpoint_dir is not None:
-        ckpt = _RunCheckpoints(Path(options.checkpoint_dir), options.max_checkpoints)
-        latest = ckpt.latest_step()
-        if options.resume and latest is not None:
-            state, loop = ckpt.restore(latest, _abstract(state, replicated))
-            if loop.get("n_samples") != n or loop.get("batch_size") != options.batch_size:
-                raise ValueError(
-                    f"cannot resume from {ckpt.directory}: it was written for n_samples="
-                    f"{loop.get('n_samples')}, batch_size={loop.get('batch_size')}, but this run has "
-                    f"n_samples={n}, batch_size={options.batch_size}"
-                )
-            start_epoch = int(loop["epochs_done"])
-            history = {k: list(v) for k, v in loop["history"].items()}
-            plateau = PlateauState(**loop["plateau"])
-            early = EarlyStoppingState(**loop["early_stopping"])
-            log.info("resuming from %s after epoch %d", ckpt.directory, start_epoch)
-        elif latest is not None:
-            log.info("starting afresh: removing the old run checkpoints in %s", ckpt.directory)
-            ckpt.clear()
-
-    bar = _progress(options, start_epoch)
-    stopped_early = bool(early.stop)
-    epoch = start_epoch
+    bar = None
     try:
+        # Inside the try: a failed restore must still close the manager (its async machinery
+        # otherwise dies with the interpreter and prints tracebacks).
+        if options.checkpoint_dir is not None:
+            ckpt = _RunCheckpoints(Path(options.checkpoint_dir), options.max_checkpoints)
+            latest = ckpt.latest_step()
+            if options.resume and latest is not None:
+                state, loop = ckpt.restore(latest, _abstract(state, replicated))
+                if loop.get("n_samples") != n or loop.get("batch_size") != options.batch_size:
+                    raise ValueError(
+                        f"cannot resume from {ckpt.directory}: it was written for n_samples="
+                        f"{loop.get('n_samples')}, batch_size={loop.get('batch_size')}, but this run has "
+                        f"n_samples={n}, batch_size={options.batch_size}"
+                    )
+                start_epoch = int(loop["epochs_done"])
+                history = {k: list(v) for k, v in loop["history"].items()}
+                plateau = PlateauState(**loop["plateau"])
+                early = EarlyStoppingState(**loop["early_stopping"])
+                log.info("resuming from %s after epoch %d", ckpt.directory, start_epoch)
+            elif latest is not None:
+                log.info("starting afresh: removing the old run checkpoints in %s", ckpt.directory)
+                ckpt.clear()
+
+        bar = _progress(options, start_epoch)
+        stopped_early = bool(early.stop)
+        epoch = start_epoch
         for epoch in range(start_epoch, options.nepochs):
             if early.stop:
                 break
