@@ -45,15 +45,14 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from .config import DIFFRACTION_KINDS
+
 __all__ = [
     "DIFFRACTION_KINDS",
     "classify_diffraction",
     "check_diffraction_kind",
     "override_hint",
 ]
-
-#: The values a ``diffraction_kind`` setting takes.
-DIFFRACTION_KINDS = ("auto", "amplitude", "intensity")
 
 SAMPLE_PATTERNS = 256
 CHUNK_PATTERNS = 32
