@@ -7,8 +7,9 @@ Three dataclasses carry every setting explicitly:
 * :class:`TrainingConfig` -- a ``ModelConfig`` plus data, loss and optimiser settings;
 * :class:`InferenceConfig` -- a ``ModelConfig`` plus the model archive and test data.
 
-Field names, types and defaults follow the PtychoPINN reference, with one addition:
-``backend`` also accepts ``'jax'`` and defaults to it here.
+Field names, types and defaults follow the PtychoPINN reference, with two additions:
+``backend`` also accepts ``'jax'`` and defaults to it here, and ``TrainingConfig`` /
+``InferenceConfig`` have ``diffraction_kind`` (``'auto'``, ``'amplitude'`` or ``'intensity'``).
 
 Unlike the reference (which only validates on an explicit call), every config is checked
 in ``__post_init__`` and again by ``validate()``. Bad values raise ``ValueError`` naming the
@@ -44,6 +45,7 @@ __all__ = [
     "SUPPORTED_N",
     "BACKENDS",
     "ARCHITECTURES",
+    "DIFFRACTION_KINDS",
     "DEFAULT_N_GROUPS",
     "dataclass_to_legacy_dict",
     "update_legacy_dict",
@@ -66,9 +68,13 @@ TorchLossMode = Literal["poisson", "mae"]
 GradientClipAlgorithm = Literal["norm", "value", "agc"]
 Optimizer = Literal["adam", "adamw", "sgd"]
 Scheduler = Literal["Default", "Exponential", "WarmupCosine", "ReduceLROnPlateau"]
+#: What the data files' diffraction holds (a data property, so it lives on the training and
+#: inference configs): see :mod:`backend_api.diffraction` for the ``'auto'`` rule.
+DiffractionKind = Literal["auto", "amplitude", "intensity"]
 
 BACKENDS: tuple[str, ...] = get_args(Backend)
 ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
+DIFFRACTION_KINDS: tuple[str, ...] = get_args(DiffractionKind)
 
 #: Patch sizes each architecture supports. The reference CNN's encoder/decoder depth is tied to
 #: N, so only these three sizes build. Architectures not listed accept any positive even N.
@@ -321,7 +327,9 @@ class TrainingConfig:
     ``n_groups`` is the number of groups (solution regions) to train on; it defaults to 512.
     ``n_images`` is its deprecated alias: when given without ``n_groups`` it is copied into
     ``n_groups`` with a :class:`DeprecationWarning`; both are bridged to the legacy dict.
-    Loss weights must be >= 0 and ``nphotons`` > 0.
+    Loss weights must be >= 0 and ``nphotons`` > 0. ``diffraction_kind`` (not in the
+    reference) says whether the data files hold amplitude or intensity (``'auto'``: classify,
+    :mod:`backend_api.diffraction`); it is bridged to the legacy dict under its own name.
     """
 
     model: ModelConfig
@@ -367,6 +375,7 @@ class TrainingConfig:
     plateau_patience: int = field(default=2, metadata=_int(lo=0))
     plateau_min_lr: float = field(default=5e-5, metadata=_float(lo=0))
     plateau_threshold: float = field(default=0.0, metadata=_float(lo=0))
+    diffraction_kind: DiffractionKind = field(default="auto", metadata=_choice(DiffractionKind))
 
     def __post_init__(self) -> None:
         _apply_n_images_alias(self)
@@ -387,6 +396,7 @@ class InferenceConfig:
 
     ``model_path`` is the directory holding ``wts.h5.zip``. ``n_groups`` stays ``None`` when
     not given (use every scan position); ``n_images`` is its deprecated alias.
+    ``diffraction_kind`` as in :class:`TrainingConfig`.
     """
 
     model: ModelConfig
@@ -402,6 +412,7 @@ class InferenceConfig:
     debug: bool = field(default=False, metadata=_bool())
     output_dir: Path = field(default=Path("inference_outputs"), metadata=_path())
     backend: Backend = field(default="jax", metadata=_choice(Backend))
+    diffraction_kind: DiffractionKind = field(default="auto", metadata=_choice(DiffractionKind))
 
     def __post_init__(self) -> None:
         _apply_n_images_alias(self)

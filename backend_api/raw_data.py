@@ -9,7 +9,8 @@ xcoords, ycoords   (M,)             scan positions, object pixels (x = column, y
 xcoords_start,     (M,)             optional "start" positions; default to xcoords/ycoords
 ycoords_start
 diff3d             (M, H, H)        diffraction **amplitude** (sqrt of counts), DC at [H/2,H/2];
-                                    ``diffraction`` is accepted as an alias
+                                    ``diffraction`` is accepted as an alias (intensities: see
+                                    ``diffraction_kind`` below)
 probeGuess         (H, H)           complex probe
 objectGuess        (Ho, Wo)         optional complex object
 scan_index         (M,)             optional integer scan index (defaults to zeros)
@@ -18,11 +19,22 @@ bad_pixels         (H, H) bool      optional detector mask, True = bad (see belo
 _metadata          ()               optional JSON string, parsed into ``RawData.metadata``
 =================  ===============  ==========================================================
 
+Amplitude or intensity (``diffraction_kind``, default ``'auto'``): with ``'auto'``,
+:func:`backend_api.diffraction.classify_diffraction` decides (integer dtype, the photon count in
+``_metadata['nphotons']``, values that are integer multiples of one quantum, the dynamic range;
+see that module). Data it finds to be **intensity** are converted to amplitude with a square
+root (float32) and a ``UserWarning`` names the rule that fired and the override.
+``'amplitude'`` takes ``diff3d`` as amplitude unchanged (integer dtypes are cast to float32);
+``'intensity'`` always takes the square root (negative values are refused). (The reference
+passes integer counts on unchanged; the model expects amplitude.)
+
+A file that is not a readable NPZ (a directory, an empty file, a text, HDF5 or ``.npy`` file
+under an ``.npz`` name, a truncated or corrupt archive) raises :class:`DataFileError` naming
+the file and what it is not, before anything else is read.
+
 ptychodus export quirks handled here (each with a warning):
 
-* Integer-typed ``diff3d`` is taken to be detector **intensity** (counts): it is converted to
-  amplitude with a square root and stored as float32. (The reference passes such counts on
-  unchanged; the model expects amplitude.)
+* Integer-typed ``diff3d`` is detector **intensity** (counts), converted as above.
 * A ``(modes, H, W)`` probe keeps mode 0.
 * ``bad_pixels``: flagged pixels are set to **zero amplitude** in every pattern. Zero is what a
   masked detector reports and keeps the dataset in the plain contract the backends consume
@@ -30,7 +42,8 @@ ptychodus export quirks handled here (each with a warning):
   written back by :meth:`RawData.to_file`, where re-applying it is a no-op.
 
 Every malformed input raises ``ValueError`` naming the key, the shape/dtype/value seen and
-what was expected, before any work is done.
+what was expected, before any work is done; :meth:`RawData.from_file` also names the file
+(:class:`DataFileError`, a ``ValueError``).
 """
 
 from __future__ import annotations
@@ -38,8 +51,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -47,8 +62,9 @@ import numpy as np
 
 from . import grouping as _grouping
 from .archive import atomic_write, safe_loads
+from .diffraction import check_diffraction_kind, classify_diffraction, override_hint
 
-__all__ = ["RawData"]
+__all__ = ["RawData", "DataFileError", "check_npz_file", "open_npz", "read_npz_member"]
 
 _CHUNK = 2048  # patterns per chunk for whole-array checks (bounds temporary memory)
 
@@ -62,7 +78,7 @@ def _is_real_numeric(a: np.ndarray) -> bool:
 
 
 def _check_finite(key: str, a: np.ndarray) -> None:
-    if a.dtype.kind in "iu":
+    if a.dtype.kind in "iu" or a.size == 0:
         return
     flat = a.reshape(a.shape[0], -1) if a.ndim else a.reshape(1, -1)
     for s in range(0, flat.shape[0], _CHUNK):
@@ -96,8 +112,128 @@ def _complex_2d(key: str, value: Any) -> np.ndarray:
     return a.astype(np.complex64, copy=False)
 
 
+# ---------------------------------------------------------------------------------------------
+# Data files: what a path is, checked by its first bytes before numpy reads it
+# ---------------------------------------------------------------------------------------------
+
+class DataFileError(ValueError):
+    """A data file that cannot be used: not an NPZ archive, empty, truncated or corrupt, or
+    holding values the contract refuses. The message starts with the file's path."""
+
+
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header; an empty archive
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+_NPY_MAGIC = b"\x93NUMPY"
+# Errors numpy/zipfile/zlib raise on damaged archive bytes.
+_CORRUPT_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, struct.error)
+
+
+def _what_it_is(head: bytes) -> str:
+    """A few words naming a non-NPZ file from its first bytes."""
+    if head.startswith(_HDF5_MAGIC):
+        return "not an NPZ archive: it is an HDF5 file (read it with h5py and save the arrays " \
+               "with numpy.savez)"
+    if head.startswith(_NPY_MAGIC):
+        return ".npy array, not an NPZ archive (a single array saved with numpy.save; the " \
+               "contract needs numpy.savez with named arrays)"
+    if head.startswith(b"\x1f\x8b"):
+        return "not an NPZ archive: it is a gzip file"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c in "\r\n\t" for c in text):
+        return "not an NPZ archive: it is a text file"
+    return f"not an NPZ archive (it starts with the bytes {head[:8]!r})"
+
+
+def check_npz_file(path) -> Path:
+    """Check that ``path`` is a readable NPZ (zip) archive; return it as a ``Path``.
+
+    Raises ``FileNotFoundError`` when it does not exist and :class:`DataFileError` (naming the
+    file) when it is a directory, empty, another format (by its magic bytes) or a zip archive
+    whose central directory cannot be read (truncated or corrupt).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such NPZ file")
+    if path.is_dir():
+        raise DataFileError(f"{path}: is a directory, not an NPZ file")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError as exc:
+        raise DataFileError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if size == 0:
+        raise DataFileError(f"{path}: empty file (0 bytes), not an NPZ archive")
+    if not head.startswith(_ZIP_MAGICS):
+        raise DataFileError(f"{path}: {_what_it_is(head)}")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            zf.infolist()
+    except _CORRUPT_ERRORS as exc:
+        raise DataFileError(f"{path}: truncated or corrupt NPZ: {exc} ({size} bytes)") from None
+    return path
+
+
+def open_npz(path, *, allow_pickle: bool = False):
+    """:func:`check_npz_file`, then ``np.load``: an open ``NpzFile`` (use it as a context
+    manager). Read members with :func:`read_npz_member` so damaged ones are named."""
+    path = check_npz_file(path)
+    try:
+        return np.load(path, allow_pickle=allow_pickle)
+    except _CORRUPT_ERRORS as exc:
+        raise DataFileError(f"{path}: truncated or corrupt NPZ: {exc}") from None
+
+
+def read_npz_member(path, npz, key: str) -> np.ndarray:
+    """``npz[key]``, with damaged bytes reported as :class:`DataFileError` naming file and key.
+
+    A pickled (object) member while pickles are not allowed stays a plain ``ValueError``
+    naming the key (callers handle it).
+    """
+    try:
+        return npz[key]
+    except _CORRUPT_ERRORS as exc:
+        raise DataFileError(f"{path}: truncated or corrupt NPZ: array '{key}' cannot be read "
+                            f"({type(exc).__name__}: {exc})") from None
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise
+        raise DataFileError(f"{path}: truncated or corrupt NPZ: array '{key}' cannot be read "
+                            f"({exc})") from None
+
+
 def _fmt_shape(shape) -> str:
     return str(tuple(int(s) for s in shape))
+
+
+def _to_amplitude(d: np.ndarray, kind: str, metadata: Optional[Mapping]) -> np.ndarray:
+    """``diff3d`` as amplitude: ``(M, H, H)`` validated, finite, non-negative real data.
+
+    ``kind='auto'`` classifies (warning when the data are taken as intensity), ``'intensity'``
+    always takes the square root, ``'amplitude'`` never does (integers become float32).
+    Conversions return a new float32 array, computed in chunks.
+    """
+    if kind == "auto":
+        kind, reason = classify_diffraction(d, metadata=metadata, assume="amplitude")
+        if kind == "intensity":
+            if d.dtype.kind in "iu":
+                lead = (f"diff3d has integer dtype {d.dtype}: treating it as detector intensity "
+                        f"(counts)")
+            else:
+                lead = f"diff3d looks like intensity, not amplitude: {reason}; treating it as intensity"
+            warnings.warn(f"{lead} and taking the square root to get amplitude (float32); "
+                          f"{override_hint('amplitude')}", UserWarning, stacklevel=3)
+    if kind == "intensity":
+        amp = np.empty(d.shape, dtype=np.float32)
+        for s in range(0, d.shape[0], _CHUNK):
+            amp[s:s + _CHUNK] = np.sqrt(d[s:s + _CHUNK].astype(np.float64))
+        return amp
+    if d.dtype.kind in "iu":
+        return d.astype(np.float32)
+    return d
 
 
 class RawData:
@@ -119,10 +255,14 @@ class RawData:
 
     def __init__(self, xcoords, ycoords, xcoords_start, ycoords_start, diff3d, probeGuess,
                  scan_index, objectGuess=None, Y=None, norm_Y_I=None, metadata=None, *,
-                 bad_pixels=None):
+                 bad_pixels=None, diffraction_kind: str = "auto"):
+        kind = check_diffraction_kind(diffraction_kind)
         x = _coords("xcoords", xcoords)
         y = _coords("ycoords", ycoords)
         M = x.shape[0]
+        if M == 0:
+            raise ValueError("xcoords: no scan positions (got an empty (0,) array); expected at "
+                             "least one position, one per diffraction pattern")
         if y.shape != x.shape:
             raise ValueError(f"ycoords: expected shape {_fmt_shape(x.shape)} to match xcoords, "
                              f"got {_fmt_shape(y.shape)}")
@@ -150,10 +290,11 @@ class RawData:
                              f"integer detector counts, got dtype {d.dtype}")
         _check_finite("diff3d", d)
         if d.dtype.kind == "i" or d.dtype.kind == "f":
+            what = "intensities" if kind == "intensity" else "amplitudes"
             for s in range(0, M, _CHUNK):
                 if (d[s:s + _CHUNK] < 0).any():
-                    raise ValueError(f"diff3d: expected non-negative amplitudes, found negative "
-                                     f"values (min {d.min()!r})")
+                    raise ValueError(f"diff3d: expected non-negative {what}, found negative "
+                                     f"values (min {d.min()!r}; diffraction_kind={kind!r})")
         H = d.shape[1]
 
         p = np.asarray(probeGuess)
@@ -166,6 +307,9 @@ class RawData:
                               UserWarning, stacklevel=2)
             p = p[0]
         probe = _complex_2d("probeGuess", p)
+        if not probe.any():
+            raise ValueError(f"probeGuess is all zero (shape {_fmt_shape(probe.shape)}): expected "
+                             f"a complex probe with non-zero values; nothing would be illuminated")
         if probe.shape != (H, H):
             raise ValueError(f"probeGuess: expected shape {_fmt_shape((H, H))} to match the "
                              f"diffraction patterns, got {_fmt_shape(probe.shape)}")
@@ -222,14 +366,7 @@ class RawData:
                                      f"{mask.dtype}")
 
         # --- all checks passed; now convert ---
-        if d.dtype.kind in "iu":
-            warnings.warn(f"diff3d has integer dtype {d.dtype}: treating it as detector intensity "
-                          f"(counts) and taking the square root to get amplitude (float32)",
-                          UserWarning, stacklevel=2)
-            amp = np.empty(d.shape, dtype=np.float32)
-            for s in range(0, M, _CHUNK):
-                amp[s:s + _CHUNK] = np.sqrt(d[s:s + _CHUNK].astype(np.float64))
-            d = amp
+        d = _to_amplitude(d, kind, metadata)
         if mask is not None and mask.any():
             d = np.array(d, copy=True)
             d[:, mask] = 0
@@ -263,13 +400,16 @@ class RawData:
     # -----------------------------------------------------------------------------------------
     @classmethod
     def from_coords_without_pc(cls, xcoords, ycoords, diff3d, probeGuess, scan_index,
-                               objectGuess=None, *, bad_pixels=None, metadata=None) -> "RawData":
+                               objectGuess=None, *, bad_pixels=None, metadata=None,
+                               diffraction_kind: str = "auto") -> "RawData":
         """Build from positions only; the start coordinates equal the coordinates."""
         return cls(xcoords, ycoords, xcoords, ycoords, diff3d, probeGuess, scan_index,
-                   objectGuess=objectGuess, metadata=metadata, bad_pixels=bad_pixels)
+                   objectGuess=objectGuess, metadata=metadata, bad_pixels=bad_pixels,
+                   diffraction_kind=diffraction_kind)
 
     @classmethod
-    def from_file(cls, path, *, bad_pixels=None, allow_pickle: bool = False) -> "RawData":
+    def from_file(cls, path, *, bad_pixels=None, allow_pickle: bool = False,
+                  diffraction_kind: str = "auto") -> "RawData":
         """Load and validate an NPZ in the contract above.
 
         ``diffraction`` is accepted for ``diff3d``; a rank-4 ``(M, H, H, 1)`` array is squeezed
@@ -278,67 +418,23 @@ class RawData:
         restricted unpickler that only rebuilds plain strings/containers, never arbitrary
         objects. ``allow_pickle=True`` permits other object arrays (trusted files only).
         ``bad_pixels`` given here overrides a ``bad_pixels`` key in the file.
+        ``diffraction_kind``: ``'auto'`` (classify; ``_metadata['nphotons']`` is used as
+        evidence), ``'amplitude'`` or ``'intensity'`` (see the module docstring).
+
+        Raises ``FileNotFoundError`` for a missing path and :class:`DataFileError` (a
+        ``ValueError`` whose message starts with the path) for anything else wrong with the file
+        or its contents.
         """
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no such NPZ file")
-        with np.load(path, allow_pickle=allow_pickle) as npz:
-            keys = set(npz.files)
-
-            def get(key):
-                try:
-                    return npz[key]
-                except ValueError as exc:  # object array while allow_pickle=False
-                    raise ValueError(f"{key}: stored as a pickled object array, which is not "
-                                     f"loaded without allow_pickle=True ({exc})") from None
-
-            for key in ("xcoords", "ycoords", "probeGuess"):
-                if key not in keys:
-                    raise ValueError(f"{path.name}: missing required key '{key}' (expected "
-                                     f"{key}, diff3d and probeGuess; present: {sorted(keys)})")
-            if "diff3d" in keys:
-                dkey = "diff3d"
-            elif "diffraction" in keys:
-                dkey = "diffraction"
-            else:
-                raise ValueError(f"{path.name}: missing required key 'diff3d' (or 'diffraction'); "
-                                 f"expected the (M, H, H) diffraction amplitudes (present: "
-                                 f"{sorted(keys)})")
-            x = get("xcoords")
-            y = get("ycoords")
-            d = get(dkey)
-            M = np.asarray(x).reshape(-1).shape[0] if np.ndim(x) == 1 else None
-            if d.ndim == 4 and d.shape[-1] == 1:
-                d = d[..., 0]
-            if (M is not None and d.ndim == 3 and d.shape[0] != M and d.shape[2] == M
-                    and d.shape[0] == d.shape[1]):
-                warnings.warn(f"{dkey}: legacy (H, W, M) layout {d.shape}; transposing to "
-                              f"(M, H, W)", UserWarning, stacklevel=2)
-                d = np.ascontiguousarray(np.transpose(d, (2, 0, 1)))
-            xs = get("xcoords_start") if "xcoords_start" in keys else None
-            ys = get("ycoords_start") if "ycoords_start" in keys else None
-            probe = get("probeGuess")
-            si = get("scan_index") if "scan_index" in keys else None
-            obj = None
-            if "objectGuess" in keys:
-                o = _load_member(path, npz, "objectGuess", allow_pickle)
-                obj = None if (o is None or (isinstance(o, np.ndarray) and o.dtype == object
-                                            and o.ndim == 0 and o.item() is None)) else o
-            Yv = None
-            if "Y" in keys:
-                Yv = get("Y")
-                if M is not None and np.ndim(Yv) >= 1 and Yv.shape[0] != M:
-                    warnings.warn(f"Y: {Yv.shape[0]} ground-truth patches for {M} positions; "
-                                  f"ignoring Y", UserWarning, stacklevel=2)
-                    Yv = None
-            mask = bad_pixels
-            if mask is None and "bad_pixels" in keys:
-                mask = get("bad_pixels")
-            metadata = None
-            if "_metadata" in keys:
-                metadata = _parse_metadata(_load_member(path, npz, "_metadata", allow_pickle))
-        return cls(x, y, xs, ys, d, probe, si, objectGuess=obj, Y=Yv, metadata=metadata,
-                   bad_pixels=mask)
+        kind = check_diffraction_kind(diffraction_kind)
+        path = check_npz_file(path)
+        try:
+            with open_npz(path, allow_pickle=allow_pickle) as npz:
+                parts = _read_contract(path, npz, allow_pickle, bad_pixels)
+            return cls(*parts["args"], **parts["kwargs"], diffraction_kind=kind)
+        except DataFileError:
+            raise
+        except ValueError as exc:
+            raise DataFileError(f"{path}: {exc}") from None
 
     @classmethod
     def from_files(cls, train_path, test_path):
@@ -392,23 +488,93 @@ class RawData:
 
 
 # ---------------------------------------------------------------------------------------------
+# Reading the contract's members from an open NPZ
+# ---------------------------------------------------------------------------------------------
+def _read_contract(path: Path, npz, allow_pickle: bool, bad_pixels) -> dict:
+    """The RawData constructor arguments from an open NPZ (``{'args': ..., 'kwargs': ...}``)."""
+    keys = set(npz.files)
+
+    def get(key):
+        try:
+            return read_npz_member(path, npz, key)
+        except DataFileError:
+            raise
+        except ValueError as exc:  # object array while allow_pickle=False
+            raise ValueError(f"{key}: stored as a pickled object array, which is not "
+                             f"loaded without allow_pickle=True ({exc})") from None
+
+    for key in ("xcoords", "ycoords", "probeGuess"):
+        if key not in keys:
+            raise ValueError(f"missing required key '{key}' (expected {key}, diff3d and "
+                             f"probeGuess; present: {sorted(keys)})")
+    if "diff3d" in keys:
+        dkey = "diff3d"
+    elif "diffraction" in keys:
+        dkey = "diffraction"
+    else:
+        raise ValueError(f"missing required key 'diff3d' (or 'diffraction'); expected the "
+                         f"(M, H, H) diffraction amplitudes (present: {sorted(keys)})")
+    x = get("xcoords")
+    y = get("ycoords")
+    d = get(dkey)
+    M = np.asarray(x).reshape(-1).shape[0] if np.ndim(x) == 1 else None
+    if d.ndim == 4 and d.shape[-1] == 1:
+        d = d[..., 0]
+    if (M and d.ndim == 3 and d.shape[0] != M and d.shape[2] == M
+            and d.shape[0] == d.shape[1]):
+        warnings.warn(f"{dkey}: legacy (H, W, M) layout {d.shape}; transposing to "
+                      f"(M, H, W)", UserWarning, stacklevel=4)
+        d = np.ascontiguousarray(np.transpose(d, (2, 0, 1)))
+    xs = get("xcoords_start") if "xcoords_start" in keys else None
+    ys = get("ycoords_start") if "ycoords_start" in keys else None
+    probe = get("probeGuess")
+    si = get("scan_index") if "scan_index" in keys else None
+    obj = None
+    if "objectGuess" in keys:
+        o = _load_member(path, npz, "objectGuess", allow_pickle)
+        obj = None if (o is None or (isinstance(o, np.ndarray) and o.dtype == object
+                                    and o.ndim == 0 and o.item() is None)) else o
+    Yv = None
+    if "Y" in keys:
+        Yv = get("Y")
+        if M is not None and np.ndim(Yv) >= 1 and Yv.shape[0] != M:
+            warnings.warn(f"Y: {Yv.shape[0]} ground-truth patches for {M} positions; "
+                          f"ignoring Y", UserWarning, stacklevel=4)
+            Yv = None
+    mask = bad_pixels
+    if mask is None and "bad_pixels" in keys:
+        mask = get("bad_pixels")
+    metadata = None
+    if "_metadata" in keys:
+        metadata = _parse_metadata(_load_member(path, npz, "_metadata", allow_pickle))
+    return {"args": (x, y, xs, ys, d, probe, si),
+            "kwargs": dict(objectGuess=obj, Y=Yv, metadata=metadata, bad_pixels=mask)}
+
+
+# ---------------------------------------------------------------------------------------------
 # NPZ members that upstream stores as pickles
 # ---------------------------------------------------------------------------------------------
 def _load_member(path: Path, npz, key: str, allow_pickle: bool):
     """Load one NPZ member; pickled members go through the restricted unpickler."""
     try:
-        return npz[key]
+        return read_npz_member(path, npz, key)
+    except DataFileError:
+        raise
     except ValueError:
         if allow_pickle:
             raise
-    with zipfile.ZipFile(path) as zf:
-        raw = zf.read(key + ".npy")
-    fp = io.BytesIO(raw)
-    version = np.lib.format.read_magic(fp)
-    if version == (1, 0):
-        np.lib.format.read_array_header_1_0(fp)
-    else:
-        np.lib.format.read_array_header_2_0(fp)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            raw = zf.read(key + ".npy")
+        fp = io.BytesIO(raw)
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            np.lib.format.read_array_header_1_0(fp)
+        else:
+            np.lib.format.read_array_header_2_0(fp)
+    except (*_CORRUPT_ERRORS, ValueError) as exc:
+        raise DataFileError(f"{path}: truncated or corrupt NPZ: array '{key}' cannot be read "
+                            f"({type(exc).__name__}: {exc})") from None
     try:
         # The archive's restricted unpickler: plain values and numpy arrays only, never code.
         return safe_loads(fp.read(), allow_object_arrays=True)

@@ -174,7 +174,7 @@ def _collect(args: argparse.Namespace, names: Sequence[str]) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from backend_api.config import ModelConfig, TrainingConfig
+    from backend_api.config import DIFFRACTION_KINDS, ModelConfig, TrainingConfig
 
     parser = _Parser(
         prog=PROG,
@@ -292,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phase_vmin", type=_float_arg, default=None, help="phase colour scale minimum")
     p.add_argument("--phase_vmax", type=_float_arg, default=None, help="phase colour scale maximum")
     p.add_argument("--seed", type=_int_arg, default=45, help="grouping seed (default: 45, as the reference)")
+    p.add_argument("--diffraction_kind", choices=DIFFRACTION_KINDS, default="auto",
+                   help="what --test_data's diffraction holds (default: auto, see the README's data contract)")
     _common_flags(p)
 
     # convert ------------------------------------------------------------------------------
@@ -352,11 +354,11 @@ def _setup_logging(args) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _load_raw(path: Path, what: str):
+def _load_raw(path: Path, what: str, diffraction_kind: str = "auto"):
     from backend_api.raw_data import RawData
 
     try:
-        return RawData.from_file(path)
+        return RawData.from_file(path, diffraction_kind=diffraction_kind)
     except FileNotFoundError as exc:
         raise CLIError(f"{what}: file not found: {path}") from exc
     except (ValueError, KeyError, OSError) as exc:
@@ -377,6 +379,7 @@ def _subsample(raw, n: int, seed: int | None):
         raw.xcoords[idx], raw.ycoords[idx], raw.xcoords_start[idx], raw.ycoords_start[idx],
         raw.diff3d[idx], raw.probeGuess, raw.scan_index[idx],
         objectGuess=raw.objectGuess, Y=None if raw.Y is None else raw.Y[idx], metadata=raw.metadata,
+        diffraction_kind="amplitude",  # already converted when loaded
     )
 
 
@@ -547,8 +550,9 @@ def cmd_train(args) -> int:
     if args.resume and not ckpt_dir.is_dir():
         raise CLIError(f"--resume: no checkpoint folder {ckpt_dir} (train once without --resume first)")
 
-    train_raw = _load_raw(Path(cfg.train_data_file), "--train_data_file")
-    test_raw = _load_raw(Path(cfg.test_data_file), "--test_data_file") if cfg.test_data_file else None
+    kind = cfg.diffraction_kind
+    train_raw = _load_raw(Path(cfg.train_data_file), "--train_data_file", kind)
+    test_raw = _load_raw(Path(cfg.test_data_file), "--test_data_file", kind) if cfg.test_data_file else None
     n_px = int(np.shape(train_raw.diff3d)[-1])
     if n_px != cfg.model.N:
         raise CLIError(
@@ -625,7 +629,7 @@ def cmd_infer(args) -> int:
     from backend_api.archive import ArchiveBackendError, ArchiveError
 
     model_dir = args.model_path.parent if args.model_path.is_file() else args.model_path
-    raw = _load_raw(args.test_data, "--test_data")
+    raw = _load_raw(args.test_data, "--test_data", args.diffraction_kind)
     if args.n_subsample:
         raw = _subsample(raw, args.n_subsample, args.subsample_seed)
     from pinn_jax import backend as jb

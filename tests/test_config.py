@@ -20,6 +20,7 @@ from backend_api import params
 from backend_api.config import (
     BACKENDS,
     DEFAULT_N_GROUPS,
+    DIFFRACTION_KINDS,
     KEY_MAPPINGS,
     SUPPORTED_N,
     InferenceConfig,
@@ -113,6 +114,7 @@ TRAINING_DEFAULTS = {
     "plateau_patience": 2,
     "plateau_min_lr": 5e-5,
     "plateau_threshold": 0.0,
+    "diffraction_kind": "auto",
 }
 
 INFERENCE_DEFAULTS = {
@@ -126,6 +128,7 @@ INFERENCE_DEFAULTS = {
     "debug": False,
     "output_dir": Path("inference_outputs"),
     "backend": "jax",
+    "diffraction_kind": "auto",
 }
 
 
@@ -161,6 +164,7 @@ def test_model_and_inference_paths_are_required():
 
 def test_exported_constants():
     assert BACKENDS == ("jax", "tensorflow", "pytorch")
+    assert DIFFRACTION_KINDS == ("auto", "amplitude", "intensity")
     assert tuple(SUPPORTED_N["cnn"]) == (64, 128, 256)
     assert DEFAULT_N_GROUPS == 512
 
@@ -233,6 +237,7 @@ TRAINING_NON_DEFAULT = {
     "plateau_patience": (5, "plateau_patience", 5),
     "plateau_min_lr": (1e-6, "plateau_min_lr", 1e-6),
     "plateau_threshold": (1e-3, "plateau_threshold", 1e-3),
+    "diffraction_kind": ("intensity", "diffraction_kind", "intensity"),
 }
 
 INFERENCE_NON_DEFAULT = {
@@ -248,6 +253,7 @@ INFERENCE_NON_DEFAULT = {
     "debug": (True, "debug", True),
     "output_dir": ("out/inf", "output_prefix", "out/inf"),
     "backend": ("tensorflow", "backend", "tensorflow"),
+    "diffraction_kind": ("amplitude", "diffraction_kind", "amplitude"),
 }
 
 
@@ -555,6 +561,8 @@ VALIDATION_CASES = [
     ("training", "plateau_patience", -1),
     ("training", "plateau_min_lr", -1e-5),
     ("training", "plateau_threshold", -1.0),
+    ("training", "diffraction_kind", "counts"),
+    ("training", "diffraction_kind", None),
     ("training", "train_data_file", 123),
     ("training", "output_dir", None),
     ("training", "model", "not-a-model"),
@@ -570,6 +578,7 @@ VALIDATION_CASES = [
     ("inference", "debug", "no"),
     ("inference", "backend", "keras"),
     ("inference", "output_dir", 1.5),
+    ("inference", "diffraction_kind", "Amplitude"),
     ("inference", "model", {"N": 64}),
 ]
 

@@ -514,3 +514,199 @@ def test_pickle_of_rawdata_works():
                                          a["probeGuess"], None)
     back = pickle.loads(pickle.dumps(raw))
     np.testing.assert_array_equal(back.diff3d, raw.diff3d)
+
+
+# --------------------------------------------------------------------------------------------
+# Files that are not NPZ archives, or damaged ones: DataFileError naming the file
+# --------------------------------------------------------------------------------------------
+
+from backend_api.raw_data import DataFileError  # noqa: E402
+
+
+def _good_npz_bytes(tmp_path, compressed=False) -> bytes:
+    p = tmp_path / "_src.npz"
+    (np.savez_compressed if compressed else np.savez)(p, **_arrays())
+    data = p.read_bytes()
+    p.unlink()
+    return data
+
+
+def _write_text(path, tmp_path):
+    path.write_text("xcoords,ycoords\n1.0,2.0\n")
+
+
+def _write_hdf5(path, tmp_path):
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(path, "w") as f:
+        f["diff3d"] = np.ones((2, 4, 4), np.float32)
+
+
+def _write_npy(path, tmp_path):
+    with open(path, "wb") as fh:  # np.save on a path would append ".npy"
+        np.save(fh, np.ones((2, 4, 4), np.float32))
+
+
+def _write_empty(path, tmp_path):
+    path.write_bytes(b"")
+
+
+def _write_truncated(path, tmp_path):
+    data = _good_npz_bytes(tmp_path)
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _write_corrupt_member(path, tmp_path):
+    """A complete archive whose compressed diff3d bytes are overwritten with zeros."""
+    import zipfile
+
+    data = bytearray(_good_npz_bytes(tmp_path, compressed=True))
+    path.write_bytes(bytes(data))
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo("diff3d.npy")
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + 4
+    data[start:start + 64] = b"\0" * 64
+    path.write_bytes(bytes(data))
+
+
+def _write_gzip(path, tmp_path):
+    import gzip
+
+    path.write_bytes(gzip.compress(b"not an npz"))
+
+
+BAD_FILES = {
+    # case: (writer, phrase the message must contain)
+    "text": (_write_text, "not an NPZ archive: it is a text file"),
+    "hdf5": (_write_hdf5, "not an NPZ archive: it is an HDF5 file"),
+    "npy": (_write_npy, ".npy array, not an NPZ archive"),
+    "empty": (_write_empty, "empty file (0 bytes)"),
+    "truncated": (_write_truncated, "truncated or corrupt NPZ"),
+    "corrupt_member": (_write_corrupt_member, "truncated or corrupt NPZ: array 'diff3d'"),
+    "gzip": (_write_gzip, "not an NPZ archive: it is a gzip file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_from_file_names_a_bad_file(tmp_path, case):
+    """Each non-NPZ or damaged file: a DataFileError (a ValueError) whose message starts with
+    the path and says what the file is not; the file is untouched and nothing is written."""
+    writer, phrase = BAD_FILES[case]
+    path = tmp_path / "data.npz"
+    writer(path, tmp_path)
+    before = path.read_bytes()
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(DataFileError) as info:
+        RawData.from_file(path)
+    assert isinstance(info.value, ValueError)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: "), msg
+    assert phrase in msg, msg
+    assert "\n" not in msg
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing
+
+
+def test_from_file_directory_is_named(tmp_path):
+    path = tmp_path / "data.npz"
+    path.mkdir()
+    with pytest.raises(DataFileError, match="is a directory, not an NPZ file") as info:
+        RawData.from_file(path)
+    assert str(info.value).startswith(f"{path}: ")
+    assert list(path.iterdir()) == [] and [p.name for p in tmp_path.iterdir()] == ["data.npz"]
+
+
+def test_from_file_validation_errors_name_the_file(tmp_path):
+    a = _arrays()
+    a["diff3d"] = -a["diff3d"]
+    path = tmp_path / "neg.npz"
+    np.savez(path, **a)
+    with pytest.raises(DataFileError, match="diff3d: expected non-negative amplitudes") as info:
+        RawData.from_file(path)
+    assert str(info.value).startswith(f"{path}: diff3d:")
+
+
+def test_from_file_missing_key_names_the_file(tmp_path):
+    a = _arrays()
+    del a["probeGuess"]
+    path = tmp_path / "d.npz"
+    np.savez(path, **a)
+    with pytest.raises(DataFileError, match="missing required key 'probeGuess'") as info:
+        RawData.from_file(path)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+def test_empty_zip_archive_is_an_npz_without_keys(tmp_path):
+    """An empty zip (b'PK\\x05\\x06') is a valid, empty NPZ: the error lists the missing keys."""
+    import zipfile
+
+    path = tmp_path / "d.npz"
+    with zipfile.ZipFile(path, "w"):
+        pass
+    assert path.read_bytes().startswith(b"PK\x05\x06")
+    with pytest.raises(DataFileError, match=r"missing required key 'xcoords'.*present: \[\]"):
+        RawData.from_file(path)
+
+
+@pytest.mark.parametrize("case", ["text", "empty", "truncated", "corrupt_member"])
+def test_ptychodus_training_npz_names_a_bad_file(tmp_path, case):
+    """The ptychodus child's NPZ reader shares the checks."""
+    from backend_api.ptychodus.child import load_ptychodus_training_npz
+
+    writer, phrase = BAD_FILES[case]
+    path = tmp_path / "train_data.npz"
+    writer(path, tmp_path)
+    with pytest.raises(DataFileError) as info:
+        load_ptychodus_training_npz(path)
+    assert str(info.value).startswith(f"{path}: ") and phrase in str(info.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["train_data.npz"]
+
+
+# --------------------------------------------------------------------------------------------
+# Zero positions and an all-zero probe
+# --------------------------------------------------------------------------------------------
+
+def test_zero_positions_named_in_constructor():
+    a = _arrays()
+    with pytest.raises(ValueError, match="xcoords: no scan positions") as info:
+        RawData.from_coords_without_pc(np.zeros(0), np.zeros(0), np.zeros((0, 8, 8), np.float32),
+                                       a["probeGuess"], None)
+    assert "reshape" not in str(info.value)
+
+
+def test_zero_positions_named_from_file(tmp_path):
+    a = _arrays()
+    a.update(xcoords=np.zeros(0), ycoords=np.zeros(0), xcoords_start=np.zeros(0),
+             ycoords_start=np.zeros(0), diff3d=np.zeros((0, 8, 8), np.float32),
+             scan_index=np.zeros(0, np.int64))
+    path = tmp_path / "empty_scan.npz"
+    np.savez(path, **a)
+    with pytest.raises(DataFileError, match="xcoords: no scan positions") as info:
+        RawData.from_file(path)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize("probe_shape", [(8, 8), (1, 8, 8)])
+def test_all_zero_probe_named(probe_shape):
+    a = _arrays()
+    with pytest.raises(ValueError, match="probeGuess is all zero") as info:
+        RawData.from_coords_without_pc(a["xcoords"], a["ycoords"], a["diff3d"],
+                                       np.zeros(probe_shape, np.complex64), None)
+    assert "non-finite" not in str(info.value)
+
+
+def test_all_zero_probe_named_from_file(tmp_path):
+    a = _arrays()
+    a["probeGuess"] = np.zeros((8, 8), np.complex64)
+    path = tmp_path / "zero_probe.npz"
+    np.savez(path, **a)
+    with pytest.raises(DataFileError, match="probeGuess is all zero"):
+        RawData.from_file(path)
+
+
+def test_non_finite_probe_keeps_its_message():
+    a = _arrays()
+    probe = np.zeros((8, 8), np.complex64)
+    probe[3, 3] = np.nan
+    with pytest.raises(ValueError, match="probeGuess: expected only finite values") as info:
+        RawData.from_coords_without_pc(a["xcoords"], a["ycoords"], a["diff3d"], probe, None)
+    assert "all zero" not in str(info.value)

@@ -102,44 +102,57 @@ def _apply_registrations(registrations: Mapping[str, str]) -> None:
         register_backend(name, target, replace=True)
 
 
-def load_ptychodus_training_npz(path: Path) -> Any:
+def load_ptychodus_training_npz(path: Path, *, diffraction_kind: str = "auto") -> Any:
     """Read a PtychoPINN training NPZ *as ptychodus exports it* into a ``RawData``.
 
     ptychodus's export (``save_ptychopinn_training_data``) stores ``diff3d`` as detector
     **intensity** in the source dtype (bad pixels already inpainted) and ``probeGuess`` as the
     ``(modes, H, W)`` stack. The PtychoPINN contract wants amplitude and a ``(H, W)`` probe,
-    so this takes ``sqrt`` and keeps mode 0. Missing ``*_start`` coordinates default to the
-    coordinates and a missing ``scan_index`` to zeros, as in the reference loader.
+    so this takes ``sqrt`` (per ``diffraction_kind``, see
+    :func:`~backend_api.ptychodus.convert.intensity_to_amplitude`: ``'auto'`` leaves data that
+    are already amplitudes alone) and keeps mode 0. Missing ``*_start`` coordinates default to
+    the coordinates and a missing ``scan_index`` to zeros, as in the reference loader.
+
+    A file that is not a readable NPZ raises :class:`backend_api.raw_data.DataFileError`
+    naming it.
     """
-    from backend_api.raw_data import RawData
+    from backend_api.raw_data import DataFileError, RawData, open_npz, read_npz_member
 
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file() and not path.is_dir():
         raise ValueError(
             f"training data file {str(path)!r} does not exist; export train_data.npz and "
             "test_data.npz from ptychodus (Export Training Data) into the input directory first"
         )
-    with np.load(path, allow_pickle=False) as f:
+    with open_npz(path, allow_pickle=False) as f:
         missing = [k for k in ("xcoords", "ycoords", "diff3d", "probeGuess") if k not in f.files]
         if missing:
-            raise ValueError(
-                f"{path.name}: missing key(s) {missing}; found {sorted(f.files)}; expected a "
+            raise DataFileError(
+                f"{path}: missing key(s) {missing}; found {sorted(f.files)}; expected a "
                 "PtychoPINN NPZ (xcoords, ycoords, diff3d, probeGuess[, objectGuess, scan_index])"
             )
-        x = np.asarray(f["xcoords"], dtype=np.float64)
-        y = np.asarray(f["ycoords"], dtype=np.float64)
-        xs = np.asarray(f["xcoords_start"], dtype=np.float64) if "xcoords_start" in f.files else x
-        ys = np.asarray(f["ycoords_start"], dtype=np.float64) if "ycoords_start" in f.files else y
-        diff3d = intensity_to_amplitude(f["diff3d"], name=f"{path.name}: diff3d")
-        probe = first_probe_mode(f["probeGuess"], name=f"{path.name}: probeGuess")
+
+        def get(key: str) -> np.ndarray:
+            return read_npz_member(path, f, key)
+
+        x = np.asarray(get("xcoords"), dtype=np.float64)
+        y = np.asarray(get("ycoords"), dtype=np.float64)
+        xs = np.asarray(get("xcoords_start"), dtype=np.float64) if "xcoords_start" in f.files else x
+        ys = np.asarray(get("ycoords_start"), dtype=np.float64) if "ycoords_start" in f.files else y
+        diff3d = intensity_to_amplitude(get("diff3d"), name=f"{path.name}: diff3d",
+                                        kind=diffraction_kind)
+        probe = first_probe_mode(get("probeGuess"), name=f"{path.name}: probeGuess")
         obj = None
-        if "objectGuess" in f.files and np.ndim(f["objectGuess"]) >= 2:
-            obj = np.asarray(f["objectGuess"])
-            while obj.ndim > 2:
-                obj = obj[0]
-            obj = obj.astype(np.complex64)
+        if "objectGuess" in f.files:
+            obj = np.asarray(get("objectGuess"))
+            if obj.ndim < 2:
+                obj = None
+            else:
+                while obj.ndim > 2:
+                    obj = obj[0]
+                obj = obj.astype(np.complex64)
         scan_index = (
-            np.asarray(f["scan_index"], dtype=np.int64)
+            np.asarray(get("scan_index"), dtype=np.int64)
             if "scan_index" in f.files
             else np.zeros(len(x), dtype=np.int64)
         )
@@ -154,7 +167,11 @@ def load_ptychodus_training_npz(path: Path) -> Any:
         raise ValueError(
             f"{path.name}: probeGuess is {probe.shape}; expected the pattern shape {diff3d.shape[1:]}"
         )
-    return RawData(x, y, xs, ys, diff3d, probe, scan_index, objectGuess=obj)
+    try:
+        return RawData(x, y, xs, ys, diff3d, probe, scan_index, objectGuess=obj,
+                       diffraction_kind="amplitude")  # converted above
+    except ValueError as exc:
+        raise DataFileError(f"{path}: {exc}") from None
 
 
 def _build_configs(job: TrainJob, n_pixels: int, train_path: Path, test_path: Path) -> Any:
@@ -229,8 +246,10 @@ def run_train(job: TrainJob, send: Send) -> None:
     _apply_registrations(job.backend_registrations)
     in_dir, out_dir = Path(job.input_path), Path(job.output_path)
     train_path, test_path = in_dir / "train_data.npz", in_dir / "test_data.npz"
-    train = load_ptychodus_training_npz(train_path)
-    test = load_ptychodus_training_npz(test_path) if test_path.is_file() else None
+    kind = str(job.training.get("diffraction_kind", "auto"))
+    train = load_ptychodus_training_npz(train_path, diffraction_kind=kind)
+    test = (load_ptychodus_training_npz(test_path, diffraction_kind=kind)
+            if test_path.is_file() else None)
     if test is None:
         logger.warning("%s not found; training without validation data.", test_path)
     n_pixels = int(train.diff3d.shape[-1])
@@ -366,6 +385,7 @@ def run_reconstruct(job: ReconstructJob, send: Send) -> None:
         raw = RawData.from_coords_without_pc(
             job.xcoords, job.ycoords, job.amplitude, job.probe,
             np.zeros(n_pat, dtype=np.int64), objectGuess=None,
+            diffraction_kind="amplitude",  # the parent converted per its DiffractionKind
         )
         n_channels = gridsize * gridsize
         if n_channels == 1:

@@ -7,7 +7,10 @@ Conventions (the ones that matter):
 
 - ptychodus hands over diffraction **intensities** (integer counts or floats after its own
   preprocessing); the PtychoPINN contract wants **amplitudes** ``sqrt(intensity)``, float32,
-  DC at ``[N/2, N/2]``.
+  DC at ``[N/2, N/2]``. Data that are already amplitudes (e.g. a PtychoPINN NPZ opened in
+  ptychodus) must not be square-rooted again: the ``DiffractionKind`` setting (``auto`` by
+  default) decides with :func:`backend_api.diffraction.classify_diffraction`, assuming
+  intensity when no rule fires.
 - ptychodus maps a probe position to object pixels with the centred convention: pixel
   ``(W-1)/2`` sits at the object centre, and the probe array's own centre ``(N-1)/2`` lands
   on the position (``ProbeGeometry.resolve_patch_bounds``), so object pixel
@@ -21,7 +24,11 @@ Conventions (the ones that matter):
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+
+from backend_api.diffraction import check_diffraction_kind, classify_diffraction, override_hint
 
 __all__ = [
     "PTYCHODUS_TO_PINN_SHIFT_PX",
@@ -35,13 +42,19 @@ __all__ = [
 PTYCHODUS_TO_PINN_SHIFT_PX = 0.5
 
 
-def intensity_to_amplitude(intensity: np.ndarray, *, name: str = "diff3d") -> np.ndarray:
-    """Diffraction intensities ``(n, H, W)`` (any int/float dtype, may be read-only) to
-    amplitudes ``(n, H, W)`` float32.
+def intensity_to_amplitude(intensity: np.ndarray, *, name: str = "diff3d",
+                           kind: str = "intensity") -> np.ndarray:
+    """Diffraction data ``(n, H, W)`` (any int/float dtype, may be read-only) to amplitudes
+    ``(n, H, W)`` float32.
 
-    Negative values (dark-subtracted or inpainted floats can dip below zero) are clipped to
-    zero before the square root; non-finite values are rejected.
+    ``kind``: ``'intensity'`` takes the square root; ``'amplitude'`` casts only (negative values
+    are refused); ``'auto'`` classifies with
+    :func:`~backend_api.diffraction.classify_diffraction` (``assume='intensity'``, what
+    ptychodus hands over) and warns when it finds amplitudes and so takes no square root.
+    Negative intensities (dark-subtracted or inpainted floats can dip below zero) are clipped
+    to zero before the square root; non-finite values are rejected.
     """
+    kind = check_diffraction_kind(kind, name=f"{name}: diffraction_kind")
     arr = np.asarray(intensity)
     if arr.ndim != 3:
         raise ValueError(f"{name}: expected a (n, H, W) stack of patterns, got shape {arr.shape}")
@@ -52,6 +65,17 @@ def intensity_to_amplitude(intensity: np.ndarray, *, name: str = "diff3d") -> np
     as_float = arr.astype(np.float64)
     if not np.all(np.isfinite(as_float)):
         raise ValueError(f"{name}: intensities contain NaN or inf")
+    if kind == "auto":
+        kind, reason = classify_diffraction(arr, assume="intensity")
+        if kind == "amplitude":
+            warnings.warn(f"{name}: the diffraction data look like amplitudes, not intensities: "
+                          f"{reason}; using them without a square root; "
+                          f"{override_hint('intensity')}", UserWarning, stacklevel=2)
+    if kind == "amplitude":
+        if (as_float < 0).any():
+            raise ValueError(f"{name}: diffraction_kind='amplitude' but the data have negative "
+                             f"values (min {as_float.min():.6g}); amplitudes are >= 0")
+        return as_float.astype(np.float32)
     return np.sqrt(np.clip(as_float, 0.0, None)).astype(np.float32)
 
 

@@ -169,7 +169,9 @@ class PtychoPINNJaxReconstructor(TrainableReconstructor):
             )
         # Same repair as ptychodus's training-data export, so inference sees what training saw.
         repaired = inpaint_bad_pixels(patterns, bad) if bad.any() else patterns
-        amplitude = intensity_to_amplitude(repaired, name="diffraction_patterns")
+        inference = self._settings.snapshot_inference()
+        amplitude = intensity_to_amplitude(repaired, name="diffraction_patterns",
+                                           kind=inference.diffraction_kind)
         geometry = product.object_.get_geometry()
         x = geometry.map_probe_positions_to_object_x_px(product.probe_positions)
         y = geometry.map_probe_positions_to_object_y_px(product.probe_positions)
@@ -179,7 +181,6 @@ class PtychoPINNJaxReconstructor(TrainableReconstructor):
                 f"probe: shape {probe.shape} does not match the pattern shape {patterns.shape[1:]}"
             )
         model = self._settings.snapshot_model()
-        inference = self._settings.snapshot_inference()
         return ReconstructJob(
             backend=self._settings.backend(),
             model_file=self._model_path,

@@ -14,7 +14,9 @@ Groups:
   ``PtychoPINNJaxInference`` — different names, so ptychodus's own library can still be built
   on the same registry afterwards without a "Group already exists" error.
 - ``PtychoPINNJax``: options only this integration has (always ours): the backend name, the
-  random seed, the number of training groups and the stitching crop size.
+  random seed, the number of training groups, the stitching crop size and ``DiffractionKind``
+  (``auto`` | ``amplitude`` | ``intensity``: what ptychodus's diffraction data hold; ``auto``
+  classifies, see :mod:`backend_api.diffraction`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from backend_api.diffraction import check_diffraction_kind
 
 __all__ = [
     "OWN_GROUP",
@@ -74,6 +78,7 @@ class TrainingSnapshot:
     positions_provided: bool
     probe_trainable: bool
     intensity_scale_trainable: bool
+    diffraction_kind: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,7 @@ class InferenceSnapshot:
     n_nearest_neighbors: int
     n_samples: int
     stitch_crop_size: int
+    diffraction_kind: str = "auto"
 
 
 def _create_model_group(registry: Any, name: str) -> Any:
@@ -134,7 +140,15 @@ def _create_own_group(registry: Any) -> Any:
     group.create_integer_parameter("NumGroups", 512, minimum=1)
     # Central crop (pixels) of each predicted patch used for stitching (the reference's M).
     group.create_integer_parameter("StitchCropSize", 20, minimum=2)
+    _add_diffraction_kind(group)
     return group
+
+
+def _add_diffraction_kind(group: Any) -> None:
+    # What ptychodus's patterns hold: 'auto' (classify; intensity unless the data show
+    # otherwise), 'amplitude' (never take the square root) or 'intensity' (always).
+    if "DiffractionKind" not in group.parameters():
+        group.create_string_parameter("DiffractionKind", "auto")
 
 
 def _get_or_create(registry: Any, preferred: str, fallback: str, factory: Any) -> Any:
@@ -163,6 +177,7 @@ class PtychoPINNJaxSettings:
         )
         if OWN_GROUP in set(registry):
             self.own_group = registry[OWN_GROUP]
+            _add_diffraction_kind(self.own_group)
         else:
             self.own_group = _create_own_group(registry)
 
@@ -191,6 +206,11 @@ class PtychoPINNJaxSettings:
 
     def seed(self) -> int:
         return int(self._get(self.own_group, "Seed"))
+
+    def diffraction_kind(self) -> str:
+        """``PtychoPINNJax.DiffractionKind``, checked (``ValueError`` naming the setting)."""
+        value = str(self._get(self.own_group, "DiffractionKind")).strip().lower()
+        return check_diffraction_kind(value, name=f"{OWN_GROUP}.DiffractionKind")
 
     def nepochs(self) -> int:
         return int(self._get(self.training_group, "NumEpochs"))
@@ -229,6 +249,7 @@ class PtychoPINNJaxSettings:
             positions_provided=bool(self._get(g, "PositionsProvided")),
             probe_trainable=bool(self._get(g, "ProbeTrainable")),
             intensity_scale_trainable=bool(self._get(g, "IntensityScaleTrainable")),
+            diffraction_kind=self.diffraction_kind(),
         )
 
     def snapshot_inference(self) -> InferenceSnapshot:
@@ -237,6 +258,7 @@ class PtychoPINNJaxSettings:
             n_nearest_neighbors=int(self._get(g, "NumNearestNeighbors")),
             n_samples=int(self._get(g, "NumSamples")),
             stitch_crop_size=int(self._get(self.own_group, "StitchCropSize")),
+            diffraction_kind=self.diffraction_kind(),
         )
 
 
