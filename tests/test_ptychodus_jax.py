@@ -3,6 +3,8 @@
 - the library flow ptychodus's GUI uses: export train/test data, train (losses per epoch),
   infer, save the model, load it in a fresh library, infer again -> the same object;
 - ptychodus's own batch mode through the launcher (``pinn-jax ptychodus -b ...``);
+- ptychodus's ``ModelCore.batch_mode_execute('train')`` then ``('reconstruct')`` training the real
+  JAX network (no stand-in);
 - quality: on a well-sampled synthetic scan the object inferred through ptychodus correlates
   with the truth over the illuminated region.
 """
@@ -23,7 +25,8 @@ from ptychodus.api.io import load_product  # noqa: E402
 from ptychodus.api.settings import SettingsRegistry  # noqa: E402
 
 from backend_api.ptychodus import PtychoPINNJaxReconstructorLibrary  # noqa: E402
-from test_ptychodus import _write_batch_inputs, build_input  # noqa: E402
+import test_ptychodus  # noqa: E402
+from test_ptychodus import _write_batch_inputs, build_input, run_batch_train_and_reconstruct  # noqa: E402
 from test_ptychodus_support import make_scan, structure_correlation  # noqa: E402
 
 
@@ -112,6 +115,59 @@ def test_jax_batch_reconstruct_through_the_launcher(trained, small_scan, tmp_pat
     assert product.object_.get_array().shape[-2:] == small_scan.obj.shape
     assert np.all(np.isfinite(product.object_.get_array()))
     assert not np.allclose(product.object_.get_array(), 1.0)
+
+
+def _batch_inputs_batch16(directory, scan, lib_key, extra_ini=""):
+    _write_batch_inputs(directory, scan, lib_key, extra_ini)
+    ini = directory / "settings.ini"
+    text = ini.read_text()
+    assert "BatchSize = 8" in text
+    ini.write_text(text.replace("BatchSize = 8", "BatchSize = 16"))
+
+
+@pytest.mark.slow
+def test_modelcore_batch_train_with_the_real_jax_backend(tmp_path, small_scan, monkeypatch):
+    """ptychodus's ModelCore.batch_mode_execute('train') with the real JAX child (2 epochs,
+    batch 16, 25 training patterns), then ('reconstruct') with the model.zip it wrote. The loss
+    curves ptychodus receives are recorded by wrapping the library's train() (which still runs
+    unchanged): 2 finite epochs each; the archive is a JAX model that loads with the data's N;
+    the product's object has the input grid's shape, is finite and no longer the flat guess."""
+    from backend_api.archive import read_manifest
+    from backend_api.ptychodus.library import PtychoPINNJaxReconstructor
+    from pinn_jax.checkpoint import load_model
+
+    seen = []
+    real_train = PtychoPINNJaxReconstructor.train
+
+    def recording_train(self, input_path, output_path):
+        for out in real_train(self, input_path, output_path):
+            seen.append(out)
+            yield out
+
+    monkeypatch.setattr(PtychoPINNJaxReconstructor, "train", recording_train)
+    # batch 16 as the library fixture above: the children reuse its compiled train step from the
+    # persistent compilation cache
+    monkeypatch.setattr(test_ptychodus, "_write_batch_inputs", _batch_inputs_batch16)
+    product = run_batch_train_and_reconstruct(tmp_path, small_scan, registrations=None)
+
+    assert [o.progress for o in seen] == [1, 2]
+    last = seen[-1]
+    assert [v.epoch for v in last.training_loss] == [1, 2]
+    assert [v.epoch for v in last.validation_loss] == [1, 2]
+    assert all(np.isfinite(v.value) for v in [*last.training_loss, *last.validation_loss])
+
+    work = tmp_path / "work"
+    assert read_manifest(work / "model.zip")["backend"] == "jax"
+    model, params = load_model(work / "wts.h5.zip")
+    assert params["N"] == 64 and params["gridsize"] == 1 and np.isfinite(params["intensity_scale"])
+    probe = np.asarray(model.probe)
+    assert probe.shape[:2] == (64, 64) and np.all(np.isfinite(probe))
+
+    arr = product.object_.get_array()
+    assert arr.shape[-2:] == small_scan.obj.shape
+    assert np.iscomplexobj(arr) and np.all(np.isfinite(arr))
+    assert not np.allclose(arr, 1.0)
+    assert len(product.probe_positions) == len(small_scan.x_px)
 
 
 @pytest.mark.slow
