@@ -85,3 +85,13 @@ def poisson_nll_elementwise_bound(pred, tgt, *, tf_form: bool = False) -> np.nda
     if tf_form:
         return EPS * (3 * np.abs(p) * (1 + np.abs(np.log(p))) + 3 * tl)
     return EPS * (np.abs(p) + 3 * tl)
+
+
+def model_conv_tol(model) -> float:
+    """``conv_net_tol`` over every convolution kernel of a ``PtychoPINN`` (an nnx module)."""
+    import jax
+    from flax import nnx
+
+    kernels = [leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model))
+               if "kernel" in jax.tree_util.keystr(path)]
+    return conv_net_tol(kernels)

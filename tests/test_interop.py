@@ -36,7 +36,7 @@ from pinn_jax.interop import (
     spec_from_tf_params,
 )
 from pinn_jax.model import PtychoPINN, autoencoder_apply, diffraction_to_obj_apply
-from numerics import EPS, conv_net_tol, mean_error_bound, poisson_nll_elementwise_bound, within
+from numerics import EPS, mean_error_bound, model_conv_tol, poisson_nll_elementwise_bound, within
 
 FIX = Path(__file__).parent / "fixtures"
 
@@ -75,9 +75,7 @@ def _rejects(bad, ref, tol, *, floor=None) -> bool:
 
 def _tols(model) -> tuple[float, float, float]:
     """(object, scaled amplitude, intensity) tolerances of the module docstring for ``model``."""
-    kernels = [leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model))
-               if "kernel" in jax.tree_util.keystr(path)]
-    t_obj = conv_net_tol(kernels)
+    t_obj = model_conv_tol(model)
     t_amp = t_obj + math.log2(model.spec.N ** 2) * EPS
     return t_obj, t_amp, 2 * t_amp + EPS
 
