@@ -480,6 +480,16 @@ def _spread_detail(global_offsets) -> str:
     return f"the {len(o)} positions span {span[0]:.6g} x {span[1]:.6g} pixels (x by y)"
 
 
+def check_position_canvas(global_offsets, M: int, *, max_canvas_pixels: int | None = None,
+                          what: str = "the stitching canvas") -> tuple[int, int]:
+    """Host-side: the :func:`stitch_canvas_shape` of these offsets, refused (ValueError naming
+    its size, memory and the positions' span) above ``max_canvas_pixels``; nothing allocated."""
+    shape = stitch_canvas_shape(global_offsets, M)
+    check_stitch_canvas(shape, int(M), max_canvas_pixels=max_canvas_pixels, what=what,
+                        detail=_spread_detail(global_offsets))
+    return shape
+
+
 def stitch_canvas_geometry(global_offsets, M: int) -> tuple[np.ndarray, int, int]:
     """Host-side (numpy) part of :func:`reassemble_position`.
 
@@ -523,9 +533,9 @@ def reassemble_position(patches, global_offsets, M: int = 10, *, chunk: int = 25
     patches = _as_patch_stack(patches, "reassemble_position")
     n = patches.shape[0]
     _as_xy_rows(global_offsets, n, "reassemble_position", "global_offsets")
+    check_position_canvas(global_offsets, int(M), max_canvas_pixels=max_canvas_pixels,
+                          what="reassemble_position: the stitching canvas")
     centred, pad, S = stitch_canvas_geometry(global_offsets, M)
-    check_stitch_canvas((S, S), int(M), max_canvas_pixels=max_canvas_pixels,
-                        what="reassemble_position: the stitching canvas", detail=_spread_detail(global_offsets))
     crops = _crop_center(patches, int(M), "reassemble_position").astype(jnp.complex64)
     crops, shifts, weights, chunk = _pad_rows(crops, jnp.asarray(centred), chunk)
     num, cov = _shift_and_sum(crops, shifts, weights, out_shape=(S, S), base=pad, chunk=chunk)

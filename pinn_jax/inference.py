@@ -193,9 +193,7 @@ def check_stitch_inputs(
     from backend_api.canvas import check_positions_overlap
     from pinn_jax import geometry
 
-    shape = geometry.stitch_canvas_shape(global_offsets, M)
-    geometry.check_stitch_canvas(shape, int(M), max_canvas_pixels=max_canvas_pixels,
-                                 what="the stitching canvas", detail=geometry._spread_detail(global_offsets))
+    geometry.check_position_canvas(global_offsets, int(M), max_canvas_pixels=max_canvas_pixels)
     if object_shape is not None:
         geometry.check_stitch_canvas(tuple(object_shape), int(M), max_canvas_pixels=max_canvas_pixels,
                                      what="the object grid")
