@@ -603,18 +603,18 @@ def _validate_simulate(args) -> None:
 def _validate_train(args) -> None:
     if args.cfg_train_data_file is None:
         raise CLIError("--train_data_file is required")
-    _check_data_file(args.cfg_train_data_file, "--train_data_file")
-    if args.cfg_test_data_file is not None:
-        _check_data_file(args.cfg_test_data_file, "--test_data_file")
-    elif args.do_stitching:
-        raise CLIError("--do_stitching reconstructs the test data: also give --test_data_file")
-    cfg = _training_config(args)
+    cfg = _training_config(args)  # every numeric/choice flag, before the files are looked at
     out = Path(cfg.output_dir)
     _check_output_dir(out, "--output_dir")
     ckpt_dir = args.checkpoint_dir or out / "checkpoints"
     _check_output_dir(ckpt_dir, "--checkpoint_dir" if args.checkpoint_dir else "--output_dir (its checkpoints folder)")
     if args.resume and not ckpt_dir.is_dir():
         raise CLIError(f"--resume: no checkpoint folder {ckpt_dir} (train once without --resume first)")
+    _check_data_file(args.cfg_train_data_file, "--train_data_file")
+    if args.cfg_test_data_file is not None:
+        _check_data_file(args.cfg_test_data_file, "--test_data_file")
+    elif args.do_stitching:
+        raise CLIError("--do_stitching reconstructs the test data: also give --test_data_file")
 
 
 def _validate_infer(args) -> None:
