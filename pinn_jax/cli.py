@@ -2,8 +2,12 @@
 
 ``pinn-jax <command> --help`` lists every option. Bad flags and bad paths give a one-line
 error and exit code 2; a diverged training exits 1; Ctrl-C exits 130 (``train --resume``
-continues from the last epoch checkpoint). Heavy modules (jax, flax) are imported only once
-the arguments are valid, so ``--help`` and argument errors are fast.
+continues from the last epoch checkpoint). Every path and flag is checked (``_VALIDATORS``)
+before any data are read or any folder is created, and a data file that cannot be read (empty,
+truncated, not an NPZ) is reported on one line naming the flag and the file. Heavy modules
+(jax, flax) are imported only once the arguments are valid, so ``--help`` and argument errors
+are fast. ``--max_canvas_pixels`` (train, infer; default ``$PINN_JAX_MAX_CANVAS_PIXELS`` or
+2**28) bounds the stitching canvas, checked before training or before the network runs.
 
 ``train`` takes the reference training script's flags: every ``TrainingConfig`` and
 ``ModelConfig`` field as ``--<field_name>`` (booleans as ``--flag true|false``; the reference's
@@ -719,7 +723,8 @@ def cmd_train(args) -> int:
             "data at gridsize > 1; lower --n_groups or pass --enable_oversampling true --neighbor_pool_size K"
         )
     if args.do_stitching and test_raw is not None:
-        # From the positions (the group centres at gridsize > 1 lie among them): before training.
+        # Before training, from the positions: exact at gridsize 1; at gridsize > 1 the group
+        # centres (means of neighbouring positions) span slightly less, and the stitch re-checks.
         _check_canvas(test_raw.xcoords, test_raw.ycoords, 20, args.max_canvas_pixels, "--test_data_file")
 
     from backend_api import params as legacy
