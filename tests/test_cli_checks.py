@@ -326,7 +326,8 @@ def test_any_loader_failure_becomes_one_line_naming_flag_and_file(capsys, monkey
     if command == "train":
         argv, flag = ["train", "--train_data_file", work["data"], "--output_dir", out], "--train_data_file"
     else:
-        argv, flag = ["infer", "--model_path", work["model"], "--test_data", work["data"], "--output_dir", out], "--test_data"
+        argv = ["infer", "--model_path", work["model"], "--test_data", work["data"], "--output_dir", out]
+        flag = "--test_data"
     rc, _, err = _run_main(capsys, argv)
     assert rc == 2
     line = _one_line(err)
