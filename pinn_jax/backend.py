@@ -108,6 +108,7 @@ def reconstruct(
     transpose: bool = False,
     coord_scale: float = 1.0,
     batch_size: int = 64,
+    max_canvas_pixels: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Reconstruct the object from raw data (or a container) with a trained model.
 
@@ -117,7 +118,8 @@ def reconstruct(
     (S,S), results)``; with ``object_shape=(H, W)`` also ``results['object_on_grid']``
     (``(H, W)`` complex64, patch centres at the groups' scan positions in object pixels) and
     ``results['object_weights']``, plus ``results['amplitude_on_grid']`` /
-    ``results['phase_on_grid']``.
+    ``results['phase_on_grid']``. ``max_canvas_pixels``: see :func:`pinn_jax.inference.reconstruct`
+    (huge canvases and positions off the object grid are refused before the network runs).
     """
     from pinn_jax import inference
 
@@ -139,6 +141,7 @@ def reconstruct(
         coord_scale=coord_scale,
         object_shape=object_shape,
         batch_size=batch_size,
+        max_canvas_pixels=max_canvas_pixels,
     )
     results["container"] = container
     if object_shape is not None:

@@ -2,8 +2,12 @@
 
 ``pinn-jax <command> --help`` lists every option. Bad flags and bad paths give a one-line
 error and exit code 2; a diverged training exits 1; Ctrl-C exits 130 (``train --resume``
-continues from the last epoch checkpoint). Heavy modules (jax, flax) are imported only once
-the arguments are valid, so ``--help`` and argument errors are fast.
+continues from the last epoch checkpoint). Every path and flag is checked (``_VALIDATORS``)
+before any data are read or any folder is created, and a data file that cannot be read (empty,
+truncated, not an NPZ) is reported on one line naming the flag and the file. Heavy modules
+(jax, flax) are imported only once the arguments are valid, so ``--help`` and argument errors
+are fast. ``--max_canvas_pixels`` (train, infer; default ``$PINN_JAX_MAX_CANVAS_PIXELS`` or
+2**28) bounds the stitching canvas, checked before training or before the network runs.
 
 ``train`` takes the reference training script's flags: every ``TrainingConfig`` and
 ``ModelConfig`` field as ``--<field_name>`` (booleans as ``--flag true|false``; the reference's
@@ -93,6 +97,8 @@ def _model_location(text: str) -> Path:
         return p
     if not p.exists():
         raise argparse.ArgumentTypeError(f"model path not found: {text}")
+    if not p.is_dir():
+        raise argparse.ArgumentTypeError(f"model path is neither a directory nor a .zip file: {text}")
     if p.is_dir() and not (p / "wts.h5.zip").is_file():
         raise argparse.ArgumentTypeError(f"no wts.h5.zip in model directory {text}")
     return p
@@ -264,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--do_stitching", action="store_true",
                    help="reconstruct the test data after training and write the PNGs")
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
+    _canvas_flag(g)
     p.set_defaults(_tnames=tnames, _mnames=mnames)
     _common_flags(p)
 
@@ -294,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_int_arg, default=45, help="grouping seed (default: 45, as the reference)")
     p.add_argument("--diffraction_kind", choices=DIFFRACTION_KINDS, default="auto",
                    help="what --test_data's diffraction holds (default: auto, see the README's data contract)")
+    _canvas_flag(p)
     _common_flags(p)
 
     # convert ------------------------------------------------------------------------------
@@ -321,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("ptychodus_args", nargs=argparse.REMAINDER, help="arguments for ptychodus")
     return parser
+
+
+def _canvas_flag(p) -> None:
+    p.add_argument("--max_canvas_pixels", type=_positive_int, default=None, metavar="PIXELS",
+                   help="refuse stitching canvases larger than this (default: $PINN_JAX_MAX_CANVAS_PIXELS "
+                        "or 2**28 = 16384 x 16384, about 3 GiB)")
 
 
 def _common_flags(p: argparse.ArgumentParser) -> None:
@@ -354,6 +368,24 @@ def _setup_logging(args) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _read_errors() -> tuple:
+    """What reading a damaged or foreign data file can raise: numpy's loader, zipfile, zlib and
+    pickle let their own exceptions through (EOFError for an empty file, BadZipFile for a
+    truncated one, TypeError for a .npy under an .npz name, zlib.error for a corrupt member)."""
+    import pickle
+    import zipfile
+    import zlib
+
+    return (ValueError, OSError, EOFError, KeyError, IndexError, TypeError, MemoryError,
+            zipfile.BadZipFile, zlib.error, pickle.UnpicklingError)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The exception as one line; the type is named unless it is a plain message (ValueError)."""
+    text = " ".join(str(exc).split()) or "(no message)"
+    return text if isinstance(exc, ValueError) else f"{type(exc).__name__}: {text}"
+
+
 def _load_raw(path: Path, what: str, diffraction_kind: str = "auto"):
     from backend_api.raw_data import RawData
 
@@ -361,8 +393,8 @@ def _load_raw(path: Path, what: str, diffraction_kind: str = "auto"):
         return RawData.from_file(path, diffraction_kind=diffraction_kind)
     except FileNotFoundError as exc:
         raise CLIError(f"{what}: file not found: {path}") from exc
-    except (ValueError, KeyError, OSError) as exc:
-        raise CLIError(f"{what}: cannot read {path}: {exc}") from exc
+    except _read_errors() as exc:
+        raise CLIError(f"{what}: cannot read {path}: {_one_line(exc)}") from exc
 
 
 def _subsample(raw, n: int, seed: int | None):
@@ -498,6 +530,123 @@ def _metrics_summary(m: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# up-front checks: _run calls _VALIDATORS[command] before the command reads or writes anything
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_output_dir(path, flag: str) -> None:
+    """``path`` is a writable directory or can be created as one; nothing is created here."""
+    p = Path(path)
+    if p.is_dir():
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise CLIError(f"{flag}: directory {p} is not writable")
+        return
+    if p.is_symlink() and not p.exists():
+        raise CLIError(f"{flag}: {p} is a broken symbolic link, not a directory")
+    if p.exists():
+        kind = "a regular file" if p.is_file() else "not a directory"
+        raise CLIError(f"{flag}: {p} exists and is {kind}; give a directory")
+    ancestor = p.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise CLIError(f"{flag}: cannot create directory {p}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CLIError(f"{flag}: cannot create directory {p}: {ancestor} is not writable")
+
+
+def _check_data_file(path, flag: str) -> None:
+    """``path`` is a readable NPZ (zip) file, by :func:`backend_api.raw_data.check_npz_file`
+    (magic bytes and the zip directory only); the content is checked when it is loaded
+    (:func:`_load_raw`)."""
+    from backend_api.raw_data import DataFileError, check_npz_file
+
+    p = Path(path)
+    try:
+        check_npz_file(p)
+    except FileNotFoundError as exc:
+        raise CLIError(f"{flag}: file not found: {p}") from exc
+    except DataFileError as exc:
+        raise CLIError(f"{flag}: cannot read {exc}") from exc
+
+
+def _check_model_archive_name(path: Path, flag: str) -> None:
+    """infer loads ``<dir>/wts.h5.zip``: a .zip file of another name would load its neighbour."""
+    if path.is_file() and path.name != "wts.h5.zip":
+        raise CLIError(f"{flag}: give the model directory or its wts.h5.zip, got the file {path}")
+
+
+def _validate_demo(args) -> None:
+    _check_output_dir(args.output_dir, "--output-dir")
+    C = args.gridsize**2
+    n_train = round(args.n_images * 0.5)
+    if min(n_train, args.n_images - n_train) < C:
+        raise CLIError(f"--gridsize {args.gridsize} needs at least {C} positions in each half of the "
+                       f"data; --n-images {args.n_images} gives {min(n_train, args.n_images - n_train)}")
+
+
+def _validate_simulate(args) -> None:
+    _check_output_dir(args.output_dir, "--output-dir")
+    if not 0.0 < args.train_fraction < 1.0:
+        raise CLIError(f"--train-fraction must be in (0, 1), got {args.train_fraction}")
+
+
+def _validate_train(args) -> None:
+    if args.cfg_train_data_file is None:
+        raise CLIError("--train_data_file is required")
+    cfg = _training_config(args)  # every numeric/choice flag, before the files are looked at
+    out = Path(cfg.output_dir)
+    _check_output_dir(out, "--output_dir")
+    ckpt_dir = args.checkpoint_dir or out / "checkpoints"
+    _check_output_dir(ckpt_dir, "--checkpoint_dir" if args.checkpoint_dir else "--output_dir (its checkpoints folder)")
+    if args.resume and not ckpt_dir.is_dir():
+        raise CLIError(f"--resume: no checkpoint folder {ckpt_dir} (train once without --resume first)")
+    _check_data_file(args.cfg_train_data_file, "--train_data_file")
+    if args.cfg_test_data_file is not None:
+        _check_data_file(args.cfg_test_data_file, "--test_data_file")
+    elif args.do_stitching:
+        raise CLIError("--do_stitching reconstructs the test data: also give --test_data_file")
+
+
+def _validate_infer(args) -> None:
+    _check_model_archive_name(args.model_path, "--model_path")
+    _check_data_file(args.test_data, "--test_data")
+    _check_output_dir(args.output_dir, "--output_dir")
+    if args.M % 2:
+        raise CLIError(f"--M must be even (the crop is centred on patch pixel N/2), got {args.M}")
+    if args.phase_vmin is not None and args.phase_vmax is not None and args.phase_vmin >= args.phase_vmax:
+        raise CLIError(f"--phase_vmin {args.phase_vmin:g} must be below --phase_vmax {args.phase_vmax:g}")
+
+
+def _validate_convert(args) -> None:
+    if args.output.suffix == ".zip":
+        raise CLIError(f"output: give a folder (wts.h5.zip is written inside it), got {args.output}")
+    _check_output_dir(args.output, "output")
+
+
+_VALIDATORS = {
+    "demo": _validate_demo,
+    "simulate": _validate_simulate,
+    "train": _validate_train,
+    "infer": _validate_infer,
+    "convert": _validate_convert,
+}
+
+
+def _check_canvas(xcoords, ycoords, M: int, max_canvas_pixels, flag: str) -> None:
+    """Refuse, before any work, positions whose stitching canvas would exceed the bound."""
+    import numpy as np
+
+    from pinn_jax import geometry
+
+    pos = np.column_stack([np.ravel(xcoords), np.ravel(ycoords)]).astype(np.float64)
+    try:
+        geometry.check_position_canvas(pos, M, max_canvas_pixels=max_canvas_pixels)
+    except ValueError as exc:
+        raise CLIError(f"{flag}: {_one_line(exc)}") from exc
+
+
+# ---------------------------------------------------------------------------------------------
 # commands
 # ---------------------------------------------------------------------------------------------
 
@@ -505,9 +654,7 @@ def _metrics_summary(m: dict) -> dict:
 def cmd_simulate(args) -> int:
     from pinn_jax import simulate
 
-    if not 0.0 < args.train_fraction < 1.0:
-        raise CLIError(f"--train-fraction must be in (0, 1), got {args.train_fraction}")
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    # simulate_to_npz creates the folder when it writes, so a rejected setting leaves nothing
     t0 = time.perf_counter()
     try:
         train_p, test_p = simulate.simulate_to_npz(
@@ -539,16 +686,9 @@ def _training_config(args):
 def cmd_train(args) -> int:
     import numpy as np
 
-    if args.cfg_train_data_file is None:
-        raise CLIError("--train_data_file is required")
-    for flag, path in (("--train_data_file", args.cfg_train_data_file), ("--test_data_file", args.cfg_test_data_file)):
-        if path is not None and not Path(path).is_file():
-            raise CLIError(f"{flag}: file not found: {path}")
     cfg = _training_config(args)
     out = Path(cfg.output_dir)
     ckpt_dir = args.checkpoint_dir or out / "checkpoints"
-    if args.resume and not ckpt_dir.is_dir():
-        raise CLIError(f"--resume: no checkpoint folder {ckpt_dir} (train once without --resume first)")
 
     kind = cfg.diffraction_kind
     train_raw = _load_raw(Path(cfg.train_data_file), "--train_data_file", kind)
@@ -570,6 +710,10 @@ def cmd_train(args) -> int:
             f"--n_groups {cfg.n_groups} exceeds the {len(train_raw.xcoords)} positions of the training "
             "data at gridsize > 1; lower --n_groups or pass --enable_oversampling true --neighbor_pool_size K"
         )
+    if args.do_stitching and test_raw is not None:
+        # Before training, from the positions: exact at gridsize 1; at gridsize > 1 the group
+        # centres (means of neighbouring positions) span slightly less, and the stitch re-checks.
+        _check_canvas(test_raw.xcoords, test_raw.ycoords, 20, args.max_canvas_pixels, "--test_data_file")
 
     from backend_api import params as legacy
     from backend_api.config import update_legacy_dict
@@ -603,7 +747,8 @@ def cmd_train(args) -> int:
     if args.do_stitching and test_raw is not None and "reconstructed_obj" in results:
         from pinn_jax import inference
 
-        amp, phase, _ = inference.stitch(results["reconstructed_obj"], results["test_container"].global_offsets, M=20)
+        amp, phase, _ = inference.stitch(results["reconstructed_obj"], results["test_container"].global_offsets, M=20,
+                                         max_canvas_pixels=args.max_canvas_pixels)
         _save_images(amp, phase, out)
         print(f"wrote {out / 'reconstructed_amplitude.png'} and {out / 'reconstructed_phase.png'}")
     return 0
@@ -647,6 +792,8 @@ def cmd_infer(args) -> int:
     n_px = int(np.shape(raw.diff3d)[-1])
     if n_px != N:
         raise CLIError(f"--test_data has {n_px}x{n_px} patterns but the model was trained on {N}x{N}")
+    if args.M > N:
+        raise CLIError(f"--M {args.M} exceeds the model's {N}x{N} patches")
     C = model.gridsize**2
     n_pos = len(raw.xcoords)
     n_groups = n_pos if C == 1 else max(1, n_pos // C)
@@ -656,7 +803,8 @@ def cmd_infer(args) -> int:
     obj_shape = None if raw.objectGuess is None else tuple(np.shape(raw.objectGuess))
     t0 = time.perf_counter()
     try:
-        amp, phase, res = jb.reconstruct(model, raw, conf, args.M, obj_shape, seed=args.seed)
+        amp, phase, res = jb.reconstruct(model, raw, conf, args.M, obj_shape, seed=args.seed,
+                                         max_canvas_pixels=args.max_canvas_pixels)
     except ValueError as exc:
         raise CLIError(f"--test_data: {exc}") from exc
     elapsed = time.perf_counter() - t0
@@ -730,8 +878,6 @@ def cmd_convert(args) -> int:
     except ValueError as exc:
         raise CLIError(f"{src}: {exc}") from exc
     dest = args.output
-    if dest.suffix == ".zip":
-        raise CLIError(f"output: give a folder (wts.h5.zip is written inside it), got {dest}")
     path = save_model(model, dest, None, params=params)
     print(f"converted {src} -> {path} (N={model.spec.N}, gridsize={model.spec.gridsize}, "
           f"intensity_scale={float(model.intensity_scale):.6g})")
@@ -759,7 +905,6 @@ def cmd_demo(args) -> int:
     from pinn_jax.backend import JaxBackend, reconstruct
 
     out = args.output_dir
-    out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     try:
         train_raw, test_raw = simulate.simulate_dataset(
@@ -776,6 +921,7 @@ def cmd_demo(args) -> int:
         )
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
+    out.mkdir(parents=True, exist_ok=True)
     t_sim = time.perf_counter() - t_start
     print(f"simulated {n_train} training and {len(test_raw.xcoords)} test patterns "
           f"(N={args.N}, {args.object_size}px '{args.kind}' objects) in {t_sim:.1f} s")
@@ -873,16 +1019,19 @@ def _run(args) -> int:
     if args.command != "ptychodus":
         _default_compile_cache()
     try:
+        validate = _VALIDATORS.get(args.command)
+        if validate is not None:
+            validate(args)
         return _COMMANDS[args.command](args)
     except CLIError as exc:
-        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{PROG} {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\n{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130
     except (OSError, ValueError) as exc:
         # Any remaining input problem (a malformed or unwritable path, a value a library rejected).
-        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{PROG} {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
 
 

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from backend_api.canvas import check_canvas_size
+
 __all__ = [
     "translate",
     "pad_to",
@@ -381,7 +383,7 @@ def _shift_and_sum(crops, shifts, weights, *, out_shape, base, chunk):
     n, M, _ = crops.shape
     H, W = out_shape
     size = M + 3
-    mg = size          # margin so that every window fits after clamping
+    mg = _stitch_margin(M)  # margin so that every window fits after clamping
     Hb, Wb = H + 2 * mg, W + 2 * mg
     nchunks = n // chunk
 
@@ -426,6 +428,68 @@ def _pad_rows(crops, shifts, chunk):
     return crops, shifts, weights, chunk
 
 
+def _stitch_margin(M: int) -> int:
+    """Margin (pixels, each side) :func:`_shift_and_sum` adds around its canvas: one window."""
+    return int(M) + 3
+
+
+def stitch_working_shape(shape, M: int) -> tuple[int, int]:
+    """Host-side: the ``(H, W)`` a stitch onto an ``shape`` canvas really allocates (with margins)."""
+    mg = _stitch_margin(M)
+    return int(shape[0]) + 2 * mg, int(shape[1]) + 2 * mg
+
+
+def check_stitch_canvas(shape, M: int, *, max_canvas_pixels: int | None = None,
+                        what: str = "stitching canvas", detail: str = "") -> None:
+    """Host-side: refuse (``backend_api.canvas.CanvasTooLargeError``, a ValueError) a stitch onto
+    an ``(H, W)`` canvas above ``max_canvas_pixels`` (default: ``$PINN_JAX_MAX_CANVAS_PIXELS``
+    or ``backend_api.canvas.DEFAULT_MAX_CANVAS_PIXELS``), naming its size and memory. Nothing
+    is allocated."""
+    check_canvas_size(shape, max_pixels=max_canvas_pixels, allocated_shape=stitch_working_shape(shape, M),
+                      what=what, detail=detail)
+
+
+def _centred_offsets(global_offsets) -> np.ndarray:
+    """``(n, 2)`` float32 offsets minus their (float64) mean, validated."""
+    o = np.asarray(global_offsets, np.float64)
+    n = o.shape[0] if o.ndim else 0
+    o = _as_xy_rows(o, n, "reassemble_position", "global_offsets")
+    if n == 0:
+        raise ValueError("reassemble_position: need at least one patch (global_offsets is empty)")
+    if not np.all(np.isfinite(o)):
+        raise ValueError("reassemble_position: global_offsets contain non-finite values")
+    return (o - o.mean(axis=0, keepdims=True)).astype(np.float32)
+
+
+def _canvas_pad(centred: np.ndarray) -> int:
+    pad = int(math.ceil(float(np.max(np.abs(centred)))))
+    return pad + pad % 2
+
+
+def stitch_canvas_shape(global_offsets, M: int) -> tuple[int, int]:
+    """Host-side: the ``(S, S)`` canvas :func:`reassemble_position` would return for these
+    offsets and crop side ``M``, computed from the ``(n, 2)`` offsets alone (no canvas is
+    allocated; cheap however far apart the positions are)."""
+    S = int(M) + 2 * _canvas_pad(_centred_offsets(global_offsets))
+    return S, S
+
+
+def _spread_detail(global_offsets) -> str:
+    o = np.asarray(global_offsets, np.float64).reshape(-1, 2)
+    span = o.max(axis=0) - o.min(axis=0)
+    return f"the {len(o)} positions span {span[0]:.6g} x {span[1]:.6g} pixels (x by y)"
+
+
+def check_position_canvas(global_offsets, M: int, *, max_canvas_pixels: int | None = None,
+                          what: str = "the stitching canvas") -> tuple[int, int]:
+    """Host-side: the :func:`stitch_canvas_shape` of these offsets, refused (ValueError naming
+    its size, memory and the positions' span) above ``max_canvas_pixels``; nothing allocated."""
+    shape = stitch_canvas_shape(global_offsets, M)
+    check_stitch_canvas(shape, int(M), max_canvas_pixels=max_canvas_pixels, what=what,
+                        detail=_spread_detail(global_offsets))
+    return shape
+
+
 def stitch_canvas_geometry(global_offsets, M: int) -> tuple[np.ndarray, int, int]:
     """Host-side (numpy) part of :func:`reassemble_position`.
 
@@ -439,20 +503,13 @@ def stitch_canvas_geometry(global_offsets, M: int) -> tuple[np.ndarray, int, int
       ``ceil(max|centred|)`` rounded up to even, and the canvas side ``S = M + 2 * pad``. Canvas
       pixel ``(r, c)`` is object point ``(x, y) = (c - (M/2 + pad) + mean_x, r - (M/2 + pad) + mean_y)``.
     """
-    o = np.asarray(global_offsets, np.float64)
-    n = o.shape[0] if o.ndim else 0
-    o = _as_xy_rows(o, n, "reassemble_position", "global_offsets")
-    if n == 0:
-        raise ValueError("reassemble_position: need at least one patch (global_offsets is empty)")
-    if not np.all(np.isfinite(o)):
-        raise ValueError("reassemble_position: global_offsets contain non-finite values")
-    centred = (o - o.mean(axis=0, keepdims=True)).astype(np.float32)
-    pad = int(math.ceil(float(np.max(np.abs(centred))))) if n else 0
-    pad += pad % 2
+    centred = _centred_offsets(global_offsets)
+    pad = _canvas_pad(centred)
     return centred, pad, int(M) + 2 * pad
 
 
-def reassemble_position(patches, global_offsets, M: int = 10, *, chunk: int = 256) -> jax.Array:
+def reassemble_position(patches, global_offsets, M: int = 10, *, chunk: int = 256,
+                        max_canvas_pixels: int | None = None) -> jax.Array:
     """Stitch predicted patches into one object canvas, as the reference ``reassemble_position``.
 
     Steps: keep the central ``M x M`` of each patch; centre the offsets by their mean; place each
@@ -466,6 +523,8 @@ def reassemble_position(patches, global_offsets, M: int = 10, *, chunk: int = 25
         positions in object pixels (any float dtype; host numpy -- the canvas size depends on them).
       M: central crop side (the workflows use 20), even, ``<= N``.
       chunk: patches processed per scan step (memory knob only).
+      max_canvas_pixels: bound on ``S * S`` (see :func:`check_stitch_canvas`); a larger canvas
+        is refused with a ValueError naming its size and memory before anything is allocated.
 
     Returns:
       ``(S, S, 1)`` complex64. Not jit-able as a whole (the output size is data dependent); the
@@ -474,6 +533,8 @@ def reassemble_position(patches, global_offsets, M: int = 10, *, chunk: int = 25
     patches = _as_patch_stack(patches, "reassemble_position")
     n = patches.shape[0]
     _as_xy_rows(global_offsets, n, "reassemble_position", "global_offsets")
+    check_position_canvas(global_offsets, int(M), max_canvas_pixels=max_canvas_pixels,
+                          what="reassemble_position: the stitching canvas")
     centred, pad, S = stitch_canvas_geometry(global_offsets, M)
     crops = _crop_center(patches, int(M), "reassemble_position").astype(jnp.complex64)
     crops, shifts, weights, chunk = _pad_rows(crops, jnp.asarray(centred), chunk)
@@ -482,7 +543,8 @@ def reassemble_position(patches, global_offsets, M: int = 10, *, chunk: int = 25
 
 
 def reassemble_on_grid_with_weights(patches, positions, object_shape, M: int, *,
-                                    chunk: int = 256) -> tuple[jax.Array, jax.Array]:
+                                    chunk: int = 256,
+                                    max_canvas_pixels: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Stitch patches directly onto a given object pixel grid; also return the coverage.
 
     Patch pixel ``(N/2, N/2)`` (its centre, where the ground-truth patch convention puts the scan
@@ -495,6 +557,7 @@ def reassemble_on_grid_with_weights(patches, positions, object_shape, M: int, *,
       object_shape: ``(H, W)`` of the target object grid.
       M: central crop side, even, ``<= N``.
       chunk: patches per scan step (memory knob only).
+      max_canvas_pixels: bound on ``H * W`` (see :func:`check_stitch_canvas`).
 
     jit-safe with static ``object_shape``, ``M`` and ``chunk`` (positions may be traced; they are
     then handled in float32, the host path subtracts ``M/2`` in float64 first).
@@ -509,6 +572,8 @@ def reassemble_on_grid_with_weights(patches, positions, object_shape, M: int, *,
     if len(tuple(object_shape)) != 2 or min(object_shape) <= 0:
         raise ValueError(f"reassemble_on_grid: object_shape must be (H, W) > 0, got {object_shape!r}")
     H, W = (int(v) for v in object_shape)
+    check_stitch_canvas((H, W), int(M), max_canvas_pixels=max_canvas_pixels,
+                        what="reassemble_on_grid: the object grid")
     # Crop pixel M/2 sits at canvas (M/2, M/2) before translation; it must end at (x, y).
     if isinstance(positions, jax.core.Tracer):
         # under jit: float32 arithmetic (equal to the host path for float32-exact positions)
@@ -523,6 +588,8 @@ def reassemble_on_grid_with_weights(patches, positions, object_shape, M: int, *,
     return num / (jnp.float32(STITCH_EPS) + cov), cov
 
 
-def reassemble_on_grid(patches, positions, object_shape, M: int, *, chunk: int = 256) -> jax.Array:
+def reassemble_on_grid(patches, positions, object_shape, M: int, *, chunk: int = 256,
+                       max_canvas_pixels: int | None = None) -> jax.Array:
     """:func:`reassemble_on_grid_with_weights` without the weights: ``(H, W)`` complex64."""
-    return reassemble_on_grid_with_weights(patches, positions, object_shape, M, chunk=chunk)[0]
+    return reassemble_on_grid_with_weights(patches, positions, object_shape, M, chunk=chunk,
+                                           max_canvas_pixels=max_canvas_pixels)[0]

@@ -25,6 +25,7 @@ __all__ = [
     "predict_autoencoder",
     "reconstruct",
     "stitch",
+    "check_stitch_inputs",
     "load_inference_bundle",
 ]
 
@@ -155,6 +156,51 @@ def predict_autoencoder(model, X_scaled: Any, offsets: Any, *, batch_size: int =
     return tuple(np.concatenate(a) for a in outs)
 
 
+def _stitch_offsets(global_offsets: Any, flip_x: bool, flip_y: bool, coord_scale: float) -> np.ndarray:
+    """The ``(n, 1, 2, C)`` float64 offsets the stitcher uses: sign flips, then scaling."""
+    offsets = np.array(global_offsets, dtype=np.float64, copy=True)
+    if flip_x:
+        offsets[:, 0, 0, :] *= -1
+    if flip_y:
+        offsets[:, 0, 1, :] *= -1
+    offsets *= float(coord_scale)
+    return offsets
+
+
+def _grid_positions(offsets: np.ndarray, positions: Any) -> np.ndarray:
+    """``(n, 2)`` [x, y] patch-centre positions on the object grid."""
+    return offsets[:, 0, :, 0] if positions is None else np.asarray(positions, np.float64).reshape(-1, 2)
+
+
+def check_stitch_inputs(
+    global_offsets: Any,
+    *,
+    M: int,
+    patch_size: int,
+    object_shape: Sequence[int] | None = None,
+    positions: Any = None,
+    max_canvas_pixels: int | None = None,
+) -> None:
+    """Refuse a stitch that cannot work, before anything is predicted or allocated.
+
+    ``global_offsets``: ``(n, 1, 2, C)`` offsets as :func:`stitch` uses them (after flips and
+    scaling). Raises ``backend_api.canvas.CanvasTooLargeError`` when the
+    ``reassemble_position`` canvas (or ``object_shape``) exceeds ``max_canvas_pixels``, and
+    ``backend_api.canvas.PositionsOutsideObjectError`` when, with ``object_shape``, a patch of
+    side ``patch_size`` centred at a position cannot overlap the object grid at all (the
+    positions would belong to another object or be in another unit). Both are ValueErrors.
+    """
+    from backend_api.canvas import check_positions_overlap
+    from pinn_jax import geometry
+
+    geometry.check_position_canvas(global_offsets, int(M), max_canvas_pixels=max_canvas_pixels)
+    if object_shape is not None:
+        geometry.check_stitch_canvas(tuple(object_shape), int(M), max_canvas_pixels=max_canvas_pixels,
+                                     what="the object grid")
+        pos = _grid_positions(np.asarray(global_offsets, np.float64), positions)
+        check_positions_overlap(pos, tuple(object_shape), patch_size, what="stitch positions")
+
+
 def stitch(
     patches: np.ndarray,
     global_offsets: Any,
@@ -166,21 +212,21 @@ def stitch(
     coord_scale: float = 1.0,
     object_shape: Sequence[int] | None = None,
     positions: Any = None,
+    max_canvas_pixels: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Stitch predicted ``(n,N,N,1)`` patches like the reference ``reassemble_cdi_image`` (see
-    :func:`reconstruct`); returns ``(amplitude, phase, results)``."""
+    :func:`reconstruct`); returns ``(amplitude, phase, results)``. Canvases above
+    ``max_canvas_pixels`` and, with ``object_shape``, positions off the object grid are
+    refused first (:func:`check_stitch_inputs`)."""
     from pinn_jax import geometry
 
     patches = np.asarray(patches)
     if transpose:
         patches = np.transpose(patches, (0, 2, 1, 3))
-    offsets = np.array(global_offsets, dtype=np.float64, copy=True)
-    if flip_x:
-        offsets[:, 0, 0, :] *= -1
-    if flip_y:
-        offsets[:, 0, 1, :] *= -1
-    offsets *= float(coord_scale)
-    stitched = np.asarray(geometry.reassemble_position(patches, offsets, M=M))
+    offsets = _stitch_offsets(global_offsets, flip_x, flip_y, coord_scale)
+    check_stitch_inputs(offsets, M=M, patch_size=patches.shape[1], object_shape=object_shape,
+                        positions=positions, max_canvas_pixels=max_canvas_pixels)
+    stitched = np.asarray(geometry.reassemble_position(patches, offsets, M=M, max_canvas_pixels=max_canvas_pixels))
     img = np.squeeze(stitched, axis=-1) if stitched.ndim == 3 else stitched
     amp = np.abs(img).astype(np.float32)
     phase = np.angle(img).astype(np.float32)
@@ -192,8 +238,9 @@ def stitch(
         "stitched_obj": img,
     }
     if object_shape is not None:
-        pos = offsets[:, 0, :, 0] if positions is None else np.asarray(positions, np.float64).reshape(-1, 2)
-        obj, weights = geometry.reassemble_on_grid_with_weights(patches, pos, tuple(object_shape), M)
+        pos = _grid_positions(offsets, positions)
+        obj, weights = geometry.reassemble_on_grid_with_weights(patches, pos, tuple(object_shape), M,
+                                                                max_canvas_pixels=max_canvas_pixels)
         results["object_on_grid"] = np.asarray(obj)
         results["object_weights"] = np.asarray(weights)
     return amp, phase, results
@@ -212,6 +259,7 @@ def reconstruct(
     object_shape: Sequence[int] | None = None,
     positions: Any = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    max_canvas_pixels: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Predict every group of ``container`` and stitch the full object.
 
@@ -225,10 +273,17 @@ def reconstruct(
     ``positions`` ``(n, 2)`` [x, y] when given): ``results['object_on_grid']`` (H, W)
     complex64 and ``results['object_weights']``.
 
+    Before the network runs, :func:`check_stitch_inputs` refuses a stitching canvas above
+    ``max_canvas_pixels`` (default ``$PINN_JAX_MAX_CANVAS_PIXELS`` or 2**28 pixels) and, with
+    ``object_shape``, positions whose patch cannot overlap the object grid (ValueErrors).
+
     Returns ``(amplitude (S,S) float32, phase (S,S) float32, results)`` with results keys
     ``obj_tensor_full``, ``global_offsets``, ``recon_amp``, ``recon_phase``, ``stitched_obj``.
     """
     im = model if isinstance(model, InferenceModel) else InferenceModel(model, batch_size=batch_size)
+    check_stitch_inputs(_stitch_offsets(container.global_offsets, flip_x, flip_y, coord_scale), M=M,
+                        patch_size=im.N, object_shape=object_shape, positions=positions,
+                        max_canvas_pixels=max_canvas_pixels)
     s = im.intensity_scale if intensity_scale is None else float(intensity_scale)
     X = np.asarray(container.X, np.float32)
     patches = im.predict([X * np.float32(s), np.asarray(container.local_offsets, np.float32)], batch_size=batch_size)
@@ -242,6 +297,7 @@ def reconstruct(
         coord_scale=coord_scale,
         object_shape=object_shape,
         positions=positions,
+        max_canvas_pixels=max_canvas_pixels,
     )
 
 

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from backend_api.canvas import check_positions_overlap
+
 from .convert import first_probe_mode, intensity_to_amplitude, stitch_on_grid
 
 __all__ = [
@@ -403,6 +405,9 @@ def run_reconstruct(job: ReconstructJob, send: Send) -> None:
                 enable_oversampling=n_groups > n_pat, neighbor_pool_size=k,
             )
         container = PtychoDataContainer.from_grouped(dset, job.probe)
+        # Positions of another object (or in another unit) would stitch to nothing: refuse first.
+        check_positions_overlap(np.asarray(container.global_offsets, np.float64).reshape(-1, 2),
+                                tuple(job.object_shape), n_pixels, what="scan positions")
         x_in = np.asarray(container.X, dtype=np.float32) * np.float32(scale)
         offsets = np.asarray(container.local_offsets, dtype=np.float32)
         patches = np.asarray(model.predict([x_in, offsets]))

@@ -28,6 +28,7 @@ import warnings
 
 import numpy as np
 
+from backend_api.canvas import check_canvas_size, check_positions_overlap
 from backend_api.diffraction import check_diffraction_kind, classify_diffraction, override_hint
 
 __all__ = [
@@ -128,8 +129,15 @@ def stitch_on_grid(
     positions: np.ndarray,
     object_shape: tuple[int, int],
     crop: int,
+    *,
+    max_canvas_pixels: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Average the central ``crop x crop`` of each patch onto an object grid (numpy).
+
+    Refused before anything is allocated (ValueError subclasses from :mod:`backend_api.canvas`):
+    an object grid above ``max_canvas_pixels`` (default ``$PINN_JAX_MAX_CANVAS_PIXELS`` or
+    2**28), and positions whose patch cannot overlap the grid at all (positions of another
+    object or in another unit would otherwise leave an empty reconstruction).
 
     Args:
         patches: ``(n, N, N)`` or ``(n, N, N, 1)`` complex patches; patch pixel ``N/2`` is the
@@ -155,6 +163,9 @@ def stitch_on_grid(
     n_patch = p.shape[1]
     crop = int(min(max(crop, 1), n_patch))
     H, W = (int(object_shape[0]), int(object_shape[1]))
+    check_canvas_size((H, W), max_pixels=max_canvas_pixels, what="the object grid",
+                      bytes_per_pixel=24, storage="a complex128 sum plus float64 weights")
+    check_positions_overlap(pos, (H, W), n_patch, what="positions")
     start = n_patch // 2 - crop // 2
     crops = p[:, start : start + crop, start : start + crop].astype(np.complex128)
     ones = np.ones((crop, crop), dtype=np.float64)
