@@ -4,7 +4,8 @@ A stitcher allocates a canvas whose size follows from the scan positions: ``reas
 a square of side ``M + 2 * ceil(max |position - mean|)``, the on-grid stitchers the object grid.
 Positions in the wrong unit (nanometres or motor counts taken for pixels) make that canvas
 terabytes large, and positions that belong to another object land nowhere on the object grid
-and leave an empty reconstruction. Both are refused here with a :class:`ValueError` subclass
+and leave an empty reconstruction (a few stray positions only warn, see
+:func:`check_positions_overlap`). Both are refused here with a :class:`ValueError` subclass
 that names the canvas size, the memory it would take, or how many positions miss the grid.
 
 The bound on the canvas is ``max_canvas_pixels`` (keyword of every stitcher), else the
@@ -14,6 +15,7 @@ environment variable ``PINN_JAX_MAX_CANVAS_PIXELS``, else :data:`DEFAULT_MAX_CAN
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -142,9 +144,16 @@ def _centre_bounds(object_shape: Sequence[int], patch_size: float):
 
 def check_positions_overlap(positions, object_shape: Sequence[int], patch_size: float, *,
                             what: str = "scan positions") -> None:
-    """Refuse positions ``(n, 2)`` ``[x, y]`` (object pixels) whose ``patch_size`` patch cannot
-    overlap the ``(H, W)`` object grid: :class:`PositionsOutsideObjectError` naming how many
-    of them, the first one, and the range the positions would need to lie in."""
+    """Check positions ``(n, 2)`` ``[x, y]`` (object pixels) against the ``(H, W)`` object grid.
+
+    A patch that cannot overlap the grid contributes nothing to an on-grid stitch (it costs no
+    memory: the canvas is the grid). A few such positions (a stray motor reading) are dropped
+    with a ``UserWarning`` naming how many; when at least half of the scan misses the grid, the
+    positions are in another unit or belong to another object and the reconstruction would be
+    mostly empty, so :class:`PositionsOutsideObjectError` is raised, naming how many miss, the
+    first one, and the range the positions would need to lie in. Non-finite positions are
+    always refused.
+    """
     pos = np.asarray(positions, np.float64).reshape(-1, 2)
     bad = positions_outside_grid(pos, object_shape, patch_size)
     n_bad = int(np.count_nonzero(bad))
@@ -154,11 +163,17 @@ def check_positions_overlap(positions, object_shape: Sequence[int], patch_size: 
     (x_lo, x_hi), (y_lo, y_hi) = _centre_bounds(object_shape, patch_size)
     i = int(np.flatnonzero(bad)[0])
     finite = np.isfinite(pos).all(axis=1)
+    n_nonfinite = int(np.count_nonzero(~finite))
+    if n_nonfinite == 0 and 2 * n_bad < len(pos):
+        warnings.warn(
+            f"{what}: {n_bad} of {len(pos)} positions lie outside the {H} x {W} object grid "
+            f"(first: #{i} at x={pos[i, 0]:.6g}, y={pos[i, 1]:.6g}); their patches are left out",
+            UserWarning, stacklevel=2)
+        return
     extent = ""
     if finite.any():
         lo, hi = pos[finite].min(axis=0), pos[finite].max(axis=0)
         extent = f"; the positions span x {lo[0]:.6g}..{hi[0]:.6g}, y {lo[1]:.6g}..{hi[1]:.6g}"
-    n_nonfinite = int(np.count_nonzero(~finite))
     nonfinite = f" ({n_nonfinite} not finite)" if n_nonfinite else ""
     raise PositionsOutsideObjectError(
         f"{what}: {n_bad} of {len(pos)} positions{nonfinite} lie so far outside the {H} x {W} "

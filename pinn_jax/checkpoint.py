@@ -82,12 +82,21 @@ def _raised_in_orbax(exc: BaseException | None) -> bool:
     return any(f"{os.sep}orbax{os.sep}" in frame.f_code.co_filename for frame, _ in traceback.walk_tb(tb))
 
 
+def _from_checkpoint_read(exc: BaseException | None) -> bool:
+    """An Orbax read task's error, or a tensorstore read future's (which has no traceback
+    through Orbax: it is recognised by the tensorstore spec its message carries)."""
+    return _raised_in_orbax(exc) or (exc is not None and "[tensorstore_spec" in str(exc))
+
+
 class _UnretrievedOrbaxTasks(logging.Filter):
-    """Drops asyncio's "Task exception was never retrieved" records for Orbax read tasks."""
+    """Drops asyncio's "Task/Future exception was never retrieved" records for the reads of a
+    failed Orbax restore."""
+
+    _NOISE = ("Task exception was never retrieved", "Future exception was never retrieved")
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        noise = str(record.msg).startswith("Task exception was never retrieved") and _raised_in_orbax(exc)
+        noise = str(record.msg).startswith(self._NOISE) and _from_checkpoint_read(exc)
         return not noise
 
 
@@ -111,9 +120,9 @@ def quiet_aborted_restore() -> Iterator[None]:
     event loop is closed while tensorstore still completes the other reads: each completion
     then calls ``loop.call_soon_threadsafe`` on the closed loop, which tensorstore reports as
     a "RuntimeError: Event loop is closed" traceback through ``sys.unraisablehook``, and the
-    other failed read tasks are later logged by asyncio as "Task exception was never
-    retrieved". Both arrive asynchronously, even after the error has been handled, and carry
-    nothing the error does not. The filters (chained: everything else passes) are removed
+    other failed read tasks and tensorstore futures are later logged by asyncio as "Task (or
+    Future) exception was never retrieved". Both arrive asynchronously, even after the error
+    has been handled, and carry nothing the error does not. The filters (chained: everything else passes) are removed
     after a successful restore and kept for the stragglers after a failed one.
     """
     asyncio_log = logging.getLogger("asyncio")

@@ -573,7 +573,9 @@ def _check_data_file(path, flag: str) -> None:
 def _check_model_archive_name(path: Path, flag: str) -> None:
     """infer loads ``<dir>/wts.h5.zip``: a .zip file of another name would load its neighbour."""
     if path.is_file() and path.name != "wts.h5.zip":
-        raise CLIError(f"{flag}: give the model directory or its wts.h5.zip, got the file {path}")
+        raise CLIError(f"{flag}: give the model directory or its wts.h5.zip, got the file {path} "
+                       f"(a model archive must be named wts.h5.zip: rename it to wts.h5.zip or "
+                       f"give its folder)")
 
 
 def _validate_demo(args) -> None:

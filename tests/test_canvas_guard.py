@@ -163,6 +163,18 @@ def test_positions_outside_the_object_refused_naming_the_count(monkeypatch):
         stitch_on_grid(_patches(4), pos, (48, 64), M)
 
 
+def test_a_minority_of_stray_positions_only_warns_and_is_left_out(monkeypatch):
+    """1 of 4 positions off the grid: a warning naming it, and the other three are stitched as
+    if it were absent (its patch contributes nothing)."""
+    pos = np.array([[20.0, 20.0], [30.0, 25.0], [25.0, 30.0], [5000.0, 20.0]])
+    p = _patches(4)
+    with pytest.warns(UserWarning, match=r"1 of 4 positions lie outside the 48 x 64 object grid"):
+        obj, w = stitch_on_grid(p, pos, (48, 64), M)
+    obj3, w3 = stitch_on_grid(p[:3], pos[:3], (48, 64), M)
+    np.testing.assert_array_equal(obj, obj3)
+    np.testing.assert_array_equal(w, w3)
+
+
 def test_non_finite_positions_count_as_outside():
     pos = np.array([[20.0, 20.0], [np.nan, 20.0]])
     with pytest.raises(PositionsOutsideObjectError, match=r"1 of 2 positions \(1 not finite\)"):

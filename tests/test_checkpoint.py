@@ -488,3 +488,20 @@ def test_cli_resume_from_corrupt_checkpoint(tmp_path, capsys):
         assert line.endswith("delete it or start without --resume") and len(line) < 450
         assert "Traceback" not in proc.stderr and "Event loop" not in proc.stderr
     assert (out / "wts.h5.zip").read_bytes() == archive_before
+
+
+def test_asyncio_noise_filter_drops_only_checkpoint_read_echoes():
+    """The filter installed by quiet_aborted_restore drops asyncio's never-retrieved reports of
+    tensorstore read errors (Task or Future) and lets every other asyncio record through."""
+    import logging
+
+    def record(msg, exc):
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None,
+                                 (type(exc), exc, None) if exc is not None else None)
+
+    ts_error = ValueError('OUT_OF_RANGE: Error reading "w/.zarray" [tensorstore_spec=\'{"driver":"zarr"}\']')
+    f = checkpoint._ASYNCIO_FILTER
+    assert not f.filter(record("Future exception was never retrieved\nfuture: <Future>", ts_error))
+    assert not f.filter(record("Task exception was never retrieved\ntask: <Task>", ts_error))
+    assert f.filter(record("Future exception was never retrieved", ValueError("user code failed")))
+    assert f.filter(record("Executing <Task> took 0.2 seconds", None))

@@ -115,9 +115,12 @@ def _jax_jit(p, pos, shape, m):
 
 
 def _numpy_fallback(p, pos, shape, m):
-    from backend_api.ptychodus.convert import stitch_on_grid
+    """The numpy kernel behind ``convert.stitch_on_grid`` (the public function adds the
+    position guard, which warns about or refuses these deliberately stray patches: tested in
+    test_numpy_fallback_guards_the_stray_positions and tests/test_canvas_guard.py)."""
+    from backend_api.ptychodus.convert import splat_on_grid
 
-    return stitch_on_grid(p, pos, shape, m)
+    return splat_on_grid(p[..., 0], pos, shape, m)
 
 
 STITCHERS = {"jax": _jax_eager, "jax-jit": _jax_jit, "numpy-fallback": _numpy_fallback}
@@ -148,6 +151,23 @@ def test_off_grid_patches_do_not_wrap(name):
                         [-30.5, 12.25], [15.5, -30.75]])
     obj, w = STITCHERS[name](_patches(len(outside)), outside, SHAPE, M)
     assert np.all(w == 0) and np.all(obj == 0)
+
+
+def test_numpy_fallback_guards_the_stray_positions():
+    """The public numpy stitcher gives the kernel's result when a minority of the patches miss
+    the grid (warning how many), and refuses a scan that misses it entirely."""
+    from backend_api.canvas import PositionsOutsideObjectError
+    from backend_api.ptychodus.convert import stitch_on_grid
+
+    pos = INTEGER_POSITIONS
+    patches = _patches(len(pos))
+    with pytest.warns(UserWarning, match=r"6 of 13 positions lie outside the 30 x 44 object grid"):
+        obj, w = stitch_on_grid(patches, pos, SHAPE, M)
+    want, cnt = _independent_integer(patches, pos, SHAPE, M)
+    np.testing.assert_allclose(w, cnt, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(obj, want, rtol=1e-6, atol=1e-4)
+    with pytest.raises(PositionsOutsideObjectError, match=r"6 of 6 positions"):
+        stitch_on_grid(patches[7:], pos[7:], SHAPE, M)
 
 
 @pytest.mark.parametrize("name", list(STITCHERS))
@@ -214,7 +234,11 @@ def test_ptychodus_child_stitch_matches_independent(backend):
 
     pos = INTEGER_POSITIONS
     patches = _patches(len(pos))
-    obj, w = _stitch(backend, patches[..., 0], pos, SHAPE, M)
+    if backend.name == "jax":
+        obj, w = _stitch(backend, patches[..., 0], pos, SHAPE, M)
+    else:  # the numpy fallback warns about the 6 deliberately stray patches
+        with pytest.warns(UserWarning, match=r"6 of 13 positions"):
+            obj, w = _stitch(backend, patches[..., 0], pos, SHAPE, M)
     want, cnt = _independent_integer(patches, pos, SHAPE, M)
     np.testing.assert_allclose(w, cnt, atol=1e-6)
     np.testing.assert_allclose(obj, want, rtol=1e-6, atol=1e-4)

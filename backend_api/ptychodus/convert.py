@@ -35,6 +35,7 @@ __all__ = [
     "PTYCHODUS_TO_PINN_SHIFT_PX",
     "intensity_to_amplitude",
     "first_probe_mode",
+    "splat_on_grid",
     "stitch_on_grid",
     "compose_object",
 ]
@@ -166,6 +167,19 @@ def stitch_on_grid(
     check_canvas_size((H, W), max_pixels=max_canvas_pixels, what="the object grid",
                       bytes_per_pixel=24, storage="a complex128 sum plus float64 weights")
     check_positions_overlap(pos, (H, W), n_patch, what="positions")
+    return splat_on_grid(p, pos, (H, W), crop)
+
+
+def splat_on_grid(patches: np.ndarray, positions: np.ndarray, object_shape: tuple[int, int],
+                  crop: int) -> tuple[np.ndarray, np.ndarray]:
+    """The unchecked kernel of :func:`stitch_on_grid`: ``patches (n, N, N)`` complex,
+    ``positions (n, 2)`` float64 ``[x, y]``, ``crop`` already clamped to ``1..N``. Pixels that
+    fall off the grid are dropped, never wrapped; a patch entirely off the grid adds nothing.
+    Returns ``(obj (H, W) complex128, weight (H, W) float64)`` as :func:`stitch_on_grid`."""
+    p = np.asarray(patches)
+    pos = np.asarray(positions, dtype=np.float64)
+    n_patch = p.shape[1]
+    H, W = (int(object_shape[0]), int(object_shape[1]))
     start = n_patch // 2 - crop // 2
     crops = p[:, start : start + crop, start : start + crop].astype(np.complex128)
     ones = np.ones((crop, crop), dtype=np.float64)
