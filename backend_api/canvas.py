@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 __all__ = [
+    "STITCH_CROP",
     "DEFAULT_MAX_CANVAS_PIXELS",
     "MAX_CANVAS_PIXELS_ENV",
     "STITCH_BYTES_PER_PIXEL",
@@ -32,6 +33,10 @@ __all__ = [
     "positions_outside_grid",
     "check_positions_overlap",
 ]
+
+#: Side of the central square of each reconstructed patch that stitching keeps (the reference's
+#: ``M``, pixels): the network reconstructs the patch centre well and its border poorly.
+STITCH_CROP = 20
 
 #: Default bound on a stitching canvas: 2**28 pixels, a 16384 x 16384 object. That is several
 #: times the side of the largest objects ptychography scans reconstruct (typically 1k-8k pixels

@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .archive import atomic_write
+from .fileio import atomic_write
 from .grouping import mean_pattern_energy
 
 __all__ = ["PtychoDataContainer"]

@@ -40,6 +40,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -48,6 +49,8 @@ from scipy.spatial import cKDTree
 from ._translate import sample_windows
 
 __all__ = [
+    "GroupingOptions",
+    "default_n_groups",
     "generate_grouped_data",
     "group_indices",
     "normalize_data",
@@ -63,6 +66,46 @@ __all__ = [
 LOCAL_OFFSET_SIGN = -1
 
 RngLike = Union[None, int, np.integer, np.random.RandomState, np.random.Generator]
+
+
+def default_n_groups(n_positions: int, gridsize: int) -> int:
+    """The number of groups a run makes when none is asked for: every position at gridsize 1,
+    else ``n_positions // gridsize**2`` (at least 1), so that each position is used about once."""
+    C = int(gridsize) ** 2
+    return int(n_positions) if C == 1 else max(1, int(n_positions) // C)
+
+
+@dataclass(frozen=True)
+class GroupingOptions:
+    """How the scan positions of a data set are grouped into the network's inputs.
+
+    ``n_groups``: groups to make; ``None`` -> :func:`default_n_groups`, and a request above
+    that is capped to it unless ``enable_oversampling`` is set (see :meth:`resolve_n_groups`).
+    ``neighbor_count``: the K nearest neighbours each group is drawn from (gridsize > 1).
+    ``enable_oversampling`` / ``neighbor_pool_size``: the K-choose-C opt-in for more groups than
+    positions (OVERSAMPLING-001). ``seed``: the grouping's random seed (``None``: unseeded).
+    """
+
+    n_groups: Optional[int] = None
+    neighbor_count: int = 4
+    enable_oversampling: bool = False
+    neighbor_pool_size: Optional[int] = None
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.n_groups is not None:
+            _check_int("n_groups", self.n_groups, minimum=1)
+        _check_int("neighbor_count", self.neighbor_count, minimum=1)
+        if self.neighbor_pool_size is not None:
+            _check_int("neighbor_pool_size", self.neighbor_pool_size, minimum=1)
+
+    def resolve_n_groups(self, n_positions: int, gridsize: int) -> int:
+        """The number of groups to make from ``n_positions`` at ``gridsize``: ``n_groups``
+        capped to :func:`default_n_groups` (no cap with oversampling), or that default."""
+        default = default_n_groups(n_positions, gridsize)
+        if self.n_groups is None:
+            return default
+        return int(self.n_groups) if self.enable_oversampling else min(int(self.n_groups), default)
 
 
 # ---------------------------------------------------------------------------------------------

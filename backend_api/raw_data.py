@@ -61,7 +61,8 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from . import grouping as _grouping
-from .archive import atomic_write, safe_loads
+from .archive import safe_loads
+from .fileio import atomic_write
 from .diffraction import check_diffraction_kind, classify_diffraction, override_hint
 
 __all__ = ["RawData", "DataFileError", "check_npz_file", "open_npz", "read_npz_member"]

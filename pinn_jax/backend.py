@@ -163,6 +163,15 @@ class JaxBackend:
         self.resume = bool(resume)
         self.progress = bool(progress)
 
+    @staticmethod
+    def configure_runtime() -> None:
+        """Apply pinn-jax's CPU XLA settings to this process (:func:`pinn_jax.runtime.
+        configure_cpu_runtime`: adds only flags the user has not set). Call it before the first
+        jax computation; entry points (the CLI, the ptychodus child) do."""
+        from pinn_jax.runtime import configure_cpu_runtime
+
+        configure_cpu_runtime()
+
     # -- training -----------------------------------------------------------------------------
     def train_cdi_model(self, train_data: Any, test_data: Any, config: Any, *, seed: int | None = None,
                         checkpoint_dir: str | os.PathLike | None = None, resume: bool | None = None,

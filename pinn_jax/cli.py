@@ -435,16 +435,10 @@ def _save_loss_curve(history: dict, path: Path) -> None:
 
 
 def _atomic_write_fig(fig, path: Path) -> None:
-    import tempfile
+    from backend_api.fileio import atomic_write
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as fh:
+        fig.savefig(fh, format="png")
 
 
 def _save_images(amp, phase, out: Path, *, vmin=None, vmax=None) -> None:
@@ -504,18 +498,12 @@ def _write_json(obj: Any, path: Path) -> None:
 
 
 def _write_npz(path: Path, **arrays) -> None:
-    import tempfile
-
     import numpy as np
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from backend_api.fileio import atomic_write
+
+    with atomic_write(path) as fh:
+        np.savez_compressed(fh, **arrays)
 
 
 def _metrics_summary(m: dict) -> dict:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -39,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage, special
+
+from backend_api.fileio import atomic_write
 
 __all__ = [
     "OBJECT_KINDS",
@@ -644,7 +645,7 @@ _NPZ_DTYPES = {"xcoords": np.float64, "ycoords": np.float64, "xcoords_start": np
 
 
 def save_npz(path: str | os.PathLike, data: Any) -> Path:
-    """Write one set as an NPZ in the data contract, atomically (temp file + ``os.replace``).
+    """Write one set as an NPZ in the data contract, atomically (:func:`backend_api.fileio.atomic_write`).
 
     Keys: ``xcoords, ycoords, xcoords_start, ycoords_start`` float64 ``(n,)``, ``diff3d``
     float32 ``(n, N, N)``, ``probeGuess`` complex64, ``objectGuess`` complex64, ``scan_index``
@@ -662,19 +663,8 @@ def save_npz(path: str | os.PathLike, data: Any) -> Path:
     out["_metadata"] = np.array(json.dumps(meta))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **out)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_write(path) as fh:
+        np.savez(fh, **out)
     return path
 
 

@@ -20,11 +20,9 @@ The reference (Keras ``model.fit``) semantics reproduced here:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -36,6 +34,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from backend_api.fileio import write_json
 
 __all__ = [
     "KerasAdamState",
@@ -503,18 +503,11 @@ class FitResult:
 
 
 def save_history(history: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``history`` as JSON atomically (temp file in the same folder + os.replace)."""
+    """Write ``history`` as JSON atomically (:func:`backend_api.fileio.write_json`); non-finite
+    floats become strings (``"nan"``), numpy scalars and arrays plain numbers and lists."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(_jsonable(history), fh, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_json(path, _jsonable(history), indent=1)
 
 
 def _jsonable(obj):

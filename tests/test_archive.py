@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from backend_api import archive as A
+from backend_api import fileio as F
 from backend_api.archive import (
     ARCHIVE_NAME,
     ArchiveBackendError,
@@ -796,7 +797,7 @@ def _dead_pid() -> int:
 
 
 def _temp_name(prefix: str, pid: int, host: str | None = None, rand: str = "abcd_123", suffix: str = "") -> str:
-    return f"{prefix}{pid}@{host or A._host_tag()}.{rand}{suffix}"
+    return f"{prefix}{pid}@{host or F._host_tag()}.{rand}{suffix}"
 
 
 def test_stale_temps_of_a_dead_writer_are_removed_by_the_next_write(tmp_path):
@@ -812,7 +813,7 @@ def test_stale_temps_of_a_dead_writer_are_removed_by_the_next_write(tmp_path):
     assert stale_dir.is_dir()  # a folder prefix is cleaned by the writer using that prefix
     with A.writer_temp_dir(tmp_path, ".pinn_jax_save_") as mine:
         assert not stale_dir.exists()
-        assert mine.name.startswith(f".pinn_jax_save_{os.getpid()}@{A._host_tag()}.")
+        assert mine.name.startswith(f".pinn_jax_save_{os.getpid()}@{F._host_tag()}.")
     assert not mine.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [ARCHIVE_NAME]
 
@@ -822,8 +823,8 @@ def test_temp_of_a_running_writer_is_kept(tmp_path):
     sleeps) is kept; once that process is gone the same file is stale and removed."""
     code = textwrap.dedent(f"""
         import os, sys, time
-        from backend_api import archive as A
-        name = ".wts.h5.zip." + A._writer_tag() + ".live_123.tmp"
+        from backend_api import fileio as F
+        name = ".wts.h5.zip." + F._writer_tag() + ".live_123.tmp"
         with open(os.path.join({str(tmp_path)!r}, name), "wb") as fh:
             fh.write(b"being written")
         print(name, flush=True)
@@ -846,7 +847,7 @@ def test_temp_of_a_running_writer_is_kept(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [ARCHIVE_NAME]
 
 
-@pytest.mark.skipif(A.fcntl is None, reason="needs POSIX locks")
+@pytest.mark.skipif(F.fcntl is None, reason="needs POSIX locks")
 def test_temp_locked_by_a_live_writer_is_kept_even_if_its_pid_looks_dead(tmp_path):
     """The lock is the second guard (a writer in another PID namespace of this host)."""
     import fcntl
@@ -908,10 +909,10 @@ def test_atomic_write_temp_names_carry_the_writer_and_are_locked(tmp_path):
     target = tmp_path / "f.bin"
     with A.atomic_write(target) as fh:
         (tmp,) = [p for p in tmp_path.iterdir()]
-        assert A._temp_pattern(".f.bin.", ".tmp").match(tmp.name)
-        assert tmp.name.startswith(f".f.bin.{os.getpid()}@{A._host_tag()}.")
-        if A.fcntl is not None:
+        assert F._temp_pattern(".f.bin.", ".tmp").match(tmp.name)
+        assert tmp.name.startswith(f".f.bin.{os.getpid()}@{F._host_tag()}.")
+        if F.fcntl is not None:
             with open(tmp, "rb") as other:  # another open file cannot take the lock
-                assert not A._lock_held(other.fileno())
+                assert not F._lock_held(other.fileno())
         fh.write(b"x")
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -267,12 +268,17 @@ def test_demo_runs_in_process(capsys, tmp_path):
     that go down, metrics in their ranges, finite reconstruction arrays of the object's shape,
     and decodable images of the figure sizes."""
     demo = tmp_path / "demo"
-    rc = main(["demo", "--output-dir", str(demo), "--epochs", "2", "--n-images", "128", "--quiet"])
+    old_umask = os.umask(0o027)  # every file must honour the umask (group may read, others not)
+    try:
+        rc = main(["demo", "--output-dir", str(demo), "--epochs", "2", "--n-images", "128", "--quiet"])
+    finally:
+        os.umask(old_umask)
     out = capsys.readouterr().out
     assert rc == 0
     for name in ("wts.h5.zip", "reconstructed_amplitude.png", "reconstructed_phase.png", "comparison.png",
                  "loss_curve.png", "metrics.json", "history.json", "reconstruction.npz"):
         assert (demo / name).is_file(), name
+        assert stat.S_IMODE((demo / name).stat().st_mode) == 0o640, (name, oct((demo / name).stat().st_mode))
     assert "SSIM" in out and "wrote" in out
 
     hist = json.loads((demo / "history.json").read_text())

@@ -497,3 +497,46 @@ def test_translate_matches_naive_bilinear(tx, ty, seed, shape):
     assert got.shape == shape
     np.testing.assert_allclose(got, _naive_translate(img, np.float32(tx), np.float32(ty)),
                                atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# GroupingOptions: the one grouping default of every run
+
+def test_default_n_groups_uses_every_position_about_once():
+    from backend_api.grouping import default_n_groups
+
+    assert default_n_groups(100, 1) == 100
+    assert default_n_groups(100, 2) == 25
+    assert default_n_groups(3, 2) == 1  # never zero groups
+    assert default_n_groups(101, 3) == 11
+
+
+def test_grouping_options_resolve_caps_unless_oversampling():
+    from backend_api.grouping import GroupingOptions
+
+    assert GroupingOptions().resolve_n_groups(100, 2) == 25
+    assert GroupingOptions(n_groups=10).resolve_n_groups(100, 2) == 10
+    assert GroupingOptions(n_groups=500).resolve_n_groups(100, 2) == 25
+    assert GroupingOptions(n_groups=500, enable_oversampling=True,
+                           neighbor_pool_size=6).resolve_n_groups(100, 2) == 500
+
+
+@pytest.mark.parametrize("kwargs, name", [({"n_groups": 0}, "n_groups"), ({"neighbor_count": 0}, "neighbor_count"),
+                                          ({"neighbor_pool_size": -1}, "neighbor_pool_size"),
+                                          ({"n_groups": 2.5}, "n_groups")])
+def test_grouping_options_refuse_bad_values_naming_the_field(kwargs, name):
+    from backend_api.grouping import GroupingOptions
+
+    with pytest.raises(ValueError, match=name):
+        GroupingOptions(**kwargs)
+
+
+def test_grouping_options_are_frozen_and_hashable():
+    import dataclasses
+
+    from backend_api.grouping import GroupingOptions
+
+    g = GroupingOptions(n_groups=4, seed=1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        g.n_groups = 5  # type: ignore[misc]
+    assert hash(g) == hash(GroupingOptions(n_groups=4, seed=1))

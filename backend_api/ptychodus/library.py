@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import shutil
-import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -35,6 +33,8 @@ from ptychodus.api.reconstruct import (
     TrainableReconstructor,
     TrainOutput,
 )
+
+from backend_api.fileio import atomic_write
 
 from ._spawn import run_in_child
 from .child import ARCHIVE_NAME, ReconstructJob, TrainJob
@@ -68,17 +68,11 @@ _RECONSTRUCT_ENTRY = "backend_api.ptychodus.child:run_reconstruct"
 
 
 def _atomic_copy(src: Path, dest: Path) -> None:
-    """Copy ``src`` to ``dest`` through a temporary file in ``dest``'s directory."""
+    """Copy ``src`` to ``dest`` atomically (:func:`backend_api.fileio.atomic_write`)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with open(src, "rb") as fin, atomic_write(dest) as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
 
 
 def _check_model_file(path: Path) -> Path:
@@ -275,14 +269,8 @@ class PtychoPINNJaxReconstructor(TrainableReconstructor):
         if dest.suffix != ".npz":
             dest = dest.with_name(dest.name + ".npz")  # what numpy.savez would do
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                save_ptychopinn_training_data(handle, parameters)  # type: ignore[arg-type]
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(dest) as handle:
+            save_ptychopinn_training_data(handle, parameters)  # type: ignore[arg-type]
 
     def _make_train_job(self, input_path: Path, output_path: Path) -> TrainJob:
         model = self._settings.snapshot_model()
