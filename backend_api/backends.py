@@ -3,8 +3,10 @@
 A backend is found by name and imported only when it is asked for:
 
 - ``'jax'``        -> ``pinn_jax.backend:JaxBackend`` (this project)
-- ``'tensorflow'`` -> :class:`TensorFlowBackend`, an adapter over the reference ``ptycho`` package
-- ``'pytorch'``    -> :class:`PyTorchBackend`, an adapter over the reference ``ptycho_torch`` package
+- ``'tensorflow'`` -> ``backend_api.reference_adapters:TensorFlowBackend``, an adapter over the
+  reference ``ptycho`` package
+- ``'pytorch'``    -> ``backend_api.reference_adapters:PyTorchBackend``, an adapter over the
+  reference ``ptycho_torch`` package
 - anything else    -> an entry point in the group ``backend_api.backends`` (``name = module:attr``)
   or a target given to :func:`register_backend`.
 
@@ -33,8 +35,7 @@ __all__ = [
     "unregister_backend",
     "available_backends",
     "is_backend_installed",
-    "TensorFlowBackend",
-    "PyTorchBackend",
+    "configure_runtime",
 ]
 
 ENTRY_POINT_GROUP = "backend_api.backends"
@@ -42,8 +43,8 @@ ENTRY_POINT_GROUP = "backend_api.backends"
 #: name -> import target of the backends this project knows without entry points
 BUILTIN_BACKENDS: dict[str, str] = {
     "jax": "pinn_jax.backend:JaxBackend",
-    "tensorflow": "backend_api.backends:TensorFlowBackend",
-    "pytorch": "backend_api.backends:PyTorchBackend",
+    "tensorflow": "backend_api.reference_adapters:TensorFlowBackend",
+    "pytorch": "backend_api.reference_adapters:PyTorchBackend",
 }
 
 _INSTALL_HINTS: dict[str, str] = {
@@ -73,14 +74,33 @@ class Backend(Protocol):
     Data arguments are ``backend_api.raw_data.RawData`` or ``backend_api.container.
     PtychoDataContainer`` (``test_data`` may be None); configs are ``backend_api.config``
     dataclasses. ``params.cfg`` has already been filled from the config by the caller.
+
+    Optional members (a backend may leave them out; callers check with ``getattr``):
+
+    - ``configure_runtime()``: apply process-wide settings (XLA flags, threads) before the
+      first computation; entry points (the CLI, the ptychodus child) call it
+      (:func:`configure_runtime`).
+    - ``reassemble_on_grid_with_weights(patches, positions, object_shape, crop)``: the
+      backend's own on-grid stitcher, ``patches (n, N, N, 1)`` complex, ``positions (n, 2)``
+      ``[x, y]`` object pixels -> ``(object (H, W) complex, weights (H, W) float)``; without
+      it, ``backend_api.ptychodus.convert.stitch_on_grid`` (numpy, the same bilinear
+      placement) is used.
     """
 
     name: str
 
-    def train_cdi_model(self, train_data: Any, test_data: Any, config: Any) -> dict:
+    def train_cdi_model(self, train_data: Any, test_data: Any, config: Any, *,
+                        on_epoch_end: Any = None, seed: int | None = None) -> dict:
         """Train; returns the reference results dict (``history``, ``history_epochs``,
         ``train_container``, ``test_container``, ``model_instance`` = the trained model, and the
-        test-set outputs when test data are given)."""
+        test-set outputs when test data are given).
+
+        ``on_epoch_end(epoch, logs)``: called once per epoch, in order (``epoch`` 0-based,
+        ``logs`` a mapping with ``loss`` and ``val_loss``, NaN when there is no validation),
+        while training runs, or -- for a backend that cannot call back -- replayed from the
+        history after training. ``seed``: the run's random seed (None: the backend's default).
+        ``results['history']`` is a mapping ``{'loss': [...], 'val_loss': [...]}``.
+        """
         ...
 
     def run_cdi_example(
@@ -255,153 +275,18 @@ def get_backend(name: str) -> Backend:
         return backend
 
 
-# --------------------------------------------------------------------------------------------
-# adapters over the reference implementations (not installed here; thin and import-guarded)
+def __getattr__(name: str) -> Any:
+    # The reference adapters live in backend_api.reference_adapters; importable from here too.
+    if name in ("TensorFlowBackend", "PyTorchBackend"):
+        from backend_api import reference_adapters
+
+        return getattr(reference_adapters, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _ref_config(config: Any, module: Any) -> Any:
-    """Rebuild one of our config dataclasses as the reference's dataclass of the same name.
-
-    Only fields the reference knows are passed; our ``backend`` value is replaced by the
-    reference backend name (its Literal does not know 'jax')."""
-    import dataclasses
-
-    if config is None or not dataclasses.is_dataclass(config):
-        return config
-    cls = getattr(module, type(config).__name__, None)
-    if cls is None:
-        return config
-    known = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for f in dataclasses.fields(config):
-        if f.name not in known:
-            continue
-        value = getattr(config, f.name)
-        if f.name == "model":
-            value = _ref_config(value, module)
-        kwargs[f.name] = value
-    return cls(**kwargs)
-
-
-class _ReferenceAdapter:
-    """Common part of the TF and torch adapters: guarded import of the reference modules."""
-
-    name = ""
-    _modules: tuple[str, ...] = ()
-
-    def __init__(self) -> None:
-        self._mods: dict[str, Any] = {}
-        for mod in self._modules:
-            try:
-                self._mods[mod] = importlib.import_module(mod)
-            except ImportError as exc:
-                raise _missing(self.name, f"module {mod!r} could not be imported ({exc})") from exc
-
-    def _config(self, config: Any) -> Any:
-        cfg_mod = importlib.import_module("ptycho.config.config")
-        ref = _ref_config(config, cfg_mod)
-        if ref is not config and hasattr(ref, "backend"):
-            ref.backend = self.name
-        return ref
-
-    def _data(self, data: Any) -> Any:
-        """Our RawData -> the reference RawData (containers are passed through unchanged)."""
-        if data is None or type(data).__module__.startswith("ptycho"):
-            return data
-        if hasattr(data, "diff3d") and hasattr(data, "xcoords"):
-            ref = importlib.import_module("ptycho.raw_data").RawData
-            return ref(
-                data.xcoords, data.ycoords, data.xcoords_start, data.ycoords_start,
-                data.diff3d, data.probeGuess, data.scan_index,
-                objectGuess=getattr(data, "objectGuess", None), Y=getattr(data, "Y", None),
-                norm_Y_I=getattr(data, "norm_Y_I", None),
-            )
-        return data
-
-
-class TensorFlowBackend(_ReferenceAdapter):
-    """The reference TensorFlow implementation (``ptycho.workflows.components``)."""
-
-    name = "tensorflow"
-    _modules = ("ptycho.workflows.components", "ptycho.model_manager")
-
-    @property
-    def _components(self) -> Any:
-        return self._mods["ptycho.workflows.components"]
-
-    def train_cdi_model(self, train_data: Any, test_data: Any, config: Any) -> dict:
-        return self._components.train_cdi_model(
-            self._data(train_data), self._data(test_data), self._config(config)
-        )
-
-    def run_cdi_example(self, train_data, test_data, config, *, flip_x=False, flip_y=False,
-                        transpose=False, M=20, do_stitching=False):
-        return self._components.run_cdi_example(
-            self._data(train_data), self._data(test_data), self._config(config),
-            flip_x=flip_x, flip_y=flip_y, transpose=transpose, M=M, do_stitching=do_stitching,
-        )
-
-    def save_model(self, model: Any, output_dir: str | Path, config: Any) -> Path:
-        # the reference saves its module-level model singletons, not the object passed in
-        self._mods["ptycho.model_manager"].save(str(output_dir))
-        return Path(output_dir) / "wts.h5.zip"
-
-    def load_inference_bundle(self, model_dir: str | Path) -> tuple[Any, dict]:
-        return self._components.load_inference_bundle(Path(model_dir))
-
-    def reconstruct(self, model, data, *, config=None, M=20, **kwargs):
-        import numpy as np
-
-        comps = self._components
-        container = comps.create_ptycho_data_container(self._data(data), self._config(config))
-        nbutils = importlib.import_module("ptycho.nbutils")
-        tf_helper = importlib.import_module("ptycho.tf_helper")
-        obj, offsets = nbutils.reconstruct_image(container, diffraction_to_obj=model)
-        img = np.squeeze(np.asarray(tf_helper.reassemble_position(obj, offsets, M=M)))
-        results = {"obj_tensor_full": np.asarray(obj), "global_offsets": np.asarray(offsets)}
-        return np.abs(img), np.angle(img), results
-
-
-class PyTorchBackend(_ReferenceAdapter):
-    """The reference PyTorch port (``ptycho_torch.workflows.components``)."""
-
-    name = "pytorch"
-    _modules = ("ptycho_torch.workflows.components", "ptycho_torch.model_manager")
-
-    def _fn(self, *names: str) -> Any:
-        for mod in self._mods.values():
-            for n in names:
-                if hasattr(mod, n):
-                    return getattr(mod, n)
-        raise _missing(self.name, f"none of {names} found in {list(self._mods)}")
-
-    def train_cdi_model(self, train_data: Any, test_data: Any, config: Any) -> dict:
-        fn = self._fn("train_cdi_model_torch", "train_cdi_model")
-        return fn(self._data(train_data), self._data(test_data), self._config(config))
-
-    def run_cdi_example(self, train_data, test_data, config, *, flip_x=False, flip_y=False,
-                        transpose=False, M=20, do_stitching=False):
-        fn = self._fn("run_cdi_example_torch")
-        return fn(
-            self._data(train_data), self._data(test_data), self._config(config),
-            flip_x=flip_x, flip_y=flip_y, transpose=transpose, M=M, do_stitching=do_stitching,
-        )
-
-    def save_model(self, model: Any, output_dir: str | Path, config: Any) -> Path:
-        fn = self._fn("save_torch_bundle")
-        models = model.get("models") if isinstance(model, dict) else model
-        if not isinstance(models, dict):
-            models = {"diffraction_to_obj": models}
-        scale = model.get("intensity_scale") if isinstance(model, dict) else None
-        fn(models, str(Path(output_dir) / "wts.h5"), self._config(config), intensity_scale=scale)
-        return Path(output_dir) / "wts.h5.zip"
-
-    def load_inference_bundle(self, model_dir: str | Path) -> tuple[Any, dict]:
-        models, params_dict = self._fn("load_inference_bundle_torch")(Path(model_dir))
-        if "diffraction_to_obj" not in models:
-            raise KeyError(f"diffraction_to_obj not in bundle; available: {sorted(models)}")
-        return models["diffraction_to_obj"], params_dict
-
-    def reconstruct(self, model, data, *, config=None, M=20, **kwargs):
-        inference = importlib.import_module("ptycho_torch.inference")
-        return inference._run_inference_and_reconstruct(model, self._data(data), self._config(config))
+def configure_runtime(backend: Any) -> None:
+    """Let ``backend`` apply its process-wide settings (its optional ``configure_runtime()``;
+    nothing for a backend without one). Call before the backend's first computation."""
+    hook = getattr(backend, "configure_runtime", None)
+    if callable(hook):
+        hook()

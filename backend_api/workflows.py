@@ -90,11 +90,22 @@ def run_cdi_example(
     return amplitude, phase, results
 
 
-def train_cdi_model(train_data: Any, test_data: Any, config: Any) -> dict:
-    """Train only; returns the backend's results dict with ``results['backend']`` set."""
+def train_cdi_model(train_data: Any, test_data: Any, config: Any, *, on_epoch_end: Any = None,
+                    seed: int | None = None) -> dict:
+    """Train only; returns the backend's results dict with ``results['backend']`` set.
+
+    ``on_epoch_end(epoch, logs)`` and ``seed`` go to the backend when given (see
+    :class:`backend_api.backends.Backend`); left out, the backend's own defaults apply and the
+    call is the reference's three-argument one.
+    """
     _bridge(config)
     backend = get_backend(_backend_name(config))
-    results = backend.train_cdi_model(train_data, test_data, config)
+    extra: dict[str, Any] = {}
+    if on_epoch_end is not None:
+        extra["on_epoch_end"] = on_epoch_end
+    if seed is not None:
+        extra["seed"] = int(seed)
+    results = backend.train_cdi_model(train_data, test_data, config, **extra)
     results["backend"] = config.backend
     return results
 

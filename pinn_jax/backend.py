@@ -172,6 +172,17 @@ class JaxBackend:
 
         configure_cpu_runtime()
 
+    @staticmethod
+    def reassemble_on_grid_with_weights(patches: Any, positions: Any, object_shape: Sequence[int],
+                                        crop: int) -> tuple[np.ndarray, np.ndarray]:
+        """The Backend protocol's on-grid stitcher (what :meth:`reconstruct` uses with
+        ``object_shape``): ``patches (n, N, N, 1)`` complex, ``positions (n, 2)`` ``[x, y]``
+        object pixels -> ``(object (H, W) complex64, weights (H, W) float32)`` as numpy."""
+        from pinn_jax.geometry import reassemble_on_grid_with_weights
+
+        obj, weights = reassemble_on_grid_with_weights(patches, positions, tuple(object_shape), int(crop))
+        return np.asarray(obj), np.asarray(weights)
+
     # -- training -----------------------------------------------------------------------------
     def train_cdi_model(self, train_data: Any, test_data: Any, config: Any, *, seed: int | None = None,
                         checkpoint_dir: str | os.PathLike | None = None, resume: bool | None = None,

@@ -161,3 +161,52 @@ def test_entry_point_with_missing_module(tmp_path, monkeypatch):
     _install_entry_point(tmp_path, monkeypatch, "epbroken", "epbroken_missing_mod:Nope")
     with pytest.raises(RuntimeError, match="epbroken.*epbroken_missing_mod"):
         get_backend("epbroken")
+
+
+# ---------------------------------------------------------------------------------------------
+# the reference adapters say what they cannot do
+
+
+def _bare_adapter(cls):
+    obj = cls.__new__(cls)  # no reference package here: skip the guarded import
+    obj._mods = {}
+    return obj
+
+
+@pytest.mark.parametrize("cls_name", ["TensorFlowBackend", "PyTorchBackend"])
+@pytest.mark.parametrize("option", [{"flip_x": True}, {"transpose": True}, {"coord_scale": 2.0},
+                                    {"object_shape": (8, 8)}])
+def test_reference_adapters_refuse_options_they_cannot_honour(cls_name, option):
+    from backend_api import reference_adapters
+
+    adapter = _bare_adapter(getattr(reference_adapters, cls_name))
+    name = next(iter(option))
+    with pytest.raises(ValueError, match=rf"{adapter.name}.*{name}="):
+        adapter.reconstruct(object(), object(), **option)
+
+
+def test_pytorch_adapter_refuses_a_stitch_crop_it_would_ignore():
+    from backend_api import reference_adapters
+
+    adapter = _bare_adapter(reference_adapters.PyTorchBackend)
+    with pytest.raises(ValueError, match=r"'pytorch'.*M=32"):
+        adapter.reconstruct(object(), object(), M=32)
+
+
+def test_reference_adapters_importable_from_the_registry_module():
+    from backend_api import backends, reference_adapters
+
+    assert backends.TensorFlowBackend is reference_adapters.TensorFlowBackend
+    assert backends.BUILTIN_BACKENDS["pytorch"] == "backend_api.reference_adapters:PyTorchBackend"
+
+
+def test_configure_runtime_calls_the_optional_hook():
+    from types import SimpleNamespace
+
+    from backend_api.backends import configure_runtime
+
+    calls = []
+    configure_runtime(SimpleNamespace(configure_runtime=lambda: calls.append(1)))
+    configure_runtime(SimpleNamespace())  # no hook: nothing to do
+    configure_runtime(None)
+    assert calls == [1]

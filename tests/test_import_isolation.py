@@ -66,3 +66,48 @@ def test_every_backend_api_module_including_ptychodus_imports_no_jax():
         assert "backend_api.ptychodus" in out["imported"]
     leaked = FORBIDDEN_ALWAYS & set(out["modules"])
     assert not leaked, f"importing backend_api (incl. ptychodus glue) imported {sorted(leaked)}"
+
+
+def _imported_modules(tree):
+    """Every module an ast imports, at any depth (function-local imports included); relative
+    imports are skipped (they stay inside their package)."""
+    import ast
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.lineno, node.module
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", ""))
+              in ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str)):
+            yield node.lineno, node.args[0].value
+
+
+def test_no_backend_api_source_imports_pinn_jax_anywhere():
+    """The one-way door at run time too: no module of backend_api imports pinn_jax, not even
+    inside a function (the import-time check above cannot see those). The registry names the
+    jax backend by a string target only."""
+    import ast
+
+    import backend_api
+
+    root = Path(backend_api.__file__).resolve().parent
+    sources = sorted(root.rglob("*.py"))
+    assert len(sources) > 15  # the walk does see the package
+    found = []
+    for path in sources:
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for lineno, module in _imported_modules(tree):
+            if module == "pinn_jax" or module.startswith("pinn_jax."):
+                found.append(f"{path.relative_to(root.parent)}:{lineno}: {module}")
+    assert found == [], found
+
+
+def test_the_source_walk_sees_function_local_imports():
+    """The walker is not blind: a function-local import and an import_module call are found."""
+    import ast
+
+    src = "def f():\n    from pinn_jax.geometry import x\n    importlib.import_module('pinn_jax.backend')\n"
+    assert [m for _, m in _imported_modules(ast.parse(src))] == ["pinn_jax.geometry", "pinn_jax.backend"]

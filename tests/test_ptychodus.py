@@ -449,18 +449,16 @@ def test_reconstruct_job_converts_float_intensities_and_geometry(trained, scan):
 
 
 def test_history_replay_for_backends_without_a_callback():
+    """The reference adapters cannot call back per epoch: their history (a mapping or a Keras
+    History, the key spellings the references write) is replayed to on_epoch_end."""
     from types import SimpleNamespace
 
-    from backend_api.ptychodus.child import _epoch_callback_kw, _history_series
+    from backend_api.reference_adapters import _replay_epochs, history_losses
 
-    assert _history_series({"loss": [3, 2], "val_loss": [4, 3]}) == ([3.0, 2.0], [4.0, 3.0])
+    assert history_losses({"loss": [3, 2], "val_loss": [4, 3]}) == ([3.0, 2.0], [4.0, 3.0])
     keras_like = SimpleNamespace(history={"train_loss": [1.5], "validation_loss": [2.5]})
-    assert _history_series(keras_like) == ([1.5], [2.5])
-    assert _history_series(None) == ([], [])
-
-    def with_cb(a, b, c, *, on_epoch_end=None): ...
-
-    def without_cb(a, b, c): ...
-
-    assert _epoch_callback_kw(with_cb) == "on_epoch_end"
-    assert _epoch_callback_kw(without_cb) is None
+    assert history_losses(keras_like) == ([1.5], [2.5])
+    assert history_losses(None) == ([], [])
+    seen = []
+    _replay_epochs({"history": {"loss": [3, 2]}}, lambda e, logs: seen.append((e, logs["loss"], logs["val_loss"])))
+    assert [s[:2] for s in seen] == [(0, 3.0), (1, 2.0)] and all(np.isnan(s[2]) for s in seen)

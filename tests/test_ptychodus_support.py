@@ -56,7 +56,8 @@ class StandInBackend:
     version = "standin-1"
 
     def train_cdi_model(self, train_data: Any, test_data: Any, config: Any, *,
-                        on_epoch_end: Any = None) -> dict:
+                        on_epoch_end: Any = None, seed: int | None = None) -> dict:
+        self.last_seed = seed  # the protocol's optional seed reaches the backend
         n = int(config.model.N)
         amp = np.asarray(train_data.diff3d, dtype=np.float64)
         gain = float(amp.mean())

@@ -225,13 +225,15 @@ def test_evaluate_patches_recon_on_grid_matches_independent():
     assert not np.any(out["region"] & (cnt == 0))
 
 
-@pytest.mark.parametrize("backend", [types.SimpleNamespace(name="jax"), types.SimpleNamespace(name="other")],
-                         ids=["jax-helper", "numpy-fallback"])
-def test_ptychodus_child_stitch_matches_independent(backend):
-    """The ptychodus child's _stitch (jax helper, or the numpy fallback for other backends)
-    receives (n, N, N) patches and [x, y] positions."""
+@pytest.mark.parametrize("backend_name", ["jax", "other"], ids=["jax-helper", "numpy-fallback"])
+def test_ptychodus_child_stitch_matches_independent(backend_name):
+    """The ptychodus child's _stitch (the jax backend's own on-grid stitcher, reached through
+    the Backend protocol, or the numpy fallback for backends without one) receives (n, N, N)
+    patches and [x, y] positions."""
     from backend_api.ptychodus.child import _stitch
+    from pinn_jax.backend import JaxBackend
 
+    backend = JaxBackend() if backend_name == "jax" else types.SimpleNamespace(name="other")
     pos = INTEGER_POSITIONS
     patches = _patches(len(pos))
     if backend.name == "jax":

@@ -236,8 +236,12 @@ def test_reference_names_and_signatures():
     assert params_of(workflows.run_cdi_example) == [
         ("train_data", empty), ("test_data", empty), ("config", empty), *stitch,
         ("do_stitching", False)]
-    assert params_of(workflows.train_cdi_model) == [
+    # the reference's three positional parameters; our additions are keyword-only, default None
+    sig = inspect.signature(workflows.train_cdi_model).parameters.values()
+    assert [(p.name, p.default) for p in sig if p.kind is not p.KEYWORD_ONLY] == [
         ("train_data", empty), ("test_data", empty), ("config", empty)]
+    assert [(p.name, p.default) for p in sig if p.kind is p.KEYWORD_ONLY] == [
+        ("on_epoch_end", None), ("seed", None)]
     assert params_of(workflows.load_inference_bundle) == [("model_dir", empty)]
     assert params_of(workflows.save_outputs) == [
         ("amplitude", empty), ("phase", empty), ("results", empty), ("output_prefix", empty)]

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["ChildProcessError_", "JAX_CHILD_ENVIRONMENT", "run_in_child"]
+__all__ = ["PtychoPINNChildError", "JAX_CHILD_ENVIRONMENT", "run_in_child"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ JAX_CHILD_ENVIRONMENT = {
 }
 
 
-class ChildProcessError_(RuntimeError):
+class PtychoPINNChildError(RuntimeError):
     """The child died or raised something that could not be re-created in the parent."""
 
 
@@ -98,7 +98,7 @@ def _reraise(text: str, blob: bytes | None, type_name: str) -> None:
     if isinstance(exc, Exception):
         exc.add_note(f"(raised in the PtychoPINN-JAX child process)\n{text}")
         raise exc
-    raise ChildProcessError_(f"PtychoPINN-JAX child process raised {type_name}:\n{text}")
+    raise PtychoPINNChildError(f"PtychoPINN-JAX child process raised {type_name}:\n{text}")
 
 
 @contextmanager
@@ -136,7 +136,7 @@ def run_in_child(
                     try:
                         item = out.get(timeout=poll_s)
                     except queue_module.Empty:
-                        raise ChildProcessError_(
+                        raise PtychoPINNChildError(
                             "PtychoPINN-JAX child process exited without finishing "
                             f"(exit code {process.exitcode}); killed for memory?"
                         ) from None

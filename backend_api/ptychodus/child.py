@@ -20,7 +20,6 @@ Everything the child does with a backend goes through the backend-neutral contra
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import math
 import shutil
@@ -33,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from backend_api.archive import ARCHIVE_NAME  # numpy + stdlib only: cheap here
 from backend_api.canvas import check_positions_overlap
 
 from .convert import first_probe_mode, intensity_to_amplitude, stitch_on_grid
@@ -48,8 +48,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Name of the backend archive inside a model directory (backend_api.archive.ARCHIVE_NAME).
-ARCHIVE_NAME = "wts.h5.zip"
 
 Send = Callable[[tuple[Any, ...]], None]
 
@@ -192,48 +190,11 @@ def _build_configs(job: TrainJob, n_pixels: int, train_path: Path, test_path: Pa
     return cfg
 
 
-def _epoch_callback_kw(func: Callable[..., Any]) -> str | None:
-    """Name of the per-epoch callback keyword ``func`` accepts, if any."""
-    try:
-        params = inspect.signature(func).parameters
-    except (TypeError, ValueError):
-        return None
-    for name in ("on_epoch_end", "epoch_callback", "callback"):
-        if name in params:
-            return name
-    return None
-
-
-def _accepts(func: Callable[..., Any], name: str) -> bool:
-    try:
-        return name in inspect.signature(func).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _history_series(history: Any) -> tuple[list[float], list[float]]:
-    """(train, validation) loss lists from a results['history'] in any common shape."""
-    if history is None:
-        return [], []
-    hist = getattr(history, "history", history)  # a Keras History object or a dict
-    if not isinstance(hist, Mapping):
-        return [], []
-
-    def pick(*names: str) -> list[float]:
-        for n in names:
-            if n in hist and hist[n] is not None:
-                return [float(v) for v in np.asarray(hist[n], dtype=np.float64).ravel()]
-        return []
-
-    return pick("loss", "train_loss", "training_loss"), pick("val_loss", "validation_loss")
-
-
 def _logs_losses(logs: Any) -> tuple[float, float]:
-    if not isinstance(logs, Mapping):
-        return float(logs), math.nan
-    train = logs.get("loss", logs.get("train_loss", math.nan))
-    val = logs.get("val_loss", logs.get("validation_loss", math.nan))
-    return float(train), float(math.nan if val is None else val)
+    """``(loss, val_loss)`` of one epoch's logs (the Backend protocol's ``on_epoch_end``)."""
+    logs = logs if isinstance(logs, Mapping) else {}
+    val = logs.get("val_loss", math.nan)
+    return float(logs.get("loss", math.nan)), float(math.nan if val is None else val)
 
 
 # ----------------------------------------------------------------------------- training
@@ -241,9 +202,8 @@ def _logs_losses(logs: Any) -> tuple[float, float]:
 
 def run_train(job: TrainJob, send: Send) -> None:
     """Child entry point: train on ``input_path/{train,test}_data.npz``, save the archive."""
-    from backend_api import params, workflows
-    from backend_api.backends import get_backend
-    from backend_api.config import update_legacy_dict
+    from backend_api import workflows
+    from backend_api.backends import configure_runtime, get_backend
 
     _apply_registrations(job.backend_registrations)
     in_dir, out_dir = Path(job.input_path), Path(job.output_path)
@@ -286,27 +246,10 @@ def run_train(job: TrainJob, send: Send) -> None:
         job.backend, n_pixels, cfg.nepochs, len(train.xcoords),
     )
     backend = get_backend(cfg.backend)
+    configure_runtime(backend)
     if hasattr(backend, "progress"):
         backend.progress = False  # ptychodus shows progress itself; no tqdm bar on its console
-    extra: dict[str, Any] = {}
-    kw = _epoch_callback_kw(backend.train_cdi_model)
-    if kw:
-        extra[kw] = on_epoch_end
-    if _accepts(backend.train_cdi_model, "seed"):
-        extra["seed"] = int(job.seed)
-    if extra:
-        # workflows.train_cdi_model, plus the keywords it does not forward: fill the legacy
-        # params first (CONFIG-001), call the backend, tag the results.
-        update_legacy_dict(params.cfg, cfg)
-        results = backend.train_cdi_model(train, test, cfg, **extra)
-        results["backend"] = cfg.backend
-    else:
-        results = workflows.train_cdi_model(train, test, cfg)
-    if not streamed:
-        train_losses, val_losses = _history_series(results.get("history"))
-        for i, loss in enumerate(train_losses):
-            val = val_losses[i] if i < len(val_losses) else math.nan
-            send(("epoch", i + 1, loss, val))
+    results = workflows.train_cdi_model(train, test, cfg, on_epoch_end=on_epoch_end, seed=int(job.seed))
     archive = Path(workflows.save_model(results, out_dir, cfg))
     send(("model_saved", str(archive)))
 
@@ -336,18 +279,13 @@ def _stitch(backend: Any, patches: np.ndarray, positions: np.ndarray,
             shape: tuple[int, int], crop: int) -> tuple[np.ndarray, np.ndarray]:
     """Stitch on the object grid; returns ``(object (H, W) complex, coverage (H, W) float)``.
 
-    Uses the backend's own on-grid helper when it offers one (``reassemble_on_grid_with_weights``
-    on the backend object, or ``pinn_jax.geometry``'s for the 'jax' backend), else the numpy
-    stitcher in :mod:`.convert` (same bilinear placement).
+    Uses the backend's own on-grid stitcher when it has one (the Backend protocol's optional
+    ``reassemble_on_grid_with_weights``: the jax backend's is the one its ``reconstruct`` uses),
+    else the numpy stitcher in :mod:`.convert` (same bilinear placement).
     """
     crop = max(2, min(int(crop), patches.shape[-1]))
     crop -= crop % 2  # the reference crop is centred on N/2 and must be even
     helper = getattr(backend, "reassemble_on_grid_with_weights", None)
-    if helper is None and getattr(backend, "name", "") == "jax":
-        try:
-            from pinn_jax.geometry import reassemble_on_grid_with_weights as helper  # noqa: N813
-        except ImportError:
-            helper = None
     if helper is not None:
         obj, weight = helper(patches[..., None], positions, shape, crop)
         return np.asarray(obj).reshape(shape), np.asarray(weight, dtype=np.float64).reshape(shape)
@@ -357,7 +295,8 @@ def _stitch(backend: Any, patches: np.ndarray, positions: np.ndarray,
 def run_reconstruct(job: ReconstructJob, send: Send) -> None:
     """Child entry point: load the model, predict every pattern, stitch on the object grid."""
     from backend_api import workflows
-    from backend_api.backends import get_backend
+    from backend_api.archive import read_manifest
+    from backend_api.backends import configure_runtime, get_backend
     from backend_api.container import PtychoDataContainer
     from backend_api.raw_data import RawData
 
@@ -365,6 +304,14 @@ def run_reconstruct(job: ReconstructJob, send: Send) -> None:
     n_pat, n_pixels = int(job.amplitude.shape[0]), int(job.amplitude.shape[-1])
     with tempfile.TemporaryDirectory(prefix="ptychopinn-jax-") as scratch:
         model_dir = _model_dir(Path(job.model_file), Path(scratch))
+        # The archive says which backend wrote it (load_inference_bundle uses that one too);
+        # its process-wide settings go in before it computes anything.
+        backend_name = str(read_manifest(model_dir / ARCHIVE_NAME).get("backend", job.backend))
+        try:
+            backend = get_backend(backend_name)
+        except Exception:
+            backend = None  # load_inference_bundle below names the problem
+        configure_runtime(backend)
         model, params = workflows.load_inference_bundle(model_dir)
         params = dict(params or {})
         model_n = int(params.get("N", n_pixels))
@@ -379,11 +326,6 @@ def run_reconstruct(job: ReconstructJob, send: Send) -> None:
         if "intensity_scale" not in params:
             raise ValueError("the model archive has no 'intensity_scale' in its params")
         scale = float(params["intensity_scale"])
-        from backend_api.archive import read_manifest
-
-        # The archive says which backend wrote it (and load_inference_bundle used that one).
-        backend_name = str(read_manifest(model_dir / ARCHIVE_NAME).get("backend", job.backend))
-
         raw = RawData.from_coords_without_pc(
             job.xcoords, job.ycoords, job.amplitude, job.probe,
             np.zeros(n_pat, dtype=np.int64), objectGuess=None,
@@ -415,10 +357,6 @@ def run_reconstruct(job: ReconstructJob, send: Send) -> None:
             patches = patches[..., 0]
         centres = np.asarray(container.global_offsets, dtype=np.float64).reshape(-1, 2)
 
-        try:
-            backend = get_backend(backend_name)
-        except Exception:
-            backend = None
         obj, weight = _stitch(backend, patches, centres, tuple(job.object_shape),
                               job.stitch_crop_size)
     info = {
