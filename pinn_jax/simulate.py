@@ -20,6 +20,13 @@ objects differ), so a test score measures generalisation, never a copy of traini
 both sets. The photon scale ``s`` is computed on the training set and reused for the test set (as
 the reference does), so both sets share units.
 
+Why this module does not call :func:`pinn_jax.physics.illuminate_and_diffract`: that is the
+reference ``diffsim`` forward model on device (float32 photon scale, ``jax.random.poisson`` with a
+normal approximation above 1e7 counts), kept for the parity tests and for callers of the
+reference name. Datasets here draw exact int64 Poisson counts on the host from a numpy stream
+and compute ``s`` in float64, so switching would change every simulated file; both share
+:func:`pinn_jax.physics.illuminate` and :func:`pinn_jax.physics.diffraction_amplitude`.
+
 Randomness is explicit: an ``int`` seed (expanded with ``numpy.random.SeedSequence``), a
 ``numpy.random.Generator``, or a JAX key; the same seed always gives the same dataset.
 """
@@ -40,6 +47,7 @@ import numpy as np
 from scipy import ndimage, special
 
 from backend_api.fileio import atomic_write
+from backend_api.raw_data import RawData
 
 __all__ = [
     "OBJECT_KINDS",
@@ -85,11 +93,6 @@ def _as_generator(seed: Any) -> np.random.Generator:
 
 # --------------------------------------------------------------------------------------------
 # objects
-
-
-def _to_unit(t: np.ndarray) -> np.ndarray:
-    lo, hi = float(t.min()), float(t.max())
-    return np.zeros_like(t) if hi <= lo else (t - lo) / (hi - lo)
 
 
 def _lines_texture(rng: np.random.Generator, size: int, n_lines: int) -> np.ndarray:
@@ -452,12 +455,8 @@ class SimulatedSet:
         return np.stack([self.xcoords, self.ycoords], axis=1)
 
 
-def _to_raw(s: SimulatedSet):
-    """RawData when backend_api.raw_data is importable, else the SimulatedSet itself."""
-    try:
-        from backend_api.raw_data import RawData
-    except ImportError:
-        return s
+def _to_raw(s: SimulatedSet) -> RawData:
+    """The :class:`backend_api.raw_data.RawData` of one simulated set (``Y`` when attached)."""
     d = s.as_dict()
     kwargs = dict(metadata=dict(s.metadata))
     if s.Y is not None:
@@ -497,10 +496,10 @@ def simulate_dataset(*, N: int = 64, object_size: int = 224, n_images: int = 512
       poisson: False stores noiseless amplitudes (same units).
       object_kwargs: extra :func:`make_object` arguments (amp_range, phase_range, ...).
       include_patches: also attach the ground-truth patches (``Y``, (n, N, N) complex64).
-      as_raw: return ``backend_api.raw_data.RawData`` when available (else SimulatedSet).
+      as_raw: return ``backend_api.raw_data.RawData`` (False: :class:`SimulatedSet`).
 
     Returns:
-      ``(train, test)``: RawData (or :class:`SimulatedSet`) with ``xcoords/ycoords`` float64
+      ``(train, test)``: RawData (or :class:`SimulatedSet` for ``as_raw=False``) with ``xcoords/ycoords`` float64
       (``*_start`` equal), ``diff3d (n, N, N)`` float32, ``probeGuess`` complex64,
       ``objectGuess`` complex64 (the object each set was simulated from; for ``'halves'`` the
       whole shared object), ``scan_index`` int64 zeros, and ``metadata`` with ``nphotons``,

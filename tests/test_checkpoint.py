@@ -139,15 +139,15 @@ def test_snapshot_overlays_config_and_legacy_cfg(tmp_path):
 
 
 def test_snapshot_never_reads_the_live_legacy_cfg():
-    legacy.cfg["label"] = "from-legacy"
+    legacy.cfg["my_key"] = "from-legacy"  # not a DEFAULT_CFG key
     legacy.cfg["nepochs"] = 99
     model = tiny_model()
     snap = checkpoint.params_snapshot(model)
-    assert "label" not in snap and snap["nepochs"] == legacy.DEFAULT_CFG["nepochs"]
+    assert "my_key" not in snap and snap["nepochs"] == legacy.DEFAULT_CFG["nepochs"]
     assert set(legacy.DEFAULT_CFG) <= set(snap)  # every legacy key, as the reference's snapshot
     snap = checkpoint.params_snapshot(model, TrainingConfig(model=ModelConfig(N=64), nepochs=7))
-    assert snap["nepochs"] == 7 and "label" not in snap
-    assert checkpoint.params_snapshot(model, base={"label": "mine"})["label"] == "mine"
+    assert snap["nepochs"] == 7 and "my_key" not in snap
+    assert checkpoint.params_snapshot(model, base={"my_key": "mine"})["my_key"] == "mine"
 
 
 # ---------------------------------------------------------------------------------------------
