@@ -31,6 +31,7 @@ import dataclasses
 import math
 import numbers
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -47,6 +48,8 @@ __all__ = [
     "ARCHITECTURES",
     "DIFFRACTION_KINDS",
     "DEFAULT_N_GROUPS",
+    "TORCH_ONLY_FIELDS",
+    "torch_only_overrides",
     "dataclass_to_legacy_dict",
     "update_legacy_dict",
     "validate_model_config",
@@ -384,10 +387,56 @@ class TrainingConfig:
         self.validate()
 
     def validate(self) -> "TrainingConfig":
-        """Check (and normalise) every field, the nested model included. Returns ``self``."""
+        """Check (and normalise) every field, the nested model included. Returns ``self``.
+
+        With ``backend='jax'``, a torch-only field (:data:`TORCH_ONLY_FIELDS`) set away from its
+        default draws one ``UserWarning`` naming those fields: the jax backend ignores them.
+        """
         _check_model_field(self)
         _check_fields(self)
+        _warn_torch_only(self)
         return self
+
+
+#: TrainingConfig fields only the PyTorch backend reads; the jax backend trains with the TF
+#: reference's fixed Adam + ReduceLROnPlateau schedule (``pinn_jax.train.FitOptions``).
+TORCH_ONLY_FIELDS: tuple[str, ...] = (
+    "torch_loss_mode", "torch_mae_pred_l2_match_target", "gradient_clip_val",
+    "gradient_clip_algorithm", "optimizer", "momentum", "weight_decay", "scheduler",
+    "lr_warmup_epochs", "lr_min_ratio", "plateau_factor", "plateau_patience", "plateau_min_lr",
+    "plateau_threshold",
+)
+
+
+def torch_only_overrides(config: "TrainingConfig") -> list[str]:
+    """The :data:`TORCH_ONLY_FIELDS` of ``config`` that differ from their defaults."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainingConfig)}
+    return [n for n in TORCH_ONLY_FIELDS if getattr(config, n) != defaults[n]]
+
+
+def _warn_torch_only(config: "TrainingConfig") -> None:
+    if config.backend != "jax":
+        return
+    changed = torch_only_overrides(config)
+    if changed:
+        # A warning, not an error: a config written for the torch backend stays loadable.
+        warnings.warn(
+            f"TrainingConfig: backend='jax' ignores the torch-only field(s) "
+            f"{', '.join(f'{n}={getattr(config, n)!r}' for n in changed)} "
+            f"(the jax backend trains with the reference's fixed Adam/plateau schedule)",
+            UserWarning,
+            stacklevel=_caller_stacklevel(),
+        )
+
+
+def _caller_stacklevel() -> int:
+    """The ``warnings.warn`` stacklevel of the first frame outside this module and outside the
+    dataclass-generated ``__init__`` (so the warning names the user's line)."""
+    frame, level = sys._getframe(2), 3  # the caller of _warn_torch_only's caller
+    while frame is not None and (frame.f_code.co_filename == __file__ or (
+            frame.f_code.co_filename == "<string>" and frame.f_code.co_name == "__init__")):
+        frame, level = frame.f_back, level + 1
+    return level - 1
 
 
 @dataclass

@@ -399,7 +399,12 @@ def get_relative_coords(coords_nn: np.ndarray):
 
 
 def get_neighbor_indices(xcoords: np.ndarray, ycoords: np.ndarray, K: int = 3) -> np.ndarray:
-    """``(M, K+1)`` indices of each point's K+1 nearest points (itself usually first)."""
+    """``(M, min(K+1, M))`` int indices of each point's K+1 nearest points (itself usually first).
+
+    The reference's legacy helper (name contract, data_config_persistence.md §2.5: "legacy and
+    unused on the main path"); kept for callers written against it. Grouping itself uses
+    :func:`group_indices`.
+    """
     points = np.column_stack([np.asarray(xcoords), np.asarray(ycoords)]).astype(np.float64)
     _, idx = cKDTree(points).query(points, k=min(K + 1, len(points)))
     return np.asarray(idx).reshape(len(points), -1)
@@ -517,9 +522,12 @@ def generate_grouped_data(raw, N: int, K: int = 4, nsamples: int = 1, dataset_pa
         dataset_path: accepted and ignored (no cache files are written).
         seed: random seed (ignored for ``sequential_sampling``, which uses seed 0).
         sequential_sampling: seeds are the first ``nsamples`` points in file order.
-        gridsize: ``None`` -> ``backend_api.params.cfg['gridsize']`` (the reference's legacy
-            fallback, kept for callers such as ptychodus's glue that never pass it; the
-            legacy default is 2, and 1 if the key was removed). Our own callers pass it.
+        gridsize: ``None`` -> ``backend_api.params.cfg['gridsize']`` (1 if the key was
+            removed; the legacy default is 2). This is the one read of the legacy dict that
+            decides something, kept on purpose: it is the reference's name contract
+            (data_config_persistence.md: "ptychodus never passes it"), so a caller written
+            against the reference gets the reference's groups. Every caller in this project
+            passes ``gridsize`` explicitly; new code should too.
         enable_oversampling, neighbor_pool_size: the K-choose-C oversampling opt-in.
         rng: explicit ``RandomState``/``Generator``/int seed; overrides ``seed``.
 

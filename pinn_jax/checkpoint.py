@@ -170,16 +170,21 @@ def _plain_value(v: Any) -> Any:
 def params_snapshot(model, config: Any = None, *, base: Mapping[str, Any] | None = None) -> dict:
     """The params snapshot stored with each archived model (a plain dict).
 
-    Starts from ``base`` (default: a copy of the live legacy ``backend_api.params.cfg``, as the
-    reference stores its whole cfg), overlays ``config`` (a Training/InferenceConfig, via
+    Starts from ``base`` (default: the reference's constant defaults
+    ``backend_api.params.DEFAULT_CFG``, so the snapshot has every legacy key as the reference's
+    whole-cfg snapshot does), overlays ``config`` (a Training/InferenceConfig, via
     ``dataclass_to_legacy_dict``, ``None`` values skipped), then the model's own truth: ``N``,
     ``gridsize`` and the other architecture keys, ``intensity_scale = exp(log_s)``, ``probe``
     ``(N, N, 1)`` complex64, the trainable flags and ``jax_model_spec``.
+
+    The live legacy dict ``backend_api.params.cfg`` is never read here (it is written by the
+    workflow bridge and the bundle loader only); a caller that wants it in the snapshot passes
+    it: ``params_snapshot(model, config, base=backend_api.params.cfg)``.
     """
     from backend_api import params as legacy
     from backend_api.config import dataclass_to_legacy_dict
 
-    snap = dict(legacy.cfg if base is None else base)
+    snap = dict(legacy.DEFAULT_CFG if base is None else base)
     if config is not None:
         for k, v in dataclass_to_legacy_dict(config).items():
             if v is not None:
@@ -213,7 +218,8 @@ def save_model(model, output_dir: str | os.PathLike, config: Any = None, *, para
     """Write ``output_dir/wts.h5.zip`` (atomically) for a trained PtychoPINN; returns its path.
 
     ``config``: the Training/InferenceConfig the model was trained with (goes into the params
-    snapshot); ``params``: a base snapshot instead of the live legacy cfg. Scratch files
+    snapshot); ``params``: the base snapshot (see :func:`params_snapshot`: default the
+    reference's legacy defaults; pass ``backend_api.params.cfg`` for the live dict). Scratch files
     (``.pinn_jax_save_<pid>@<host>.*``, ``.wts.h5.zip.<pid>@<host>.*.tmp``) of earlier saves
     into ``output_dir`` that were killed midway are removed first; a failure leaves none of
     its own and keeps a previous archive byte-identical.

@@ -28,7 +28,7 @@ import re
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,8 @@ __all__ = [
     "KERAS_CONSTRUCTION_ORDER",
     "keras_conv_table",
     "load_keras_weights",
+    "plan_keras_weights",
+    "KerasWeightPlan",
     "read_keras_weights",
     "spec_from_tf_params",
     "load_tf_archive",
@@ -138,28 +140,24 @@ def _module_at(gen: CNNGenerator, path: str) -> nnx.Conv:
     return obj
 
 
-def load_keras_weights(model: PtychoPINN | CNNGenerator, weights: Mapping[str, Any]) -> dict:
-    """Copy reference Keras weights into ``model`` (in place), strictly.
+class KerasWeightPlan(NamedTuple):
+    """What :func:`load_keras_weights` would do (pure: nothing is modified).
 
-    Args:
-      model: a :class:`PtychoPINN` (or a bare :class:`CNNGenerator`) of the same configuration
-        as the reference model.
-      weights: ``'<conv layer name>/kernel'`` ``(3, 3, in, out)`` and ``'/bias'`` ``(out,)``
-        arrays for every Conv2D, plus optionally ``'__log_scale__'`` and
-        ``'__probe_variable__'`` (PtychoPINN only).
-
-    Keras numbers layers per session; if the model was not the first one built, all names are
-    shifted by the same amount, which is detected (the smallest index present is the first
-    encoder convolution).
-
-    Returns ``{keras layer name: our module path}`` for the layers loaded.
-
-    Raises ``ValueError`` (before anything is modified) naming every unmatched key, missing
-    layer and shape mismatch.
+    ``assignments``: ``(target nnx variable, float32 array)`` pairs; ``probe``: the
+    ``__probe_variable__`` array or None; ``log_s``: the ``__log_scale__`` array or None;
+    ``loaded``: ``{keras layer name: our module path}`` in layer order; ``problems``: one message
+    per unmatched key, missing layer or weight and shape mismatch (empty when it can be applied).
     """
-    gen = model.generator if isinstance(model, PtychoPINN) else model
-    if not isinstance(gen, CNNGenerator):
-        raise ValueError(f"load_keras_weights: model is a {type(model).__name__}, expected PtychoPINN or CNNGenerator")
+
+    assignments: list
+    probe: np.ndarray | None
+    log_s: np.ndarray | None
+    loaded: dict
+    problems: list
+
+
+def _sort_weights(weights: Mapping[str, Any], accept_extras: bool):
+    """``({layer: {'kernel'|'bias': array}}, {extra key: array}, [unmatched keys])``."""
     layers: dict[str, dict[str, np.ndarray]] = {}
     extras: dict[str, np.ndarray] = {}
     unmatched: list[str] = []
@@ -172,8 +170,22 @@ def load_keras_weights(model: PtychoPINN | CNNGenerator, weights: Mapping[str, A
             unmatched.append(key)
             continue
         layers.setdefault(layer, {})[var] = np.asarray(value)
-    if extras and not isinstance(model, PtychoPINN):
+    if extras and not accept_extras:
         unmatched += sorted(extras)
+    return layers, extras, unmatched
+
+
+def plan_keras_weights(model: PtychoPINN | CNNGenerator, weights: Mapping[str, Any]) -> KerasWeightPlan:
+    """Match reference Keras ``weights`` to ``model``'s modules without modifying anything.
+
+    Arguments as :func:`load_keras_weights`; returns a :class:`KerasWeightPlan`. Raises
+    ``ValueError`` only for a model that is neither a PtychoPINN nor a CNNGenerator.
+    """
+    gen = model.generator if isinstance(model, PtychoPINN) else model
+    if not isinstance(gen, CNNGenerator):
+        raise ValueError(f"load_keras_weights: model is a {type(model).__name__}, expected PtychoPINN or CNNGenerator")
+    is_pinn = isinstance(model, PtychoPINN)
+    layers, extras, unmatched = _sort_weights(weights, accept_extras=is_pinn)
 
     table = keras_conv_table(gen.N, gen.pad_object, gen.probe_big)
     present = sorted(_conv_index(name) for name in layers)
@@ -194,7 +206,8 @@ def load_keras_weights(model: PtychoPINN | CNNGenerator, weights: Mapping[str, A
             "missing Conv2D layers: " + ", ".join(f"{n} ({expected[n][1]})" for n in missing)
         )
     assignments = []
-    for name in sorted(set(expected) & set(layers), key=_conv_index):
+    matched = sorted(set(expected) & set(layers), key=_conv_index)
+    for name in matched:
         path, role = expected[name]
         conv = _module_at(gen, path)
         for var, target in (("kernel", conv.kernel), ("bias", conv.bias)):
@@ -210,7 +223,7 @@ def load_keras_weights(model: PtychoPINN | CNNGenerator, weights: Mapping[str, A
                 continue
             assignments.append((target, arr.astype(np.float32)))
     probe = None
-    if PROBE_KEY in extras and isinstance(model, PtychoPINN):
+    if PROBE_KEY in extras and is_pinn:
         probe = extras[PROBE_KEY]
         n = model.spec.N
         if probe.size != n * n:
@@ -220,16 +233,39 @@ def load_keras_weights(model: PtychoPINN | CNNGenerator, weights: Mapping[str, A
         log_s = extras[LOG_SCALE_KEY]
         if log_s.size != 1 or not np.isfinite(log_s).all():
             problems.append(f"{LOG_SCALE_KEY}: got {log_s!r}, expected a finite scalar")
-    if problems:
-        raise ValueError("load_keras_weights: " + "; ".join(problems))
+    loaded = {name: expected[name][0] for name in matched}
+    return KerasWeightPlan(assignments, probe, log_s, loaded, problems)
 
-    for target, arr in assignments:
+
+def load_keras_weights(model: PtychoPINN | CNNGenerator, weights: Mapping[str, Any]) -> dict:
+    """Copy reference Keras weights into ``model`` (in place), strictly.
+
+    Args:
+      model: a :class:`PtychoPINN` (or a bare :class:`CNNGenerator`) of the same configuration
+        as the reference model.
+      weights: ``'<conv layer name>/kernel'`` ``(3, 3, in, out)`` and ``'/bias'`` ``(out,)``
+        arrays for every Conv2D, plus optionally ``'__log_scale__'`` and
+        ``'__probe_variable__'`` (PtychoPINN only).
+
+    Keras numbers layers per session; if the model was not the first one built, all names are
+    shifted by the same amount, which is detected (the smallest index present is the first
+    encoder convolution).
+
+    Returns ``{keras layer name: our module path}`` for the layers loaded.
+
+    Raises ``ValueError`` (before anything is modified) naming every unmatched key, missing
+    layer and shape mismatch. The matching is :func:`plan_keras_weights` (pure); this applies it.
+    """
+    plan = plan_keras_weights(model, weights)
+    if plan.problems:
+        raise ValueError("load_keras_weights: " + "; ".join(plan.problems))
+    for target, arr in plan.assignments:
         target.set_value(jnp.asarray(arr))
-    if probe is not None:
-        model.set_probe(probe.reshape(model.spec.N, model.spec.N))
-    if log_s is not None:
-        model.log_s.set_value(jnp.asarray(np.asarray(log_s, np.float32).reshape(())))
-    return {name: expected[name][0] for name in sorted(set(expected) & set(layers), key=_conv_index)}
+    if plan.probe is not None:
+        model.set_probe(plan.probe.reshape(model.spec.N, model.spec.N))
+    if plan.log_s is not None:
+        model.log_s.set_value(jnp.asarray(np.asarray(plan.log_s, np.float32).reshape(())))
+    return plan.loaded
 
 
 def read_keras_weights(source: str | Path | bytes) -> dict[str, np.ndarray]:

@@ -18,17 +18,20 @@ reference, which sums all groups of a batch onto one canvas when ``B * C >= 64``
 State: the generator's weights are ``nnx.Param``; the probe (stored as float32 ``(N, N, 2)``
 real/imaginary pair so that optimisers see real numbers) and ``log_s`` (float32 scalar) are
 :class:`PhysicsParam` (a ``nnx.Param`` subclass) when trainable and :class:`PhysicsConst` (a
-plain ``nnx.Variable``) when frozen. ``nnx.split(model, trainable_filter(model), ...)`` therefore
-puts exactly the trainable arrays in the first state. Both are frozen by default, which is what
-the reference does in practice under Keras 3 (its ``trainable`` flags are inert there); pass
-``TrainingConfig.probe_trainable`` / ``intensity_scale_trainable`` explicitly to train them.
+plain ``nnx.Variable``) when frozen. ``nnx.split(model, TRAINABLE, ...)`` therefore
+puts exactly the trainable arrays in the first state. :class:`PtychoPINN` and :func:`build_model`
+freeze both unless told otherwise, which is what the reference does in practice under Keras 3
+(its ``trainable`` flags are inert there). Training goes through ``TrainingConfig``, whose
+defaults are ``probe_trainable=False`` and ``intensity_scale_trainable=True``: so
+``pinn_jax.train`` *trains* ``log_s`` by default (set ``intensity_scale_trainable=False`` for the
+reference's frozen scale).
 
 The probe is used exactly as given: normalisation (``probe.normalize_probe``) is the caller's job,
 as in the reference where ``probe.set_probe_guess`` normalises before the model is built.
 
 Pure functional use (for ``jax.jit`` with donated buffers)::
 
-    graphdef, params, rest = nnx.split(model, trainable_filter(model), ...)
+    graphdef, params, rest = nnx.split(model, TRAINABLE, ...)   # or split_model(model)
     obj, amp, inten = autoencoder_apply(graphdef, (params, rest), x_scaled, offsets)
 """
 
@@ -52,6 +55,7 @@ __all__ = [
     "PhysicsConst",
     "PtychoPINN",
     "build_model",
+    "TRAINABLE",
     "trainable_filter",
     "split_model",
     "autoencoder_apply",
@@ -369,15 +373,22 @@ def _log_scale(intensity_scale: Any) -> np.ndarray:
 # -------------------------------------------------------------------------------------------
 # functional API
 # -------------------------------------------------------------------------------------------
+#: The nnx filter selecting trainable state: network weights plus the probe / ``log_s`` when
+#: their trainable switch is on (those are then ``PhysicsParam``, a ``nnx.Param`` subclass). The
+#: switches live in the variable types, so one filter serves every model.
+TRAINABLE = nnx.Param
+
+
 def trainable_filter(model: PtychoPINN | None = None):
-    """The nnx filter selecting trainable state: network weights plus the probe / ``log_s`` when
-    their trainable switch is on (those are then ``PhysicsParam``, a ``nnx.Param`` subclass)."""
-    return nnx.Param
+    """:data:`TRAINABLE` (``nnx.Param``). ``model`` is accepted for callers that pass one and is
+    not consulted: a model's trainable switches are already encoded in its variable types."""
+    del model
+    return TRAINABLE
 
 
 def split_model(model: PtychoPINN):
-    """``(graphdef, trainable_state, rest_state)`` = ``nnx.split(model, trainable_filter(model), ...)``."""
-    return nnx.split(model, trainable_filter(model), ...)
+    """``(graphdef, trainable_state, rest_state)`` = ``nnx.split(model, TRAINABLE, ...)``."""
+    return nnx.split(model, TRAINABLE, ...)
 
 
 def _merge(graphdef, state) -> PtychoPINN:

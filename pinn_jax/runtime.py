@@ -2,8 +2,11 @@
 
 XLA reads ``XLA_FLAGS`` once, when the first backend is initialised (the first ``jax.devices()``,
 array or jitted call), not when ``jax`` is imported. :func:`configure_cpu_runtime` therefore
-has to run before that; ``pinn_jax`` calls it when it is imported, so ``import pinn_jax`` before
-any jax computation is enough. It only *adds* flags the user has not set: an entry already in
+has to run before that. ``import pinn_jax`` does **not** call it (a library should not change
+its host process on import): the entry points do (``pinn_jax.cli.main``, the benchmarks, the
+ptychodus child through :meth:`pinn_jax.backend.JaxBackend.configure_runtime`), and a script
+opts in with ``pinn_jax.configure_cpu_runtime()`` (re-exported by the package) before its
+first jax computation. It only *adds* flags the user has not set: an entry already in
 ``XLA_FLAGS`` (``--name=value``, ``--name`` or ``--noname``) always wins.
 
 What it sets, and why (measured on the 2-core AMD EPYC (Zen 3, AVX2, no AVX-512) development
@@ -166,7 +169,8 @@ def _backends_initialised() -> bool:
 def configure_cpu_runtime(environ: MutableMapping[str, str] | None = None) -> list[str]:
     """Add the measured-beneficial CPU XLA flags to ``XLA_FLAGS`` (only the ones not set yet).
 
-    Must run before jax initialises its backends; if they already exist, nothing is changed and
+    The one public call for this (also ``pinn_jax.configure_cpu_runtime``); nothing calls it on
+    import. Must run before jax initialises its backends; if they already exist, nothing is changed and
     a ``RuntimeWarning`` says so. Set ``PINN_JAX_XLA_DEFAULTS=0`` to disable. Idempotent.
 
     Args:
@@ -184,8 +188,9 @@ def configure_cpu_runtime(environ: MutableMapping[str, str] | None = None) -> li
     if environ is None and _backends_initialised():
         warnings.warn(
             "pinn_jax.runtime.configure_cpu_runtime: jax backends are already initialised, so the "
-            f"CPU XLA flags {sorted(missing)} cannot take effect in this process (import pinn_jax "
-            "before running any jax computation, or set XLA_FLAGS yourself)",
+            f"CPU XLA flags {sorted(missing)} cannot take effect in this process (call "
+            "pinn_jax.configure_cpu_runtime() before running any jax computation, or set "
+            "XLA_FLAGS yourself)",
             RuntimeWarning,
             stacklevel=2,
         )

@@ -20,6 +20,13 @@ objects differ), so a test score measures generalisation, never a copy of traini
 both sets. The photon scale ``s`` is computed on the training set and reused for the test set (as
 the reference does), so both sets share units.
 
+Why this module does not call :func:`pinn_jax.physics.illuminate_and_diffract`: that is the
+reference ``diffsim`` forward model on device (float32 photon scale, ``jax.random.poisson`` with a
+normal approximation above 1e7 counts), kept for the parity tests and for callers of the
+reference name. Datasets here draw exact int64 Poisson counts on the host from a numpy stream
+and compute ``s`` in float64, so switching would change every simulated file; both share
+:func:`pinn_jax.physics.illuminate` and :func:`pinn_jax.physics.diffraction_amplitude`.
+
 Randomness is explicit: an ``int`` seed (expanded with ``numpy.random.SeedSequence``), a
 ``numpy.random.Generator``, or a JAX key; the same seed always gives the same dataset.
 """
@@ -40,6 +47,7 @@ import numpy as np
 from scipy import ndimage, special
 
 from backend_api.fileio import atomic_write
+from backend_api.raw_data import RawData
 
 __all__ = [
     "OBJECT_KINDS",
@@ -85,11 +93,6 @@ def _as_generator(seed: Any) -> np.random.Generator:
 
 # --------------------------------------------------------------------------------------------
 # objects
-
-
-def _to_unit(t: np.ndarray) -> np.ndarray:
-    lo, hi = float(t.min()), float(t.max())
-    return np.zeros_like(t) if hi <= lo else (t - lo) / (hi - lo)
 
 
 def _lines_texture(rng: np.random.Generator, size: int, n_lines: int) -> np.ndarray:
@@ -452,12 +455,8 @@ class SimulatedSet:
         return np.stack([self.xcoords, self.ycoords], axis=1)
 
 
-def _to_raw(s: SimulatedSet):
-    """RawData when backend_api.raw_data is importable, else the SimulatedSet itself."""
-    try:
-        from backend_api.raw_data import RawData
-    except ImportError:
-        return s
+def _to_raw(s: SimulatedSet) -> RawData:
+    """The :class:`backend_api.raw_data.RawData` of one simulated set (``Y`` when attached)."""
     d = s.as_dict()
     kwargs = dict(metadata=dict(s.metadata))
     if s.Y is not None:
@@ -465,6 +464,57 @@ def _to_raw(s: SimulatedSet):
     return RawData(d["xcoords"], d["ycoords"], d["xcoords_start"], d["ycoords_start"],
                    d["diff3d"], d["probeGuess"], d["scan_index"], objectGuess=d["objectGuess"],
                    **kwargs)
+
+
+def _check_dataset_args(*, N, object_size, n_images, train_fraction, kind, scan, split,
+                        nphotons, diff_units) -> tuple[int, int, int, int]:
+    """:func:`simulate_dataset`'s argument checks (ValueError naming the argument); returns
+    ``(N, object_size, n_train, n_test)`` as ints."""
+    if int(N) != N or N < 4 or N % 2:
+        raise ValueError(f"N: expected an even int >= 4, got {N!r}")
+    N = int(N)
+    if not (0.0 < train_fraction < 1.0):
+        raise ValueError(f"train_fraction: expected a value in (0, 1), got {train_fraction!r}")
+    if int(n_images) != n_images or n_images < 2:
+        raise ValueError(f"n_images: expected an int >= 2, got {n_images!r}")
+    if scan not in ("random", "raster"):
+        raise ValueError(f"scan: expected 'random' or 'raster', got {scan!r}")
+    if split not in ("objects", "halves"):
+        raise ValueError(f"split: expected 'objects' or 'halves', got {split!r}")
+    if diff_units not in ("counts", "scaled"):
+        raise ValueError(f"diff_units: expected 'counts' or 'scaled', got {diff_units!r}")
+    if not (nphotons > 0 and math.isfinite(nphotons)):
+        raise ValueError(f"nphotons: expected a positive finite number, got {nphotons!r}")
+    if kind not in OBJECT_KINDS:
+        raise ValueError(f"kind: expected one of {OBJECT_KINDS}, got {kind!r}")
+    if int(object_size) != object_size or object_size < N:
+        raise ValueError(f"object_size: expected an int >= N={N}, got {object_size!r}")
+    object_size = int(object_size)
+    n_train = int(round(n_images * train_fraction))
+    n_test = int(n_images) - n_train
+    if n_train < 1 or n_test < 1:
+        raise ValueError(
+            f"train_fraction: {train_fraction} of n_images={n_images} leaves an empty set "
+            f"({n_train} train, {n_test} test)")
+    return N, object_size, n_train, n_test
+
+
+def _dataset_probe(probe, probe_scale, N: int) -> np.ndarray:
+    """The ``(N, N)`` complex64 probe of :func:`simulate_dataset` (default probe if None,
+    ``normalize_probe(probe, probe_scale)`` when a scale is given)."""
+    from .probe import default_probe, normalize_probe
+
+    if probe is None:
+        pr = np.asarray(default_probe(N))
+    else:
+        pr = np.asarray(probe)
+        if pr.ndim == 3 and pr.shape[-1] == 1:
+            pr = pr[..., 0]
+        if pr.shape != (N, N):
+            raise ValueError(f"probe: expected shape ({N}, {N}), got {pr.shape}")
+    if probe_scale is not None:
+        pr = np.asarray(normalize_probe(jnp.asarray(pr), float(probe_scale)))
+    return pr.astype(np.complex64)
 
 
 def simulate_dataset(*, N: int = 64, object_size: int = 224, n_images: int = 512,
@@ -497,55 +547,19 @@ def simulate_dataset(*, N: int = 64, object_size: int = 224, n_images: int = 512
       poisson: False stores noiseless amplitudes (same units).
       object_kwargs: extra :func:`make_object` arguments (amp_range, phase_range, ...).
       include_patches: also attach the ground-truth patches (``Y``, (n, N, N) complex64).
-      as_raw: return ``backend_api.raw_data.RawData`` when available (else SimulatedSet).
+      as_raw: return ``backend_api.raw_data.RawData`` (False: :class:`SimulatedSet`).
 
     Returns:
-      ``(train, test)``: RawData (or :class:`SimulatedSet`) with ``xcoords/ycoords`` float64
+      ``(train, test)``: RawData (or :class:`SimulatedSet` for ``as_raw=False``) with ``xcoords/ycoords`` float64
       (``*_start`` equal), ``diff3d (n, N, N)`` float32, ``probeGuess`` complex64,
       ``objectGuess`` complex64 (the object each set was simulated from; for ``'halves'`` the
       whole shared object), ``scan_index`` int64 zeros, and ``metadata`` with ``nphotons``,
       ``intensity_scale`` (the photon scale s), ``diff_units`` and the simulation settings.
     """
-    if int(N) != N or N < 4 or N % 2:
-        raise ValueError(f"N: expected an even int >= 4, got {N!r}")
-    N = int(N)
-    if not (0.0 < train_fraction < 1.0):
-        raise ValueError(f"train_fraction: expected a value in (0, 1), got {train_fraction!r}")
-    if int(n_images) != n_images or n_images < 2:
-        raise ValueError(f"n_images: expected an int >= 2, got {n_images!r}")
-    if scan not in ("random", "raster"):
-        raise ValueError(f"scan: expected 'random' or 'raster', got {scan!r}")
-    if split not in ("objects", "halves"):
-        raise ValueError(f"split: expected 'objects' or 'halves', got {split!r}")
-    if diff_units not in ("counts", "scaled"):
-        raise ValueError(f"diff_units: expected 'counts' or 'scaled', got {diff_units!r}")
-    if not (nphotons > 0 and math.isfinite(nphotons)):
-        raise ValueError(f"nphotons: expected a positive finite number, got {nphotons!r}")
-    if kind not in OBJECT_KINDS:
-        raise ValueError(f"kind: expected one of {OBJECT_KINDS}, got {kind!r}")
-    if int(object_size) != object_size or object_size < N:
-        raise ValueError(f"object_size: expected an int >= N={N}, got {object_size!r}")
-    object_size = int(object_size)
-    n_train = int(round(n_images * train_fraction))
-    n_test = int(n_images) - n_train
-    if n_train < 1 or n_test < 1:
-        raise ValueError(
-            f"train_fraction: {train_fraction} of n_images={n_images} leaves an empty set "
-            f"({n_train} train, {n_test} test)")
-
-    from .probe import default_probe, normalize_probe
-
-    if probe is None:
-        pr = np.asarray(default_probe(N))
-    else:
-        pr = np.asarray(probe)
-        if pr.ndim == 3 and pr.shape[-1] == 1:
-            pr = pr[..., 0]
-        if pr.shape != (N, N):
-            raise ValueError(f"probe: expected shape ({N}, {N}), got {pr.shape}")
-    if probe_scale is not None:
-        pr = np.asarray(normalize_probe(jnp.asarray(pr), float(probe_scale)))
-    pr = pr.astype(np.complex64)
+    N, object_size, n_train, n_test = _check_dataset_args(
+        N=N, object_size=object_size, n_images=n_images, train_fraction=train_fraction,
+        kind=kind, scan=scan, split=split, nphotons=nphotons, diff_units=diff_units)
+    pr = _dataset_probe(probe, probe_scale, N)
 
     ss_obj_tr, ss_obj_te, ss_pos_tr, ss_pos_te, ss_noise = np.random.SeedSequence(
         int(seed)).spawn(5)

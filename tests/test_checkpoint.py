@@ -131,10 +131,23 @@ def test_missing_archive_and_corrupt_state(tmp_path):
 def test_snapshot_overlays_config_and_legacy_cfg(tmp_path):
     legacy.cfg["label"] = "from-legacy"
     model = tiny_model()
-    snap = checkpoint.params_snapshot(model, TrainingConfig(model=ModelConfig(N=64), nepochs=7))
+    snap = checkpoint.params_snapshot(model, TrainingConfig(model=ModelConfig(N=64), nepochs=7),
+                                      base=legacy.cfg)
     assert snap["label"] == "from-legacy" and snap["nepochs"] == 7
     # The model's truth wins over the config (n_filters_scale 1 here, config says 2).
     assert snap["n_filters_scale"] == 1 and snap["N"] == 64
+
+
+def test_snapshot_never_reads_the_live_legacy_cfg():
+    legacy.cfg["my_key"] = "from-legacy"  # not a DEFAULT_CFG key
+    legacy.cfg["nepochs"] = 99
+    model = tiny_model()
+    snap = checkpoint.params_snapshot(model)
+    assert "my_key" not in snap and snap["nepochs"] == legacy.DEFAULT_CFG["nepochs"]
+    assert set(legacy.DEFAULT_CFG) <= set(snap)  # every legacy key, as the reference's snapshot
+    snap = checkpoint.params_snapshot(model, TrainingConfig(model=ModelConfig(N=64), nepochs=7))
+    assert snap["nepochs"] == 7 and "my_key" not in snap
+    assert checkpoint.params_snapshot(model, base={"my_key": "mine"})["my_key"] == "mine"
 
 
 # ---------------------------------------------------------------------------------------------

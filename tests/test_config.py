@@ -915,3 +915,39 @@ def test_bridge_round_trips_every_field(kind, variant):
         assert [n for n in own if getattr(config, n) == getattr(defaults, n)] == []
         assert [f.name for f in dataclasses.fields(ModelConfig)
                 if getattr(config.model, f.name) == getattr(defaults.model, f.name)] == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch-only fields under backend='jax': a warning naming them, not silence
+
+
+def test_torch_only_fields_are_training_fields_and_exclude_what_jax_reads():
+    from backend_api.config import TORCH_ONLY_FIELDS
+
+    names = {f.name for f in dataclasses.fields(TrainingConfig)}
+    assert set(TORCH_ONLY_FIELDS) <= names
+    # what the jax backend does read (fit_options_from_config, the loss, the grouping)
+    assert not {"adam_beta1", "adam_beta2", "nepochs", "batch_size", "nll_weight",
+                "mae_weight"} & set(TORCH_ONLY_FIELDS)
+
+
+@pytest.mark.parametrize("name", ["optimizer", "scheduler", "gradient_clip_val", "weight_decay",
+                                  "plateau_patience", "torch_loss_mode", "momentum"])
+def test_jax_backend_warns_naming_each_torch_only_field(name):
+    value = TRAINING_NON_DEFAULT[name][0]
+    with pytest.warns(UserWarning, match=rf"backend='jax' ignores .*\b{name}=") as rec:
+        config = _training(**{name: value})
+    assert getattr(config, name) == value  # kept, only ignored by the jax backend
+    assert len([w for w in rec if issubclass(w.category, UserWarning)]) == 1
+
+
+def test_torch_only_warning_names_all_fields_once_and_not_for_other_backends():
+    with pytest.warns(UserWarning) as rec:
+        _training(optimizer="sgd", plateau_min_lr=1e-6)
+    msgs = [str(w.message) for w in rec if issubclass(w.category, UserWarning)]
+    assert len(msgs) == 1 and "optimizer='sgd'" in msgs[0] and "plateau_min_lr=1e-06" in msgs[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _training(backend="pytorch", optimizer="sgd", plateau_min_lr=1e-6)
+        _training(adam_beta1=0.8, nepochs=3)  # jax fields: no warning
+        _training()

@@ -540,3 +540,18 @@ def test_grouping_options_are_frozen_and_hashable():
     with pytest.raises(dataclasses.FrozenInstanceError):
         g.n_groups = 5  # type: ignore[misc]
     assert hash(g) == hash(GroupingOptions(n_groups=4, seed=1))
+
+
+def test_get_neighbor_indices_reference_contract():
+    from backend_api.grouping import get_neighbor_indices
+
+    # A 1-D row of points: each point's nearest are itself, then its neighbours by distance.
+    x = np.array([0.0, 1.0, 3.0, 7.0])
+    y = np.zeros(4)
+    idx = get_neighbor_indices(x, y, K=2)
+    assert idx.shape == (4, 3) and np.issubdtype(idx.dtype, np.integer)
+    assert idx[:, 0].tolist() == [0, 1, 2, 3]  # self first
+    assert idx[0].tolist() == [0, 1, 2] and idx[3].tolist() == [3, 2, 1]
+    # K + 1 above the number of points: capped at M columns, still (M, M)
+    assert get_neighbor_indices(x, y, K=10).shape == (4, 4)
+    assert get_neighbor_indices(x, y).shape == (4, 4)  # default K=3

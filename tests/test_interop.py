@@ -155,6 +155,21 @@ def test_fixture_keys_are_exactly_the_table():
 # ---------------------------------------------------------------------------------------------
 # strict loading
 # ---------------------------------------------------------------------------------------------
+def test_plan_is_pure_and_lists_what_load_applies():
+    from pinn_jax.interop import plan_keras_weights
+
+    w = _weights(1)
+    model = _new_model(1)
+    plan = plan_keras_weights(model, w)
+    assert plan.problems == [] and len(plan.assignments) == 2 * len(plan.loaded) == 2 * 22
+    assert plan.loaded["conv2d"] == "encoder.0.conv_a" and plan.log_s is not None
+    assert all(arr.dtype == np.float32 for _, arr in plan.assignments)
+    with pytest.raises(ValueError, match="generator.encoder.0.conv_a.kernel"):
+        check_fully_loaded(model)  # planning assigned nothing
+    bad = plan_keras_weights(model, dict(w, **{"dense/kernel": np.zeros((2, 2))}))
+    assert len(bad.problems) == 1 and "dense/kernel" in bad.problems[0]
+
+
 def test_load_errors_are_clear_and_atomic():
     w = _weights(1)
     model = _new_model(1)

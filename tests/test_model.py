@@ -332,3 +332,10 @@ def test_build_model_defaults():
     cfg, probe = model_config_dict(model), np.asarray(model.probe)
     rebuilt = nnx.eval_shape(lambda: build_model(cfg, probe, 1.0))
     assert rebuilt.spec == model.spec
+
+
+def test_trainable_filter_is_the_param_type_for_any_model():
+    from pinn_jax.model import TRAINABLE
+
+    assert TRAINABLE is nnx.Param
+    assert trainable_filter() is TRAINABLE and trainable_filter(object()) is TRAINABLE

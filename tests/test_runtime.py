@@ -128,3 +128,74 @@ def test_recommended_flags_run_and_are_exact_enough():
 def test_merge_tolerates_quoting(bad):
     merged, added = runtime.merge_xla_flags(bad, {"xla_b": "1"})
     assert merged.startswith(bad) and added == ["--xla_b=1"]
+
+
+# ---------------------------------------------------------------------------------------------
+# No import-time side effect; the one public call (fresh interpreters: XLA_FLAGS is per process)
+
+_IMPORT_PROBE = r"""
+import json, os, sys, warnings
+before = os.environ.get("XLA_FLAGS")
+import pinn_jax
+after_import = os.environ.get("XLA_FLAGS")
+out = {"before": before, "after_import": after_import, "jax_loaded": "jax" in sys.modules}
+if sys.argv[1] == "call":
+    out["added"] = pinn_jax.configure_cpu_runtime()
+    out["after_call"] = os.environ.get("XLA_FLAGS")
+    out["again"] = pinn_jax.configure_cpu_runtime()
+elif sys.argv[1] == "late":
+    import jax
+    jax.devices()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        out["added"] = pinn_jax.configure_cpu_runtime()
+    out["warnings"] = [str(w.message) for w in rec if issubclass(w.category, RuntimeWarning)]
+    out["after_call"] = os.environ.get("XLA_FLAGS")
+print(json.dumps(out))
+"""
+
+
+def _probe(mode: str, xla_flags: str | None, opt_out: str | None = None) -> dict:
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env.pop(runtime.OPT_OUT_ENV, None)
+    env["JAX_PLATFORMS"] = "cpu"
+    if xla_flags is not None:
+        env["XLA_FLAGS"] = xla_flags
+    if opt_out is not None:
+        env[runtime.OPT_OUT_ENV] = opt_out
+    proc = subprocess.run([sys.executable, "-c", _IMPORT_PROBE, mode], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("user_flags", [None, "--xla_force_host_platform_device_count=2"])
+def test_import_pinn_jax_leaves_xla_flags_untouched(user_flags):
+    out = _probe("import", user_flags)
+    assert out["before"] == user_flags and out["after_import"] == user_flags
+    assert not out["jax_loaded"]  # nothing to configure jax with has even been imported
+
+
+def test_public_call_adds_flags_once_and_keeps_user_flags_first():
+    user = "--xla_force_host_platform_device_count=2"
+    out = _probe("call", user)
+    assert out["after_import"] == user
+    assert out["added"] == [f"--{k}={v}" for k, v in runtime.recommended_xla_flags().items()]
+    assert out["after_call"] == " ".join([user] + out["added"])
+    assert out["again"] == []
+    assert runtime.configure_cpu_runtime is __import__("pinn_jax").configure_cpu_runtime
+
+
+def test_public_call_never_overrides_a_user_flag_and_honours_opt_out():
+    mine = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+    out = _probe("call", mine)
+    assert out["added"] == [] and out["after_call"] == mine
+    out = _probe("call", None, opt_out="0")
+    assert out["added"] == [] and out["after_call"] is None
+
+
+def test_public_call_after_jax_started_warns_and_changes_nothing():
+    out = _probe("late", None)
+    assert out["added"] == [] and out["after_call"] is None
+    assert len(out["warnings"]) == 1 and "configure_cpu_runtime()" in out["warnings"][0]
