@@ -69,6 +69,9 @@ def evaluate(model, raw, *, M: int = 20, seed: int = 0) -> dict:
 
 
 def main(argv=None) -> int:
+    from pinn_jax.runtime import configure_cpu_runtime
+
+    configure_cpu_runtime()  # an entry point: the CPU XLA settings, before jax computes
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--train", type=Path, required=True, help="training NPZ (reference: train.npz)")
     p.add_argument("--test", type=Path, required=True, help="test NPZ with objectGuess (reference: test.npz)")

@@ -16,7 +16,7 @@ Variants (all measured in the same run, interleaved ``--rounds`` times):
 
 * ``plain``: no pinn_jax runtime flags (``PINN_JAX_XLA_DEFAULTS=0``), i.e. jax's defaults plus
   whatever the caller's ``XLA_FLAGS`` holds;
-* ``tuned``: :func:`pinn_jax.runtime.configure_cpu_runtime` applied (what ``import pinn_jax`` does);
+* ``tuned``: :func:`pinn_jax.runtime.configure_cpu_runtime` applied (what the entry points -- CLI, ptychodus child -- do);
 * any ``--variant NAME=XLA_FLAGS`` given on the command line.
 
 The TF reference figures (reference/tf_reference_run.md §3; TF 2.19 on a 2-core CPU host of the

@@ -1008,6 +1008,11 @@ def _run(args) -> int:
     _setup_logging(args)
     if args.command != "ptychodus":
         _default_compile_cache()
+        # The CLI is an entry point: it applies the CPU XLA settings before jax computes
+        # (`import pinn_jax` does not; the ptychodus child applies them itself).
+        from pinn_jax.runtime import configure_cpu_runtime
+
+        configure_cpu_runtime()
     try:
         validate = _VALIDATORS.get(args.command)
         if validate is not None:

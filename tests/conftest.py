@@ -20,6 +20,12 @@ os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "xla")
 )
 
+# The suite runs with the CPU XLA settings every entry point applies (import pinn_jax does not):
+# before any test can start jax's backends.
+from pinn_jax.runtime import configure_cpu_runtime  # noqa: E402
+
+configure_cpu_runtime()
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
