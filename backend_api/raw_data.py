@@ -61,7 +61,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from . import grouping as _grouping
-from .archive import safe_loads
+from .safe_pickle import safe_loads
 from .fileio import atomic_write
 from .diffraction import check_diffraction_kind, classify_diffraction, override_hint
 
@@ -392,6 +392,43 @@ class RawData:
     # -----------------------------------------------------------------------------------------
     def __len__(self) -> int:
         return int(self.xcoords.shape[0])
+
+    def subsample(self, n: int, seed: Optional[int] = None) -> "RawData":
+        """A RawData holding ``n`` positions drawn without replacement (seeded), in file order.
+
+        The positions are ``np.sort(np.random.default_rng(seed).choice(len(self), size=n,
+        replace=False))`` -- exactly the draw ``pinn_jax.cli._subsample`` has always made, so
+        the same seed gives the same subset. Every per-position field (coordinates, ``diff3d``,
+        ``scan_index``, ``Y``) is indexed; probe, object, ``norm_Y_I``, ``metadata`` (a copy) and
+        ``bad_pixels`` are kept as they are. Nothing is re-validated or re-converted: ``diff3d``
+        is already an amplitude with the bad pixels zeroed, so no warning repeats.
+        ``sample_indices`` becomes the chosen indices into the original file (composed with
+        this RawData's own ``sample_indices`` if it was itself a subset) and ``subsample_seed``
+        becomes ``seed``.
+
+        ``n >= len(self)`` returns ``self`` itself (not a copy), as the CLI always did.
+        Raises ValueError for ``n < 1`` or a non-integer ``n``.
+        """
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+            raise ValueError(f"subsample: n must be an integer, got {type(n).__name__}")
+        n = int(n)
+        if n < 1:
+            raise ValueError(f"subsample: n must be at least 1, got {n}")
+        total = len(self)
+        if n >= total:
+            return self
+        idx = np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False))
+        out = object.__new__(RawData)
+        out.__dict__.update(self.__dict__)
+        for key in ("xcoords", "ycoords", "xcoords_start", "ycoords_start", "diff3d",
+                    "scan_index"):
+            setattr(out, key, getattr(self, key)[idx])
+        out.Y = None if self.Y is None else self.Y[idx]
+        out.metadata = None if self.metadata is None else dict(self.metadata)
+        out.sample_indices = idx if self.sample_indices is None else np.asarray(
+            self.sample_indices)[idx]
+        out.subsample_seed = seed
+        return out
 
     def __repr__(self) -> str:
         obj = None if self.objectGuess is None else self.objectGuess.shape
