@@ -61,7 +61,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from . import grouping as _grouping
-from .archive import safe_loads
+from .safe_pickle import safe_loads
 from .fileio import atomic_write
 from .diffraction import check_diffraction_kind, classify_diffraction, override_hint
 
@@ -237,6 +237,139 @@ def _to_amplitude(d: np.ndarray, kind: str, metadata: Optional[Mapping]) -> np.n
     return d
 
 
+def _check_coords(xcoords, ycoords, xcoords_start, ycoords_start):
+    """The four ``(M,)`` float coordinate arrays (the starts default to the coordinates)."""
+    x = _coords("xcoords", xcoords)
+    y = _coords("ycoords", ycoords)
+    if x.shape[0] == 0:
+        raise ValueError("xcoords: no scan positions (got an empty (0,) array); expected at "
+                         "least one position, one per diffraction pattern")
+    if y.shape != x.shape:
+        raise ValueError(f"ycoords: expected shape {_fmt_shape(x.shape)} to match xcoords, "
+                         f"got {_fmt_shape(y.shape)}")
+    xs = x if xcoords_start is None else _coords("xcoords_start", xcoords_start)
+    ys = y if ycoords_start is None else _coords("ycoords_start", ycoords_start)
+    for key, a in (("xcoords_start", xs), ("ycoords_start", ys)):
+        if a.shape != x.shape:
+            raise ValueError(f"{key}: expected shape {_fmt_shape(x.shape)} to match xcoords, "
+                             f"got {_fmt_shape(a.shape)}")
+    return x, y, xs, ys
+
+
+def _check_diff3d(diff3d, M: int, kind: str) -> np.ndarray:
+    """``(M, H, H)`` real, finite, non-negative patterns (a trailing singleton axis dropped);
+    not yet converted to amplitude."""
+    d = np.asarray(diff3d)
+    if d.ndim == 4 and d.shape[-1] == 1:
+        d = d[..., 0]
+    if d.ndim != 3:
+        raise ValueError(f"diff3d: expected a 3-D (M, H, H) array of diffraction amplitudes, "
+                         f"got shape {d.shape}")
+    if d.shape[0] != M:
+        raise ValueError(f"diff3d: expected {M} patterns (one per entry of xcoords), got "
+                         f"{d.shape[0]} (shape {_fmt_shape(d.shape)})")
+    if d.shape[1] != d.shape[2]:
+        raise ValueError(f"diff3d: expected square patterns (M, H, H), got shape "
+                         f"{_fmt_shape(d.shape)}")
+    if not _is_real_numeric(d):
+        raise ValueError(f"diff3d: expected a real float array (float32 amplitude) or "
+                         f"integer detector counts, got dtype {d.dtype}")
+    _check_finite("diff3d", d)
+    if d.dtype.kind == "i" or d.dtype.kind == "f":
+        what = "intensities" if kind == "intensity" else "amplitudes"
+        for s in range(0, M, _CHUNK):
+            if (d[s:s + _CHUNK] < 0).any():
+                raise ValueError(f"diff3d: expected non-negative {what}, found negative "
+                                 f"values (min {d.min()!r}; diffraction_kind={kind!r})")
+    return d
+
+
+def _check_probe(probeGuess, H: int) -> np.ndarray:
+    """``(H, H)`` complex64, non-zero; of a ``(modes, H, H)`` probe only mode 0 (warns)."""
+    p = np.asarray(probeGuess)
+    if p.ndim == 3:
+        if p.shape[0] < 1:
+            raise ValueError(f"probeGuess: expected (H, H) or (modes, H, H), got shape {p.shape}")
+        if p.shape[0] > 1:
+            # stacklevel 3: the caller of RawData(...), as when this lived in __init__
+            warnings.warn(f"probeGuess has {p.shape[0]} modes {_fmt_shape(p.shape)}; using "
+                          f"mode 0 only (PtychoPINN models a single coherent probe)",
+                          UserWarning, stacklevel=3)
+        p = p[0]
+    probe = _complex_2d("probeGuess", p)
+    if not probe.any():
+        raise ValueError(f"probeGuess is all zero (shape {_fmt_shape(probe.shape)}): expected "
+                         f"a complex probe with non-zero values; nothing would be illuminated")
+    if probe.shape != (H, H):
+        raise ValueError(f"probeGuess: expected shape {_fmt_shape((H, H))} to match the "
+                         f"diffraction patterns, got {_fmt_shape(probe.shape)}")
+    return probe
+
+
+def _check_scan_index(scan_index, M: int) -> np.ndarray:
+    """``(M,)`` int64 (zeros when None; integral floats accepted)."""
+    if scan_index is None:
+        return np.zeros(M, dtype=np.int64)
+    si = np.asarray(scan_index)
+    if si.ndim != 1 or si.shape[0] != M:
+        raise ValueError(f"scan_index: expected a 1-D ({M},) integer array, got shape "
+                         f"{si.shape}")
+    if si.dtype.kind not in "iu":
+        if si.dtype.kind == "f" and np.all(np.isfinite(si)) and np.all(si == np.round(si)):
+            si = si.astype(np.int64)
+        else:
+            raise ValueError(f"scan_index: expected integer dtype, got {si.dtype}")
+    return si.astype(np.int64, copy=False)
+
+
+def _check_Y(Y, M: int) -> Optional[np.ndarray]:
+    """``(M, N, N)`` complex64 ground-truth patches (trailing singleton axes dropped) or None."""
+    if Y is None:
+        return None
+    Yv = np.asarray(Y)
+    while Yv.ndim > 3 and Yv.shape[-1] == 1:
+        Yv = Yv[..., 0]
+    if Yv.ndim != 3 or Yv.shape[0] != M or Yv.shape[1] != Yv.shape[2]:
+        raise ValueError(f"Y: expected a ({M}, N, N) complex array of ground-truth "
+                         f"patches, got shape {Yv.shape}")
+    if Yv.dtype.kind not in "fiuc":
+        raise ValueError(f"Y: expected complex64, got dtype {Yv.dtype}")
+    _check_finite("Y", Yv)
+    return Yv.astype(np.complex64, copy=False)
+
+
+def _check_norm_Y_I(norm_Y_I) -> None:
+    """A finite real scalar or None (kept as given)."""
+    if norm_Y_I is not None:
+        n = np.asarray(norm_Y_I)
+        if n.size != 1 or n.dtype.kind not in "fiu" or not np.isfinite(n).all():
+            raise ValueError(f"norm_Y_I: expected a finite real scalar, got {norm_Y_I!r}")
+
+
+def _check_metadata(metadata) -> None:
+    """A mapping (JSON object) or None."""
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise ValueError(f"metadata: expected a dict (JSON object) or None, got "
+                         f"{type(metadata).__name__}")
+
+
+def _check_bad_pixels(bad_pixels, H: int) -> Optional[np.ndarray]:
+    """``(H, H)`` bool mask (0/1 integers accepted) or None."""
+    if bad_pixels is None:
+        return None
+    mask = np.asarray(bad_pixels)
+    if mask.shape != (H, H):
+        raise ValueError(f"bad_pixels: expected a {_fmt_shape((H, H))} boolean mask "
+                         f"matching the patterns, got shape {_fmt_shape(mask.shape)}")
+    if mask.dtype != np.bool_:
+        if mask.dtype.kind in "iu" and np.isin(mask, (0, 1)).all():
+            mask = mask.astype(bool)
+        else:
+            raise ValueError(f"bad_pixels: expected dtype bool (True = bad pixel), got "
+                             f"{mask.dtype}")
+    return mask
+
+
 class RawData:
     """One scan: positions, diffraction amplitudes, probe and (optionally) the object.
 
@@ -258,113 +391,17 @@ class RawData:
                  scan_index, objectGuess=None, Y=None, norm_Y_I=None, metadata=None, *,
                  bad_pixels=None, diffraction_kind: str = "auto"):
         kind = check_diffraction_kind(diffraction_kind)
-        x = _coords("xcoords", xcoords)
-        y = _coords("ycoords", ycoords)
+        x, y, xs, ys = _check_coords(xcoords, ycoords, xcoords_start, ycoords_start)
         M = x.shape[0]
-        if M == 0:
-            raise ValueError("xcoords: no scan positions (got an empty (0,) array); expected at "
-                             "least one position, one per diffraction pattern")
-        if y.shape != x.shape:
-            raise ValueError(f"ycoords: expected shape {_fmt_shape(x.shape)} to match xcoords, "
-                             f"got {_fmt_shape(y.shape)}")
-        xs = x if xcoords_start is None else _coords("xcoords_start", xcoords_start)
-        ys = y if ycoords_start is None else _coords("ycoords_start", ycoords_start)
-        for key, a in (("xcoords_start", xs), ("ycoords_start", ys)):
-            if a.shape != x.shape:
-                raise ValueError(f"{key}: expected shape {_fmt_shape(x.shape)} to match xcoords, "
-                                 f"got {_fmt_shape(a.shape)}")
-
-        d = np.asarray(diff3d)
-        if d.ndim == 4 and d.shape[-1] == 1:
-            d = d[..., 0]
-        if d.ndim != 3:
-            raise ValueError(f"diff3d: expected a 3-D (M, H, H) array of diffraction amplitudes, "
-                             f"got shape {d.shape}")
-        if d.shape[0] != M:
-            raise ValueError(f"diff3d: expected {M} patterns (one per entry of xcoords), got "
-                             f"{d.shape[0]} (shape {_fmt_shape(d.shape)})")
-        if d.shape[1] != d.shape[2]:
-            raise ValueError(f"diff3d: expected square patterns (M, H, H), got shape "
-                             f"{_fmt_shape(d.shape)}")
-        if not _is_real_numeric(d):
-            raise ValueError(f"diff3d: expected a real float array (float32 amplitude) or "
-                             f"integer detector counts, got dtype {d.dtype}")
-        _check_finite("diff3d", d)
-        if d.dtype.kind == "i" or d.dtype.kind == "f":
-            what = "intensities" if kind == "intensity" else "amplitudes"
-            for s in range(0, M, _CHUNK):
-                if (d[s:s + _CHUNK] < 0).any():
-                    raise ValueError(f"diff3d: expected non-negative {what}, found negative "
-                                     f"values (min {d.min()!r}; diffraction_kind={kind!r})")
+        d = _check_diff3d(diff3d, M, kind)
         H = d.shape[1]
-
-        p = np.asarray(probeGuess)
-        if p.ndim == 3:
-            if p.shape[0] < 1:
-                raise ValueError(f"probeGuess: expected (H, H) or (modes, H, H), got shape {p.shape}")
-            if p.shape[0] > 1:
-                warnings.warn(f"probeGuess has {p.shape[0]} modes {_fmt_shape(p.shape)}; using "
-                              f"mode 0 only (PtychoPINN models a single coherent probe)",
-                              UserWarning, stacklevel=2)
-            p = p[0]
-        probe = _complex_2d("probeGuess", p)
-        if not probe.any():
-            raise ValueError(f"probeGuess is all zero (shape {_fmt_shape(probe.shape)}): expected "
-                             f"a complex probe with non-zero values; nothing would be illuminated")
-        if probe.shape != (H, H):
-            raise ValueError(f"probeGuess: expected shape {_fmt_shape((H, H))} to match the "
-                             f"diffraction patterns, got {_fmt_shape(probe.shape)}")
-
-        if scan_index is None:
-            si = np.zeros(M, dtype=np.int64)
-        else:
-            si = np.asarray(scan_index)
-            if si.ndim != 1 or si.shape[0] != M:
-                raise ValueError(f"scan_index: expected a 1-D ({M},) integer array, got shape "
-                                 f"{si.shape}")
-            if si.dtype.kind not in "iu":
-                if si.dtype.kind == "f" and np.all(np.isfinite(si)) and np.all(si == np.round(si)):
-                    si = si.astype(np.int64)
-                else:
-                    raise ValueError(f"scan_index: expected integer dtype, got {si.dtype}")
-            si = si.astype(np.int64, copy=False)
-
+        probe = _check_probe(probeGuess, H)
+        si = _check_scan_index(scan_index, M)
         obj = None if objectGuess is None else _complex_2d("objectGuess", objectGuess)
-
-        Yv = None
-        if Y is not None:
-            Yv = np.asarray(Y)
-            while Yv.ndim > 3 and Yv.shape[-1] == 1:
-                Yv = Yv[..., 0]
-            if Yv.ndim != 3 or Yv.shape[0] != M or Yv.shape[1] != Yv.shape[2]:
-                raise ValueError(f"Y: expected a ({M}, N, N) complex array of ground-truth "
-                                 f"patches, got shape {Yv.shape}")
-            if Yv.dtype.kind not in "fiuc":
-                raise ValueError(f"Y: expected complex64, got dtype {Yv.dtype}")
-            _check_finite("Y", Yv)
-            Yv = Yv.astype(np.complex64, copy=False)
-
-        if norm_Y_I is not None:
-            n = np.asarray(norm_Y_I)
-            if n.size != 1 or n.dtype.kind not in "fiu" or not np.isfinite(n).all():
-                raise ValueError(f"norm_Y_I: expected a finite real scalar, got {norm_Y_I!r}")
-
-        if metadata is not None and not isinstance(metadata, Mapping):
-            raise ValueError(f"metadata: expected a dict (JSON object) or None, got "
-                             f"{type(metadata).__name__}")
-
-        mask = None
-        if bad_pixels is not None:
-            mask = np.asarray(bad_pixels)
-            if mask.shape != (H, H):
-                raise ValueError(f"bad_pixels: expected a {_fmt_shape((H, H))} boolean mask "
-                                 f"matching the patterns, got shape {_fmt_shape(mask.shape)}")
-            if mask.dtype != np.bool_:
-                if mask.dtype.kind in "iu" and np.isin(mask, (0, 1)).all():
-                    mask = mask.astype(bool)
-                else:
-                    raise ValueError(f"bad_pixels: expected dtype bool (True = bad pixel), got "
-                                     f"{mask.dtype}")
+        Yv = _check_Y(Y, M)
+        _check_norm_Y_I(norm_Y_I)
+        _check_metadata(metadata)
+        mask = _check_bad_pixels(bad_pixels, H)
 
         # --- all checks passed; now convert ---
         d = _to_amplitude(d, kind, metadata)
@@ -392,6 +429,43 @@ class RawData:
     # -----------------------------------------------------------------------------------------
     def __len__(self) -> int:
         return int(self.xcoords.shape[0])
+
+    def subsample(self, n: int, seed: Optional[int] = None) -> "RawData":
+        """A RawData holding ``n`` positions drawn without replacement (seeded), in file order.
+
+        The positions are ``np.sort(np.random.default_rng(seed).choice(len(self), size=n,
+        replace=False))`` -- exactly the draw ``pinn_jax.cli._subsample`` has always made, so
+        the same seed gives the same subset. Every per-position field (coordinates, ``diff3d``,
+        ``scan_index``, ``Y``) is indexed; probe, object, ``norm_Y_I``, ``metadata`` (a copy) and
+        ``bad_pixels`` are kept as they are. Nothing is re-validated or re-converted: ``diff3d``
+        is already an amplitude with the bad pixels zeroed, so no warning repeats.
+        ``sample_indices`` becomes the chosen indices into the original file (composed with
+        this RawData's own ``sample_indices`` if it was itself a subset) and ``subsample_seed``
+        becomes ``seed``.
+
+        ``n >= len(self)`` returns ``self`` itself (not a copy), as the CLI always did.
+        Raises ValueError for ``n < 1`` or a non-integer ``n``.
+        """
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+            raise ValueError(f"subsample: n must be an integer, got {type(n).__name__}")
+        n = int(n)
+        if n < 1:
+            raise ValueError(f"subsample: n must be at least 1, got {n}")
+        total = len(self)
+        if n >= total:
+            return self
+        idx = np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False))
+        out = object.__new__(RawData)
+        out.__dict__.update(self.__dict__)
+        for key in ("xcoords", "ycoords", "xcoords_start", "ycoords_start", "diff3d",
+                    "scan_index"):
+            setattr(out, key, getattr(self, key)[idx])
+        out.Y = None if self.Y is None else self.Y[idx]
+        out.metadata = None if self.metadata is None else dict(self.metadata)
+        out.sample_indices = idx if self.sample_indices is None else np.asarray(
+            self.sample_indices)[idx]
+        out.subsample_seed = seed
+        return out
 
     def __repr__(self) -> str:
         obj = None if self.objectGuess is None else self.objectGuess.shape
