@@ -20,9 +20,11 @@ import numpy as np
 from flax import nnx
 
 from pinn_jax import geometry, physics
+# The network functions are looked up on the module at call time (as the former call-time
+# import did): tests replace them on pinn_jax.model.
+from pinn_jax import model as model_mod
 from pinn_jax import probe as probe_mod
 from pinn_jax.loop import FitOptions, LossFn, fit, save_history
-from pinn_jax.model import autoencoder_apply, build_model, diffraction_to_obj_apply, split_model
 
 __all__ = [
     "intensity_scale_for",
@@ -104,14 +106,14 @@ class PtychoLoss:
         xs = batch["X"] * s
         if self.model_type == "supervised":
             mask = geometry.center_mask(self.N)[None, :, :, None]
-            obj = diffraction_to_obj_apply(self.graphdef, (params, rest), xs, batch["coords"])
+            obj = model_mod.diffraction_to_obj_apply(self.graphdef, (params, rest), xs, batch["coords"])
             loss = jnp.sum(jnp.abs(obj - batch["Yc"]) * mask, axis=(1, 2, 3)) / jnp.sum(mask)
             return loss, {"supervised_mae": loss}
 
         def per_sample(fn):
             return jax.vmap(lambda a, b: fn(a[None], b[None]))
 
-        obj, amp, inten = autoencoder_apply(self.graphdef, (params, rest), xs, batch["coords"])
+        obj, amp, inten = model_mod.autoencoder_apply(self.graphdef, (params, rest), xs, batch["coords"])
         total = jnp.zeros(xs.shape[0], jnp.float32)
         aux = {}
         if self.nll_weight:
@@ -175,7 +177,7 @@ def prepare_training(container, config, *, seed: int = 0, model=None) -> Trainin
     s = intensity_scale_for(float(config.nphotons), N)
     if model is None:
         probe = probe_mod.normalize_probe(jnp.asarray(container.probe, jnp.complex64), float(mc.probe_scale))
-        model = build_model(
+        model = model_mod.build_model(
             mc,
             np.asarray(probe),
             s,
@@ -183,7 +185,7 @@ def prepare_training(container, config, *, seed: int = 0, model=None) -> Trainin
             intensity_scale_trainable=bool(config.intensity_scale_trainable),
             seed=seed,
         )
-    graphdef, params, rest = split_model(model)
+    graphdef, params, rest = model_mod.split_model(model)
     coords = np.asarray(container.coords_nominal, np.float32)
     data = {"X": X, "coords": coords}
     needs_gt = mc.model_type == "supervised" or float(config.realspace_weight) > 0
