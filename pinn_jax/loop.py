@@ -341,6 +341,199 @@ def _abstract(tree, sharding):
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
 
+@dataclasses.dataclass
+class _Placed:
+    """One fit call's data, index tables and compiled steps on the mesh (built once).
+
+    ``n``: samples; the first ``n_train`` train, in ``n_steps`` batches of ``batch_size`` each
+    padded with -1 to ``width`` (a multiple of the device count). ``val_batches`` /
+    ``fixed_train``: lists of (width,) int32 device rows (None: no validation samples);
+    ``epoch_batches(key, n_train, n_steps, batch_size, width)``: the jitted shuffled table.
+    """
+
+    n: int
+    n_train: int
+    n_steps: int
+    batch_size: int
+    width: int
+    replicated: NamedSharding
+    device_data: dict
+    train_step: Callable
+    eval_step: Callable
+    val_batches: list | None
+    fixed_train: list
+    shuffle_key: jax.Array
+    epoch_batches: Callable
+
+
+@dataclasses.dataclass
+class _LoopState:
+    """The host-side loop state a run checkpoint records: callbacks, history, epochs done."""
+
+    plateau: PlateauState
+    early: EarlyStoppingState
+    history: dict[str, list]
+    start_epoch: int = 0
+
+    def record(self, epochs_done: int, n: int, batch_size: int) -> dict:
+        """The JSON loop record of a run checkpoint (the keys of ``_LOOP_KEYS``)."""
+        return {
+            "epochs_done": epochs_done,
+            "n_samples": n,
+            "batch_size": batch_size,
+            "history": _jsonable(self.history),
+            "plateau": dataclasses.asdict(self.plateau),
+            "early_stopping": dataclasses.asdict(self.early),
+        }
+
+
+def _sample_count(data: Mapping[str, Any]) -> int:
+    """The common leading (sample) axis of ``data``'s arrays."""
+    if not data:
+        raise ValueError("data must contain at least one array")
+    sizes = {k: int(np.shape(v)[0]) for k, v in data.items()}
+    n = next(iter(sizes.values()))
+    if any(s != n for s in sizes.values()):
+        raise ValueError(f"data arrays must share the leading (sample) axis, got sizes {sizes}")
+    return n
+
+
+def _place_on_mesh(loss_fn: LossFn, params, rest, data, n: int, options: FitOptions) -> tuple[_Placed, TrainState]:
+    """Put the data (replicated), a fresh TrainState (copies: the step donates it) and the
+    fixed index tables on the devices; fetch the compiled steps from the memo."""
+    vsplit = options.validation_split if n <= STREAMING_THRESHOLD else 0.0
+    n_train = validation_split_index(n, vsplit)
+    devices = list(jax.devices() if options.devices is None else options.devices)
+    mesh = make_mesh(devices)
+    replicated = NamedSharding(mesh, P())
+    # Pad the global batch to a multiple of the device count; padding rows are masked out.
+    width = -(-options.batch_size // len(devices)) * len(devices)
+    n_steps = -(-n_train // options.batch_size)
+
+    optimizer = make_optimizer(options.learning_rate, options.adam_beta1, options.adam_beta2, options.adam_epsilon)
+    device_data = jax.device_put(
+        {k: v if isinstance(v, jax.Array) else np.asarray(v) for k, v in data.items()}, replicated
+    )
+    params = _put_copy(params, replicated)
+    rest = _put_copy(rest, replicated)
+    state = jax.device_put(init_train_state(params, rest, optimizer, options.seed), replicated)
+
+    train_step, eval_step = _compiled_steps(
+        loss_fn, (options.adam_beta1, options.adam_beta2, options.adam_epsilon), mesh
+    )
+    val_batches = None
+    if n_train < n:
+        val_batches = jax.device_put(list(_fixed_batches(n_train, n, options.batch_size, width)), replicated)
+    placed = _Placed(
+        n=n,
+        n_train=n_train,
+        n_steps=n_steps,
+        batch_size=options.batch_size,
+        width=width,
+        replicated=replicated,
+        device_data=device_data,
+        train_step=train_step,
+        eval_step=eval_step,
+        val_batches=val_batches,
+        fixed_train=jax.device_put(list(_fixed_batches(0, n_train, options.batch_size, width)), replicated),
+        shuffle_key=jax.random.fold_in(jax.random.key(options.seed), 0x5EED),
+        epoch_batches=jax.jit(_epoch_batches, static_argnums=(1, 2, 3, 4), out_shardings=replicated),
+    )
+    return placed, state
+
+
+def _restore_or_clear(
+    ckpt: _RunCheckpoints, options: FitOptions, run: _Placed, state: TrainState, loop: _LoopState
+) -> tuple[TrainState, _LoopState]:
+    """``resume``: the latest checkpoint's state and loop record (it must be of the same
+    ``n_samples``/``batch_size``); otherwise old checkpoints are removed (a fresh run)."""
+    latest = ckpt.latest_step()
+    if options.resume and latest is not None:
+        state, record = ckpt.restore(latest, _abstract(state, run.replicated))
+        if record.get("n_samples") != run.n or record.get("batch_size") != options.batch_size:
+            raise ValueError(
+                f"cannot resume from {ckpt.directory}: it was written for n_samples="
+                f"{record.get('n_samples')}, batch_size={record.get('batch_size')}, but this run has "
+                f"n_samples={run.n}, batch_size={options.batch_size}"
+            )
+        loop = _LoopState(
+            plateau=PlateauState(**record["plateau"]),
+            early=EarlyStoppingState(**record["early_stopping"]),
+            history={k: list(v) for k, v in record["history"].items()},
+            start_epoch=int(record["epochs_done"]),
+        )
+        log.info("resuming from %s after epoch %d", ckpt.directory, loop.start_epoch)
+    elif latest is not None:
+        log.info("starting afresh: removing the old run checkpoints in %s", ckpt.directory)
+        ckpt.clear()
+    return state, loop
+
+
+def _run_epoch(run: _Placed, state: TrainState, epoch: int, options: FitOptions) -> tuple[TrainState, dict]:
+    """Dispatch one epoch's train steps, then the validation steps, and fetch their sums once.
+
+    Returns the new state and the epoch logs (``loss``, aux terms, ``val_*``; python floats).
+    """
+    if options.shuffle:
+        key = jax.random.fold_in(run.shuffle_key, epoch)
+        batches = run.epoch_batches(key, run.n_train, run.n_steps, run.batch_size, run.width)
+    else:
+        batches = run.fixed_train
+    sums = []
+    val_sums = []
+    with _guard(options.transfer_guard):
+        for idx in batches:
+            state, s = run.train_step(state, run.device_data, idx)
+            sums.append(s)
+        for idx in run.val_batches or ():
+            val_sums.append(run.eval_step(state.params, state.rest, run.device_data, idx))
+    # The only host synchronisation of the epoch.
+    sums, val_sums = jax.device_get((sums, val_sums))
+    logs = _reduce(sums)
+    if val_sums:
+        logs.update({f"val_{k}": v for k, v in _reduce(val_sums).items()})
+    return state, logs
+
+
+def _check_finite(logs: Mapping[str, float], epoch: int, ckpt: _RunCheckpoints | None) -> None:
+    """Raise :class:`TrainingDivergedError` when a ``*loss`` of the epoch is NaN/inf."""
+    if all(math.isfinite(v) for k, v in logs.items() if k.endswith("loss")):
+        return
+    good = None if ckpt is None else ckpt.latest_step()
+    where = f"; the last good checkpoint (after epoch {good}) is in {ckpt.directory}" if good else ""
+    raise TrainingDivergedError(
+        f"training loss is not finite at epoch {epoch + 1} (loss={logs.get('loss')}, "
+        f"val_loss={logs.get('val_loss')}){where}. Lower the learning rate, check the data "
+        "normalisation/intensity_scale, or resume from the checkpoint."
+    )
+
+
+def _step_callbacks(loop: _LoopState, state: TrainState, logs: Mapping[str, float], epoch: int,
+                    options: FitOptions) -> TrainState:
+    """Keras' epoch-end callbacks in order: plateau on ``val_loss`` (a new rate goes into the
+    optimiser state), then early stopping on ``loss``. Updates ``loop`` in place."""
+    loop.plateau = plateau_update(
+        loop.plateau,
+        logs.get("val_loss"),
+        factor=options.plateau_factor,
+        patience=options.plateau_patience,
+        min_lr=options.plateau_min_lr,
+        min_delta=options.plateau_min_delta,
+        cooldown=options.plateau_cooldown,
+    )
+    if loop.plateau.lr != logs["learning_rate"]:
+        state = state._replace(opt_state=set_learning_rate(state.opt_state, loop.plateau.lr))
+    if options.early_stopping_patience is not None:
+        loop.early = early_stopping_update(
+            loop.early,
+            logs["loss"],
+            epoch,
+            patience=options.early_stopping_patience,
+            min_delta=options.early_stopping_min_delta,
+        )
+    return state
+
+
 def fit(
     loss_fn: LossFn,
     params,
@@ -361,44 +554,9 @@ def fit(
     """
     options = FitOptions() if options is None else options
     options.validate()
-    if not data:
-        raise ValueError("data must contain at least one array")
-    sizes = {k: int(np.shape(v)[0]) for k, v in data.items()}
-    n = next(iter(sizes.values()))
-    if any(s != n for s in sizes.values()):
-        raise ValueError(f"data arrays must share the leading (sample) axis, got sizes {sizes}")
-
-    vsplit = options.validation_split if n <= STREAMING_THRESHOLD else 0.0
-    n_train = validation_split_index(n, vsplit)
-    devices = list(jax.devices() if options.devices is None else options.devices)
-    mesh = make_mesh(devices)
-    replicated = NamedSharding(mesh, P())
-    # Pad the global batch to a multiple of the device count; padding rows are masked out.
-    batch = -(-options.batch_size // len(devices)) * len(devices)
-    n_steps = -(-n_train // options.batch_size)
-
-    optimizer = make_optimizer(options.learning_rate, options.adam_beta1, options.adam_beta2, options.adam_epsilon)
-    device_data = jax.device_put(
-        {k: v if isinstance(v, jax.Array) else np.asarray(v) for k, v in data.items()}, replicated
-    )
-    params = _put_copy(params, replicated)
-    rest = _put_copy(rest, replicated)
-    state = jax.device_put(init_train_state(params, rest, optimizer, options.seed), replicated)
-
-    train_step, eval_step = _compiled_steps(
-        loss_fn, (options.adam_beta1, options.adam_beta2, options.adam_epsilon), mesh
-    )
-    val_batches = None
-    if n_train < n:
-        val_batches = jax.device_put(list(_fixed_batches(n_train, n, options.batch_size, batch)), replicated)
-    shuffle_key = jax.random.fold_in(jax.random.key(options.seed), 0x5EED)
-    epoch_batches = jax.jit(_epoch_batches, static_argnums=(1, 2, 3, 4), out_shardings=replicated)
-    fixed_train = jax.device_put(list(_fixed_batches(0, n_train, options.batch_size, batch)), replicated)
-
-    plateau = PlateauState(lr=float(options.learning_rate))
-    early = EarlyStoppingState()
-    history: dict[str, list] = {}
-    start_epoch = 0
+    n = _sample_count(data)
+    run, state = _place_on_mesh(loss_fn, params, rest, data, n, options)
+    loop = _LoopState(plateau=PlateauState(lr=float(options.learning_rate)), early=EarlyStoppingState(), history={})
     ckpt = None
     bar = None
     try:
@@ -406,98 +564,28 @@ def fit(
         # otherwise dies with the interpreter and prints tracebacks).
         if options.checkpoint_dir is not None:
             ckpt = _RunCheckpoints(Path(options.checkpoint_dir), options.max_checkpoints)
-            latest = ckpt.latest_step()
-            if options.resume and latest is not None:
-                state, loop = ckpt.restore(latest, _abstract(state, replicated))
-                if loop.get("n_samples") != n or loop.get("batch_size") != options.batch_size:
-                    raise ValueError(
-                        f"cannot resume from {ckpt.directory}: it was written for n_samples="
-                        f"{loop.get('n_samples')}, batch_size={loop.get('batch_size')}, but this run has "
-                        f"n_samples={n}, batch_size={options.batch_size}"
-                    )
-                start_epoch = int(loop["epochs_done"])
-                history = {k: list(v) for k, v in loop["history"].items()}
-                plateau = PlateauState(**loop["plateau"])
-                early = EarlyStoppingState(**loop["early_stopping"])
-                log.info("resuming from %s after epoch %d", ckpt.directory, start_epoch)
-            elif latest is not None:
-                log.info("starting afresh: removing the old run checkpoints in %s", ckpt.directory)
-                ckpt.clear()
-
-        bar = _progress(options, start_epoch)
-        stopped_early = bool(early.stop)
-        epoch = start_epoch
-        for epoch in range(start_epoch, options.nepochs):
-            if early.stop:
+            state, loop = _restore_or_clear(ckpt, options, run, state, loop)
+        bar = _progress(options, loop.start_epoch)
+        stopped_early = bool(loop.early.stop)
+        for epoch in range(loop.start_epoch, options.nepochs):
+            if loop.early.stop:
                 break
             t0 = time.perf_counter()
-            if options.shuffle:
-                batches = epoch_batches(jax.random.fold_in(shuffle_key, epoch), n_train, n_steps, options.batch_size, batch)
-            else:
-                batches = fixed_train
-            sums = []
-            val_sums = []
-            with _guard(options.transfer_guard):
-                for idx in batches:
-                    state, s = train_step(state, device_data, idx)
-                    sums.append(s)
-                for idx in val_batches or ():
-                    val_sums.append(eval_step(state.params, state.rest, device_data, idx))
-            # The only host synchronisation of the epoch.
-            sums, val_sums = jax.device_get((sums, val_sums))
-            logs = _reduce(sums)
-            if val_sums:
-                logs.update({f"val_{k}": v for k, v in _reduce(val_sums).items()})
-            logs["learning_rate"] = plateau.lr
-            if not all(math.isfinite(v) for k, v in logs.items() if k.endswith("loss")):
-                good = None if ckpt is None else ckpt.latest_step()
-                where = f"; the last good checkpoint (after epoch {good}) is in {ckpt.directory}" if good else ""
-                raise TrainingDivergedError(
-                    f"training loss is not finite at epoch {epoch + 1} (loss={logs.get('loss')}, "
-                    f"val_loss={logs.get('val_loss')}){where}. Lower the learning rate, check the data "
-                    "normalisation/intensity_scale, or resume from the checkpoint."
-                )
-            plateau = plateau_update(
-                plateau,
-                logs.get("val_loss"),
-                factor=options.plateau_factor,
-                patience=options.plateau_patience,
-                min_lr=options.plateau_min_lr,
-                min_delta=options.plateau_min_delta,
-                cooldown=options.plateau_cooldown,
-            )
-            if plateau.lr != logs["learning_rate"]:
-                state = state._replace(opt_state=set_learning_rate(state.opt_state, plateau.lr))
-            if options.early_stopping_patience is not None:
-                early = early_stopping_update(
-                    early,
-                    logs["loss"],
-                    epoch,
-                    patience=options.early_stopping_patience,
-                    min_delta=options.early_stopping_min_delta,
-                )
+            state, logs = _run_epoch(run, state, epoch, options)
+            logs["learning_rate"] = loop.plateau.lr
+            _check_finite(logs, epoch, ckpt)
+            state = _step_callbacks(loop, state, logs, epoch, options)
             logs["epoch_time_s"] = time.perf_counter() - t0
             for k, v in logs.items():
-                history.setdefault(k, []).append(v)
+                loop.history.setdefault(k, []).append(v)
             if ckpt is not None:
-                ckpt.save(
-                    epoch + 1,
-                    state,
-                    {
-                        "epochs_done": epoch + 1,
-                        "n_samples": n,
-                        "batch_size": options.batch_size,
-                        "history": _jsonable(history),
-                        "plateau": dataclasses.asdict(plateau),
-                        "early_stopping": dataclasses.asdict(early),
-                    },
-                )
+                ckpt.save(epoch + 1, state, loop.record(epoch + 1, n, options.batch_size))
             if bar is not None:
                 bar.set_postfix(_postfix(logs), refresh=False)
                 bar.update(1)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, logs)
-            if early.stop:
+            if loop.early.stop:
                 stopped_early = True
                 log.info("early stopping after epoch %d (loss did not improve for %d epochs)",
                          epoch + 1, options.early_stopping_patience)
@@ -507,12 +595,11 @@ def fit(
             bar.close()
         if ckpt is not None:
             ckpt.close()
-    epochs_run = len(history.get("loss", []))
     return FitResult(
         params=state.params,
         rest=state.rest,
-        history=history,
-        epochs_run=epochs_run,
+        history=loop.history,
+        epochs_run=len(loop.history.get("loss", [])),
         state=state,
         stopped_early=stopped_early,
     )
