@@ -159,6 +159,72 @@ def restore_state(directory: str | os.PathLike, abstract_tree: Any) -> Any:
         return ckptr.restore(Path(directory).absolute(), abstract_tree)
 
 
+# The loop record every run checkpoint carries (what fit needs to resume).
+_LOOP_KEYS = frozenset({"epochs_done", "n_samples", "batch_size", "history", "plateau", "early_stopping"})
+
+
+class _RunCheckpoints:
+    """Orbax run checkpoints of :func:`pinn_jax.loop.fit`: one step folder per finished epoch
+    holding the ``TrainState`` (arrays, item ``state``) and a JSON record of the loop state
+    (item ``loop``: the keys of ``_LOOP_KEYS``); at most ``max_to_keep`` are kept."""
+
+    def __init__(self, directory: Path, max_to_keep: int):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        directory = Path(directory).absolute()
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.manager = ocp.CheckpointManager(
+            directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            item_names=("state", "loop"),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def clear(self) -> None:
+        for s in list(self.manager.all_steps()):
+            self.manager.delete(s)
+
+    def save(self, epoch_done: int, state: Any, loop: dict) -> None:
+        ocp = self._ocp
+        self.manager.save(
+            epoch_done,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop)),
+        )
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        """The TrainState and loop record of ``step``; a checkpoint that cannot be read (garbled
+        or truncated array files, missing metadata, a loop record without its keys) raises
+        :class:`~pinn_jax.checkpoint.CheckpointError`, one line naming the step folder."""
+        ocp = self._ocp
+        step_dir = self.directory / str(step)
+        try:
+            with quiet_aborted_restore():
+                out = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state), loop=ocp.args.JsonRestore()
+                    ),
+                )
+            state, loop = out["state"], out["loop"]
+            if not isinstance(loop, dict) or not _LOOP_KEYS <= set(loop):
+                raise ValueError(f"its loop record lacks {sorted(_LOOP_KEYS - set(loop or {}))}")
+        except Exception as exc:  # orbax/tensorstore raise ValueError, KeyError, OSError, ...
+            raise CheckpointError(
+                f"checkpoint {step_dir} is unreadable ({type(exc).__name__}: {one_line(exc)}); "
+                "delete it or start without --resume",
+                path=step_dir,
+            ) from exc
+        return state, loop
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
 def _plain_value(v: Any) -> Any:
     if isinstance(v, os.PathLike):
         return str(v)

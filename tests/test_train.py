@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pinn_jax import train as T
+from pinn_jax.checkpoint import _RunCheckpoints
 
 # ---------------------------------------------------------------------------------------------
 # Keras Adam
@@ -265,7 +266,7 @@ def test_nan_loss_raises_and_keeps_last_good_checkpoint(tmp_path):
     bad = dict(data, y=np.where(np.arange(len(data["y"])) == 3, np.nan, data["y"]).astype(np.float32))
     with pytest.raises(T.TrainingDivergedError, match="not finite at epoch 3.*after epoch 2"):
         T.fit(toy_loss, params, rest, bad, opts(tmp_path, nepochs=4, resume=True))
-    ck = T._RunCheckpoints(tmp_path / "ckpt", 2)
+    ck = _RunCheckpoints(tmp_path / "ckpt", 2)
     try:
         assert ck.latest_step() == 2
     finally:
