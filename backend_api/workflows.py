@@ -183,19 +183,9 @@ def save_outputs(amplitude: Any, phase: Any, results: Any, output_prefix: str | 
             raise ValueError(
                 f"save_outputs: {label} has shape {np.shape(arr)} after squeeze; expected 2-D (H, W)"
             )
-    # The object-oriented API with an explicit Agg canvas: no pyplot, no global backend change.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from backend_api.outputs import save_amplitude_phase
 
-    for label, arr, cmap in (("amplitude", amp, "gray"), ("phase", ph, "viridis")):
-        fig = Figure(figsize=(8, 8))
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot(1, 1, 1)
-        im = ax.imshow(np.asarray(arr, dtype=np.float64), cmap=cmap)
-        fig.colorbar(im, ax=ax)
-        ax.set_title(f"Reconstructed {label.capitalize()}")
-        with _archive.atomic_write(out / f"reconstructed_{label}.png") as fh:
-            fig.savefig(fh, format="png")
+    save_amplitude_phase(amp, ph, out, title="Reconstructed {Label}")
 
 
 def reassemble_cdi_image(

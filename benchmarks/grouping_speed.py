@@ -18,7 +18,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -31,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from backend_api.fileio import write_json  # noqa: E402
 from backend_api.grouping import group_indices  # noqa: E402
 from backend_api.raw_data import RawData  # noqa: E402
 
@@ -90,9 +90,7 @@ def main(argv=None) -> dict:
                      cpu_count=os.cpu_count(), platform=platform.platform()),
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, args.out)
+    write_json(args.out, result, indent=2)
     print(f"wrote {args.out}")
     return result
 

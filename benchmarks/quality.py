@@ -23,13 +23,15 @@ Long: ~61 steps per epoch at the reference size. Use --epochs 2 --n-groups 256 f
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from backend_api.canvas import STITCH_CROP  # noqa: E402
 
 # reference/tf_reference_run.md §4, gridsize 1, test object: (amplitude, phase)
 REFERENCE_TEST = {
@@ -54,14 +56,23 @@ def _pairs(m: dict) -> dict:
     return out
 
 
-def evaluate(model, raw, *, M: int = 20, seed: int = 0) -> dict:
+def reconstruct_for_quality(model, raw, *, M: int = STITCH_CROP, seed: int = 0):
+    """The benchmark's reconstruction of one RawData with ground truth: every position one
+    group (``n_groups = n``), K=4, on the ``objectGuess`` grid, through the one pipeline
+    (:func:`pinn_jax.pipeline.reconstruct`). Returns its ``(amplitude, phase, results)``."""
+    from pinn_jax import pipeline
+
+    grouping = pipeline.GroupingOptions(n_groups=len(raw.xcoords), neighbor_count=4)
+    return pipeline.reconstruct(model, raw, grouping=grouping, M=M, object_shape=np.shape(raw.objectGuess),
+                                seed=seed, nphotons=1e9)
+
+
+def evaluate(model, raw, *, M: int = STITCH_CROP, seed: int = 0) -> dict:
     """Both protocols on one RawData with ground truth (``objectGuess``)."""
     from pinn_jax import metrics
-    from pinn_jax.backend import reconstruct
 
     obj = np.asarray(raw.objectGuess)
-    conf = argparse.Namespace(n_groups=len(raw.xcoords), neighbor_count=4, nphotons=1e9)
-    _, _, res = reconstruct(model, raw, conf, M, obj.shape, seed=seed)
+    _, _, res = reconstruct_for_quality(model, raw, M=M, seed=seed)
     positions = res["global_offsets"][:, 0, :, 0]
     ref = metrics.reference_protocol(res["stitched_obj"], obj, positions, M=M)
     cor = metrics.eval_reconstruction(res["object_on_grid"], obj, positions=positions, M=M)
@@ -91,13 +102,12 @@ def main(argv=None) -> int:
     from backend_api.config import ModelConfig, TrainingConfig
     from backend_api.container import PtychoDataContainer
     from backend_api.raw_data import RawData
-    from pinn_jax.cli import _subsample
     from pinn_jax.train import train_model
 
     train_raw = RawData.from_file(args.train)
     test_raw = RawData.from_file(args.test)
     N = int(train_raw.diff3d.shape[-1])
-    sub = _subsample(train_raw, args.n_groups, args.subsample_seed)
+    sub = train_raw.subsample(args.n_groups, args.subsample_seed)
     cfg = TrainingConfig(
         model=ModelConfig(N=N, gridsize=1, n_filters_scale=args.n_filters_scale),
         batch_size=args.batch_size, n_groups=args.n_groups, neighbor_count=4, nphotons=1e9,
@@ -131,7 +141,9 @@ def main(argv=None) -> int:
               "reference_tf": {"test": {str(k): v for k, v in REFERENCE_TEST.items()},
                                "train": {str(k): v for k, v in REFERENCE_TRAIN.items()}}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+    from backend_api.fileio import write_json
+
+    write_json(args.out, report, indent=1)
     print(f"wrote {args.out}")
     return 0
 

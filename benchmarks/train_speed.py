@@ -414,9 +414,9 @@ def main(argv=None) -> int:
         print(f"  the TF reference's {ref['train_step_s']} s/step implies {gflop64 / ref['train_step_s']:.0f} GFLOP/s "
               f"for the same {gflop64:.1f} GFLOP step ({ref['source']})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, args.out)
+    from backend_api.fileio import write_json
+
+    write_json(args.out, report, indent=1)
     print(f"wrote {args.out}")
     return 0
 

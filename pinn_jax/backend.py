@@ -25,7 +25,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["JaxBackend", "reconstruct", "as_container"]
+from backend_api.canvas import STITCH_CROP
+
+__all__ = ["JaxBackend", "as_container"]
 
 log = logging.getLogger(__name__)
 
@@ -65,89 +67,6 @@ def _unwrap(model: Any):
         f"model: expected a pinn_jax PtychoPINN or InferenceModel (results['model_instance']), "
         f"got {type(model).__name__}"
     )
-
-
-def _group_for_inference(model, raw, config, seed):
-    """Group RawData with the model's N/gridsize (the bundle wins, as in the reference)."""
-    from backend_api.container import PtychoDataContainer
-
-    N, gs = int(model.spec.N), int(model.spec.gridsize)
-    diff = np.asarray(raw.diff3d)
-    if diff.ndim != 3 or diff.shape[1:] != (N, N):
-        raise ValueError(
-            f"raw data diff3d has shape {diff.shape}, but the model expects ({'n'}, {N}, {N}) patterns"
-        )
-    n_pos = diff.shape[0]
-    C = gs * gs
-    n_groups = getattr(config, "n_groups", None) if config is not None else None
-    nsamples = int(n_groups) if n_groups else (n_pos if C == 1 else max(1, n_pos // C))
-    K = int(getattr(config, "neighbor_count", 4)) if config is not None else 4
-    dset = raw.generate_grouped_data(
-        N,
-        K=K,
-        nsamples=nsamples,
-        seed=seed,
-        gridsize=gs,
-        enable_oversampling=bool(getattr(config, "enable_oversampling", False)),
-        neighbor_pool_size=getattr(config, "neighbor_pool_size", None),
-    )
-    nphotons = float(getattr(config, "nphotons", 1e9)) if config is not None else 1e9
-    return PtychoDataContainer.from_grouped(dset, raw.probeGuess, nphotons=nphotons)
-
-
-def reconstruct(
-    model: Any,
-    raw_data: Any,
-    config: Any = None,
-    M: int = 20,
-    object_shape: Sequence[int] | None = None,
-    *,
-    seed: int | None = 0,
-    flip_x: bool = False,
-    flip_y: bool = False,
-    transpose: bool = False,
-    coord_scale: float = 1.0,
-    batch_size: int = 64,
-    max_canvas_pixels: int | None = None,
-) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Reconstruct the object from raw data (or a container) with a trained model.
-
-    ``model``: InferenceModel / PtychoPINN; ``raw_data``: ``backend_api`` RawData (grouped with
-    the model's N/gridsize, ``config.n_groups`` (default: every position, or ``n // C``) and
-    ``config.neighbor_count``) or a PtychoDataContainer. Returns ``(amplitude (S,S), phase
-    (S,S), results)``; with ``object_shape=(H, W)`` also ``results['object_on_grid']``
-    (``(H, W)`` complex64, patch centres at the groups' scan positions in object pixels) and
-    ``results['object_weights']``, plus ``results['amplitude_on_grid']`` /
-    ``results['phase_on_grid']``. ``max_canvas_pixels``: see :func:`pinn_jax.inference.reconstruct`
-    (huge canvases and positions off the object grid are refused before the network runs).
-    """
-    from pinn_jax import inference
-
-    net = _unwrap(model)
-    im = model if isinstance(model, inference.InferenceModel) else inference.InferenceModel(net)
-    if _is_container(raw_data):
-        container = raw_data
-    elif hasattr(raw_data, "diff3d"):
-        container = _group_for_inference(net, raw_data, config, seed)
-    else:
-        raise TypeError(f"raw_data: expected RawData or PtychoDataContainer, got {type(raw_data).__name__}")
-    amp, phase, results = inference.reconstruct(
-        im,
-        container,
-        M=M,
-        flip_x=flip_x,
-        flip_y=flip_y,
-        transpose=transpose,
-        coord_scale=coord_scale,
-        object_shape=object_shape,
-        batch_size=batch_size,
-        max_canvas_pixels=max_canvas_pixels,
-    )
-    results["container"] = container
-    if object_shape is not None:
-        results["amplitude_on_grid"] = np.abs(results["object_on_grid"]).astype(np.float32)
-        results["phase_on_grid"] = np.angle(results["object_on_grid"]).astype(np.float32)
-    return amp, phase, results
 
 
 class JaxBackend:
@@ -237,7 +156,7 @@ class JaxBackend:
             results["pred_amp"] = amp
             results["reconstructed_obj_cdi"] = inten
             try:
-                _, _, st = inference.stitch(obj, test_c.global_offsets, M=20)
+                _, _, st = inference.stitch(obj, test_c.global_offsets, M=STITCH_CROP)
                 results["stitched_obj"] = st["stitched_obj"]
             except ValueError as exc:  # the reference stores None when stitching fails
                 log.warning("stitching the test reconstruction failed: %s", exc)
@@ -275,7 +194,17 @@ class JaxBackend:
         return model, dict(model.params)
 
     # -- inference ----------------------------------------------------------------------------
-    def reconstruct(self, model: Any, data: Any, *, config: Any = None, M: int = 20,
+    def reconstruct(self, model: Any, data: Any, *, config: Any = None, M: int = STITCH_CROP,
                     object_shape: Sequence[int] | None = None, **kwargs: Any):
+        """The Backend protocol's reconstruct: :func:`pinn_jax.pipeline.reconstruct` with the
+        grouping and photon count of ``config`` (a Training/InferenceConfig or None) and this
+        backend's seed unless ``seed=`` is given; other keywords (``flip_x``, ``flip_y``,
+        ``transpose``, ``coord_scale``, ``batch_size``, ``max_canvas_pixels``, ``grouping``)
+        pass through. Returns ``(amplitude, phase, results)``."""
+        from pinn_jax import pipeline
+
         kwargs.setdefault("seed", self.seed)
-        return reconstruct(model, data, config, M, object_shape, **kwargs)
+        kwargs.setdefault("grouping", pipeline.grouping_from_config(config))
+        if config is not None and getattr(config, "nphotons", None) is not None:
+            kwargs.setdefault("nphotons", float(config.nphotons))
+        return pipeline.reconstruct(model, data, M=M, object_shape=object_shape, **kwargs)

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from backend_api.canvas import STITCH_CROP
+
 __all__ = ["main", "build_parser", "CLIError"]
 
 PROG = "pinn-jax"
@@ -78,15 +80,6 @@ def _existing_file(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"file not found: {text}")
     if not p.is_file():
         raise argparse.ArgumentTypeError(f"not a file: {text}")
-    return p
-
-
-def _existing_dir(text: str) -> Path:
-    p = Path(text)
-    if not p.exists():
-        raise argparse.ArgumentTypeError(f"directory not found: {text}")
-    if not p.is_dir():
-        raise argparse.ArgumentTypeError(f"not a directory: {text}")
     return p
 
 
@@ -295,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n_subsample", type=_positive_int, default=None, help="use a random subset of positions first")
     p.add_argument("--subsample_seed", type=_int_arg, default=None, help="seed of that subset")
     p.add_argument("--neighbor_count", type=_positive_int, default=4, help="K nearest neighbours for grouping")
-    p.add_argument("--M", type=_positive_int, default=20, help="central crop stitched from each patch (default: 20)")
+    p.add_argument("--M", type=_positive_int, default=STITCH_CROP,
+                   help=f"central crop stitched from each patch (default: {STITCH_CROP})")
     p.add_argument("--phase_vmin", type=_float_arg, default=None, help="phase colour scale minimum")
     p.add_argument("--phase_vmax", type=_float_arg, default=None, help="phase colour scale maximum")
     p.add_argument("--seed", type=_int_arg, default=45, help="grouping seed (default: 45, as the reference)")
@@ -395,126 +389,6 @@ def _load_raw(path: Path, what: str, diffraction_kind: str = "auto"):
         raise CLIError(f"{what}: file not found: {path}") from exc
     except _read_errors() as exc:
         raise CLIError(f"{what}: cannot read {path}: {_one_line(exc)}") from exc
-
-
-def _subsample(raw, n: int, seed: int | None):
-    """A RawData with ``n`` positions drawn without replacement (sorted; seeded)."""
-    import numpy as np
-
-    from backend_api.raw_data import RawData
-
-    total = len(raw.xcoords)
-    if n >= total:
-        return raw
-    idx = np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False))
-    return RawData(
-        raw.xcoords[idx], raw.ycoords[idx], raw.xcoords_start[idx], raw.ycoords_start[idx],
-        raw.diff3d[idx], raw.probeGuess, raw.scan_index[idx],
-        objectGuess=raw.objectGuess, Y=None if raw.Y is None else raw.Y[idx], metadata=raw.metadata,
-        diffraction_kind="amplitude",  # already converted when loaded
-    )
-
-
-def _save_loss_curve(history: dict, path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    epochs = range(1, len(history.get("loss", [])) + 1)
-    for key, label in (("loss", "training loss"), ("val_loss", "validation loss")):
-        if history.get(key):
-            ax.plot(list(epochs)[: len(history[key])], history[key], marker="o", label=label)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss (Poisson NLL, no constant)")
-    ax.legend()
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    _atomic_write_fig(fig, path)
-
-
-def _atomic_write_fig(fig, path: Path) -> None:
-    from backend_api.fileio import atomic_write
-
-    with atomic_write(path) as fh:
-        fig.savefig(fh, format="png")
-
-
-def _save_images(amp, phase, out: Path, *, vmin=None, vmax=None) -> None:
-    """reconstructed_amplitude.png (gray) and reconstructed_phase.png (viridis)."""
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    for label, arr, cmap, lo, hi in (("amplitude", amp, "gray", None, None), ("phase", phase, "viridis", vmin, vmax)):
-        fig = Figure(figsize=(8, 8))
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot(1, 1, 1)
-        im = ax.imshow(np.asarray(arr, np.float64), cmap=cmap, vmin=lo, vmax=hi)
-        fig.colorbar(im, ax=ax)
-        ax.set_title(f"Reconstructed {label}")
-        _atomic_write_fig(fig, out / f"reconstructed_{label}.png")
-
-
-def _save_comparison(truth, recon, region, out_path: Path) -> None:
-    """A 2x2 figure: ground truth and reconstruction, amplitude (top) and phase (bottom).
-
-    ``truth``/``recon``: ``(H, W)`` complex on the same pixel grid; ``region``: ``(H, W)`` bool,
-    the scanned area (outside it is left blank). The reconstruction's amplitude is shown on its
-    own colour scale (PtychoPINN's amplitude is known only up to a global factor); its phase,
-    known only up to a constant and a linear ramp, is aligned to the ground truth's over the
-    region (:func:`pinn_jax.metrics.align_phase_to`) and shares its colour scale.
-    """
-    import numpy as np
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from pinn_jax.metrics import align_phase_to
-
-    truth, recon = np.asarray(truth), np.asarray(recon)
-    recon = align_phase_to(recon, truth, region)
-    fig = Figure(figsize=(9, 8.5))
-    FigureCanvasAgg(fig)
-    rows = (("amplitude", np.abs, "gray"), ("phase", np.angle, "viridis"))
-    for i, (label, fn, cmap) in enumerate(rows):
-        t = np.where(region, fn(truth), np.nan)
-        r = np.where(region, fn(recon), np.nan)
-        lim = (np.nanmin(t), np.nanmax(t)) if label == "phase" else (None, None)
-        recon_title = "reconstruction" if label == "amplitude" else "reconstruction (aligned)"
-        for j, (title, arr) in enumerate((("ground truth", t), (recon_title, r))):
-            ax = fig.add_subplot(2, 2, 2 * i + j + 1)
-            im = ax.imshow(arr.astype(np.float64), cmap=cmap, vmin=lim[0], vmax=lim[1])
-            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-            ax.set_title(f"{title}: {label}")
-    fig.tight_layout()
-    _atomic_write_fig(fig, out_path)
-
-
-def _write_json(obj: Any, path: Path) -> None:
-    from pinn_jax.train import save_history
-
-    save_history(obj, path)
-
-
-def _write_npz(path: Path, **arrays) -> None:
-    import numpy as np
-
-    from backend_api.fileio import atomic_write
-
-    with atomic_write(path) as fh:
-        np.savez_compressed(fh, **arrays)
-
-
-def _metrics_summary(m: dict) -> dict:
-    out = {}
-    for k in ("ssim", "psnr", "frc50", "mae", "ms_ssim", "frc1over7"):
-        if k in m:
-            a, p = m[k]
-            out[k] = {"amplitude": float(a), "phase": float(p)}
-    if "region_pixels" in m:
-        out["region_pixels"] = int(m["region_pixels"])
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -689,7 +563,7 @@ def cmd_train(args) -> int:
             f"--train_data_file has {n_px}x{n_px} patterns but --N is {cfg.model.N}; pass --N {n_px}"
         )
     if cfg.n_subsample:
-        train_raw = _subsample(train_raw, int(cfg.n_subsample), cfg.subsample_seed)
+        train_raw = train_raw.subsample(int(cfg.n_subsample), cfg.subsample_seed)
     meta = getattr(train_raw, "metadata", None) or {}
     if "nphotons" in meta and args.cfg_nphotons is None:
         # As the reference script: the data's photon count wins over the default.
@@ -703,22 +577,19 @@ def cmd_train(args) -> int:
     if args.do_stitching and test_raw is not None:
         # Before training, from the positions: exact at gridsize 1; at gridsize > 1 the group
         # centres (means of neighbouring positions) span slightly less, and the stitch re-checks.
-        _check_canvas(test_raw.xcoords, test_raw.ycoords, 20, args.max_canvas_pixels, "--test_data_file")
+        _check_canvas(test_raw.xcoords, test_raw.ycoords, STITCH_CROP, args.max_canvas_pixels, "--test_data_file")
 
-    from backend_api import params as legacy
-    from backend_api.config import update_legacy_dict
-    from pinn_jax.backend import JaxBackend
+    from pinn_jax import pipeline, report
     from pinn_jax.train import TrainingDivergedError
 
-    update_legacy_dict(legacy.cfg, cfg)
     out.mkdir(parents=True, exist_ok=True)
-    backend = JaxBackend(seed=args.seed, checkpoint_dir=ckpt_dir, resume=args.resume,
-                         progress=not (args.no_progress or args.quiet))
     _sigterm_as_interrupt()
     t0 = time.perf_counter()
     try:
-        results = backend.train_cdi_model(train_raw, test_raw if args.do_stitching else None, cfg,
-                                          history_path=out / "history.json")
+        results, archive = pipeline.train(
+            train_raw, test_raw if args.do_stitching else None, cfg, seed=args.seed, checkpoint_dir=ckpt_dir,
+            resume=args.resume, progress=not (args.no_progress or args.quiet), history_path=out / "history.json",
+            save_to=out)
     except TrainingDivergedError as exc:
         print(f"{PROG} train: error: {exc}", file=sys.stderr)
         return 1
@@ -727,7 +598,6 @@ def cmd_train(args) -> int:
               f"(checkpoints in {ckpt_dir})", file=sys.stderr)
         return 130
     t_train = time.perf_counter() - t0
-    archive = backend.save_model(results["model_instance"], out, cfg)
     h = results["history"]
     msg = f"trained {len(h.get('loss', []))} epochs in {t_train:.1f} s; final loss {h['loss'][-1]:.6g}"
     if h.get("val_loss"):
@@ -737,9 +607,9 @@ def cmd_train(args) -> int:
     if args.do_stitching and test_raw is not None and "reconstructed_obj" in results:
         from pinn_jax import inference
 
-        amp, phase, _ = inference.stitch(results["reconstructed_obj"], results["test_container"].global_offsets, M=20,
-                                         max_canvas_pixels=args.max_canvas_pixels)
-        _save_images(amp, phase, out)
+        amp, phase, _ = inference.stitch(results["reconstructed_obj"], results["test_container"].global_offsets,
+                                         M=STITCH_CROP, max_canvas_pixels=args.max_canvas_pixels)
+        report.save_amplitude_phase(amp, phase, out)
         print(f"wrote {out / 'reconstructed_amplitude.png'} and {out / 'reconstructed_phase.png'}")
     return 0
 
@@ -766,8 +636,9 @@ def cmd_infer(args) -> int:
     model_dir = args.model_path.parent if args.model_path.is_file() else args.model_path
     raw = _load_raw(args.test_data, "--test_data", args.diffraction_kind)
     if args.n_subsample:
-        raw = _subsample(raw, args.n_subsample, args.subsample_seed)
-    from pinn_jax import backend as jb
+        raw = raw.subsample(args.n_subsample, args.subsample_seed)
+    from backend_api.grouping import GroupingOptions
+    from pinn_jax import pipeline, report
     from pinn_jax.inference import load_inference_bundle
 
     try:
@@ -784,44 +655,27 @@ def cmd_infer(args) -> int:
         raise CLIError(f"--test_data has {n_px}x{n_px} patterns but the model was trained on {N}x{N}")
     if args.M > N:
         raise CLIError(f"--M {args.M} exceeds the model's {N}x{N} patches")
-    C = model.gridsize**2
-    n_pos = len(raw.xcoords)
-    n_groups = n_pos if C == 1 else max(1, n_pos // C)
-    if args.n_groups:
-        n_groups = min(args.n_groups, n_groups)
-    conf = argparse.Namespace(n_groups=n_groups, neighbor_count=args.neighbor_count, nphotons=cfg.get("nphotons", 1e9))
+    # infer never makes more groups than the default (every position about once)
+    grouping = GroupingOptions(n_groups=args.n_groups, neighbor_count=args.neighbor_count)
+    grouping = dataclasses.replace(grouping, n_groups=grouping.resolve_n_groups(len(raw.xcoords), model.gridsize))
     obj_shape = None if raw.objectGuess is None else tuple(np.shape(raw.objectGuess))
     t0 = time.perf_counter()
     try:
-        amp, phase, res = jb.reconstruct(model, raw, conf, args.M, obj_shape, seed=args.seed,
-                                         max_canvas_pixels=args.max_canvas_pixels)
+        amp, phase, res = pipeline.reconstruct(model, raw, grouping=grouping, M=args.M, object_shape=obj_shape,
+                                               seed=args.seed, nphotons=cfg.get("nphotons", 1e9),
+                                               max_canvas_pixels=args.max_canvas_pixels)
     except ValueError as exc:
         raise CLIError(f"--test_data: {exc}") from exc
     elapsed = time.perf_counter() - t0
     out = args.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    _save_images(amp, phase, out, vmin=args.phase_vmin, vmax=args.phase_vmax)
-    arrays = {
-        "object": res["stitched_obj"].astype(np.complex64),
-        "amplitude": amp,
-        "phase": phase,
-        "global_offsets": res["global_offsets"],
-    }
-    if obj_shape is not None:
-        arrays["object_on_grid"] = res["object_on_grid"].astype(np.complex64)
-        arrays["object_weights"] = res["object_weights"].astype(np.float32)
-    _write_npz(out / "reconstruction.npz", **arrays)
+    written = pipeline.write_reconstruction(out, amp, phase, res, phase_vmin=args.phase_vmin,
+                                            phase_vmax=args.phase_vmax)
     print(f"reconstructed {len(res['global_offsets'])} groups in {elapsed:.2f} s -> object {amp.shape}")
-    if obj_shape is not None and _has_signal(raw.objectGuess):
-        from pinn_jax import metrics
-
-        m = metrics.eval_reconstruction(res["object_on_grid"], raw.objectGuess,
-                                        positions=res["global_offsets"][:, 0, :, 0], M=args.M)
-        summary = _metrics_summary(m)
-        _write_json(summary, out / "metrics.json")
-        print(_format_metrics(summary))
-    print(f"wrote {out / 'reconstructed_amplitude.png'}, {out / 'reconstructed_phase.png'}, "
-          f"{out / 'reconstruction.npz'}")
+    if obj_shape is not None and report.has_signal(raw.objectGuess):
+        summary = pipeline.evaluate(res, raw.objectGuess, M=args.M)
+        report.write_json(summary, out / "metrics.json")
+        print(report.format_metrics(summary))
+    print(f"wrote {', '.join(str(p) for p in written)}")
     return 0
 
 
@@ -834,21 +688,6 @@ def _check_model_file(path: Path) -> None:
     if path.name != ARCHIVE_NAME:
         raise CLIError(f"--model_path: {path} is a model archive, but infer loads {ARCHIVE_NAME}; "
                        f"rename it to {ARCHIVE_NAME} or pass the folder holding {ARCHIVE_NAME}")
-
-
-def _has_signal(obj) -> bool:
-    import numpy as np
-
-    a = np.asarray(obj)
-    return a.size > 0 and np.all(np.isfinite(a)) and float(np.ptp(np.abs(a))) > 0
-
-
-def _format_metrics(summary: dict) -> str:
-    parts = []
-    for k in ("ssim", "psnr", "frc50"):
-        if k in summary:
-            parts.append(f"{k.upper()} amp {summary[k]['amplitude']:.3f} / phase {summary[k]['phase']:.3f}")
-    return "; ".join(parts)
 
 
 def cmd_convert(args) -> int:
@@ -886,83 +725,16 @@ def cmd_ptychodus(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    import numpy as np
+    from pinn_jax.demo import run_demo
 
-    from backend_api.config import ModelConfig, TrainingConfig
-    from backend_api import params as legacy
-    from backend_api.config import update_legacy_dict
-    from pinn_jax import metrics, simulate
-    from pinn_jax.backend import JaxBackend, reconstruct
-
-    out = args.output_dir
-    t_start = time.perf_counter()
     try:
-        train_raw, test_raw = simulate.simulate_dataset(
-            N=args.N, object_size=args.object_size, n_images=args.n_images, kind=args.kind,
-            nphotons=args.nphotons, seed=args.seed, probe_scale=None,
-        )
-        n_train = len(train_raw.xcoords)
-        C = args.gridsize**2
-        cfg = TrainingConfig(
-            model=ModelConfig(N=args.N, gridsize=args.gridsize, n_filters_scale=args.n_filters_scale),
-            nepochs=args.epochs, batch_size=args.batch_size,
-            n_groups=n_train if C == 1 else max(1, n_train // C), nphotons=args.nphotons,
-            output_dir=out, backend="jax",
-        )
+        run_demo(args.output_dir, N=args.N, gridsize=args.gridsize, n_filters_scale=args.n_filters_scale,
+                 epochs=args.epochs, batch_size=args.batch_size, n_images=args.n_images,
+                 object_size=args.object_size, kind=args.kind, nphotons=args.nphotons, seed=args.seed,
+                 progress=not args.quiet)
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
-    out.mkdir(parents=True, exist_ok=True)
-    t_sim = time.perf_counter() - t_start
-    print(f"simulated {n_train} training and {len(test_raw.xcoords)} test patterns "
-          f"(N={args.N}, {args.object_size}px '{args.kind}' objects) in {t_sim:.1f} s")
-    update_legacy_dict(legacy.cfg, cfg)
-    backend = JaxBackend(seed=args.seed, progress=not args.quiet)
-    t0 = time.perf_counter()
-    results = backend.train_cdi_model(train_raw, None, cfg, history_path=out / "history.json")
-    t_train = time.perf_counter() - t0
-    model = results["model_instance"]
-    archive = backend.save_model(model, out, cfg)
-    t0 = time.perf_counter()
-    obj_shape = tuple(np.shape(test_raw.objectGuess))
-    amp, phase, res = reconstruct(model, test_raw, cfg_for_inference(cfg, len(test_raw.xcoords)), 20,
-                                  obj_shape, seed=args.seed)
-    t_inf = time.perf_counter() - t0
-    positions = res["global_offsets"][:, 0, :, 0]
-    m = metrics.eval_reconstruction(res["object_on_grid"], test_raw.objectGuess, positions=positions, M=20)
-    summary = _metrics_summary(m)
-    region = metrics.scan_region_mask(positions, obj_shape, 20)
-    on_grid = res["object_on_grid"]
-    _save_images(np.where(region, np.abs(on_grid), np.nan), np.where(region, np.angle(on_grid), np.nan), out)
-    _save_comparison(test_raw.objectGuess, on_grid, region, out / "comparison.png")
-    _save_loss_curve(results["history"], out / "loss_curve.png")
-    h = results["history"]
-    report = {
-        "metrics": summary,
-        "config": {"N": args.N, "gridsize": args.gridsize, "n_filters_scale": args.n_filters_scale,
-                   "epochs": args.epochs, "batch_size": args.batch_size, "n_images": args.n_images,
-                   "object_size": args.object_size, "seed": args.seed, "nphotons": args.nphotons},
-        "timing_s": {"simulate": t_sim, "train": t_train, "reconstruct": t_inf,
-                     "total": time.perf_counter() - t_start},
-        "final_loss": h["loss"][-1],
-        "final_val_loss": h.get("val_loss", [None])[-1],
-        "epochs_run": len(h["loss"]),
-    }
-    _write_json(report, out / "metrics.json")
-    _write_npz(out / "reconstruction.npz", object_on_grid=on_grid.astype(np.complex64),
-               ground_truth=np.asarray(test_raw.objectGuess, np.complex64), region=region)
-    print(f"trained {len(h['loss'])} epochs in {t_train:.1f} s (loss {h['loss'][0]:.5g} -> {h['loss'][-1]:.5g}); "
-          f"reconstructed {len(positions)} test patterns in {t_inf:.1f} s")
-    print(_format_metrics(summary))
-    print(f"wrote {archive.name}, reconstructed_amplitude.png, reconstructed_phase.png, comparison.png, "
-          f"loss_curve.png, history.json, metrics.json, reconstruction.npz to {out} ({time.perf_counter() - t_start:.0f} s in total)")
     return 0
-
-
-def cfg_for_inference(cfg, n_positions: int):
-    """Grouping settings for reconstructing every test position with a training config."""
-    C = cfg.model.gridsize**2
-    return argparse.Namespace(n_groups=n_positions if C == 1 else max(1, n_positions // C),
-                              neighbor_count=cfg.neighbor_count, nphotons=cfg.nphotons)
 
 
 _COMMANDS = {

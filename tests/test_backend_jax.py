@@ -14,7 +14,7 @@ from backend_api import params as legacy
 from backend_api.backends import Backend, get_backend
 from backend_api.config import ModelConfig, TrainingConfig
 from pinn_jax import simulate
-from pinn_jax.backend import JaxBackend, reconstruct
+from pinn_jax.backend import JaxBackend
 from pinn_jax.inference import InferenceModel
 
 FIX = Path(__file__).parent / "fixtures"
@@ -94,7 +94,7 @@ def test_reconstruct_raw_data_on_object_grid(run, data):
     _, _, results = run
     _, test = data
     shape = tuple(test.objectGuess.shape)
-    amp, phase, res = reconstruct(results["model_instance"], test, None, 20, shape)
+    amp, phase, res = JaxBackend(seed=0).reconstruct(results["model_instance"], test, M=20, object_shape=shape)
     assert res["object_on_grid"].shape == shape
     assert res["amplitude_on_grid"].shape == shape and res["phase_on_grid"].shape == shape
     assert amp.ndim == 2

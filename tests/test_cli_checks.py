@@ -79,6 +79,7 @@ def no_work(monkeypatch):
     import backend_api.archive as archive
     import pinn_jax.backend as jb
     import pinn_jax.inference as inference
+    import pinn_jax.pipeline as pipeline
     import pinn_jax.simulate as simulate
     from backend_api.raw_data import RawData
 
@@ -86,7 +87,7 @@ def no_work(monkeypatch):
     monkeypatch.setattr(RawData, "from_file", classmethod(lambda cls, *a, **k: _Recorder("RawData.from_file", calls)()))
     monkeypatch.setattr(inference, "load_inference_bundle", _Recorder("load_inference_bundle", calls))
     monkeypatch.setattr(jb.JaxBackend, "train_cdi_model", _Recorder("train_cdi_model", calls))
-    monkeypatch.setattr(jb, "reconstruct", _Recorder("reconstruct", calls))
+    monkeypatch.setattr(pipeline, "reconstruct", _Recorder("reconstruct", calls))
     monkeypatch.setattr(simulate, "simulate_to_npz", _Recorder("simulate_to_npz", calls))
     monkeypatch.setattr(simulate, "simulate_dataset", _Recorder("simulate_dataset", calls))
     monkeypatch.setattr(archive, "read_manifest", _Recorder("read_manifest", calls))
