@@ -26,6 +26,8 @@ import threading
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from backend_api.canvas import STITCH_CROP
+
 __all__ = [
     "ENTRY_POINT_GROUP",
     "BUILTIN_BACKENDS",
@@ -112,7 +114,7 @@ class Backend(Protocol):
         flip_x: bool = False,
         flip_y: bool = False,
         transpose: bool = False,
-        M: int = 20,
+        M: int = STITCH_CROP,
         do_stitching: bool = False,
     ) -> tuple[Any, Any, dict]:
         """Train, then stitch the test set when asked: ``(amplitude|None, phase|None, results)``."""
@@ -131,7 +133,7 @@ class Backend(Protocol):
         ...
 
     def reconstruct(
-        self, model: Any, data: Any, *, config: Any = None, M: int = 20
+        self, model: Any, data: Any, *, config: Any = None, M: int = STITCH_CROP
     ) -> tuple[Any, Any, dict]:
         """Predict every group and stitch: ``(amplitude (H,W), phase (H,W), results)``;
         results hold ``obj_tensor_full`` (B,N,N,1) c64 and ``global_offsets`` (B,1,2,1) f64.

@@ -157,7 +157,7 @@ class TensorFlowBackend(_ReferenceAdapter):
         return results
 
     def run_cdi_example(self, train_data, test_data, config, *, flip_x=False, flip_y=False,
-                        transpose=False, M=20, do_stitching=False):
+                        transpose=False, M=_REFERENCE_M, do_stitching=False):
         return self._components.run_cdi_example(
             self._data(train_data), self._data(test_data), self._config(config),
             flip_x=flip_x, flip_y=flip_y, transpose=transpose, M=M, do_stitching=do_stitching,
@@ -210,7 +210,7 @@ class PyTorchBackend(_ReferenceAdapter):
         return results
 
     def run_cdi_example(self, train_data, test_data, config, *, flip_x=False, flip_y=False,
-                        transpose=False, M=20, do_stitching=False):
+                        transpose=False, M=_REFERENCE_M, do_stitching=False):
         fn = self._fn("run_cdi_example_torch")
         return fn(
             self._data(train_data), self._data(test_data), self._config(config),

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from backend_api.canvas import STITCH_CROP
+
 from backend_api import archive as _archive
 from backend_api import params as _params
 from backend_api.backends import get_backend
@@ -64,7 +66,7 @@ def run_cdi_example(
     flip_x: bool = False,
     flip_y: bool = False,
     transpose: bool = False,
-    M: int = 20,
+    M: int = STITCH_CROP,
     do_stitching: bool = False,
 ) -> tuple[Any, Any, dict]:
     """Train on ``train_data`` with ``config.backend`` and, when ``do_stitching`` and test data
@@ -194,7 +196,7 @@ def reassemble_cdi_image(
     flip_x: bool = False,
     flip_y: bool = False,
     transpose: bool = False,
-    M: int = 20,
+    M: int = STITCH_CROP,
     coord_scale: float = 1.0,
     *,
     model: Any = None,

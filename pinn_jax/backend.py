@@ -164,7 +164,7 @@ class JaxBackend:
         return results
 
     def run_cdi_example(self, train_data: Any, test_data: Any, config: Any, *, flip_x: bool = False,
-                        flip_y: bool = False, transpose: bool = False, M: int = 20,
+                        flip_y: bool = False, transpose: bool = False, M: int = STITCH_CROP,
                         do_stitching: bool = False) -> tuple[Any, Any, dict]:
         from pinn_jax import inference
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from backend_api.canvas import STITCH_CROP
+
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "InferenceModel",
@@ -204,7 +206,7 @@ def stitch(
     patches: np.ndarray,
     global_offsets: Any,
     *,
-    M: int = 20,
+    M: int = STITCH_CROP,
     flip_x: bool = False,
     flip_y: bool = False,
     transpose: bool = False,
@@ -250,7 +252,7 @@ def reconstruct(
     container,
     *,
     intensity_scale: float | None = None,
-    M: int = 20,
+    M: int = STITCH_CROP,
     flip_x: bool = False,
     flip_y: bool = False,
     transpose: bool = False,

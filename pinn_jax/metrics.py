@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from backend_api.canvas import STITCH_CROP
+
 __all__ = [
     "PSNR_CAP_DB",
     "MS_SSIM_WEIGHTS",
@@ -155,7 +157,7 @@ def scale_amplitude(pred_amp: Any, target_amp: Any, mask: Any = None) -> np.ndar
     return p * (float(t[sel].mean()) / mp)
 
 
-def scan_region_mask(positions: Any, shape: tuple[int, int], M: int = 20) -> np.ndarray:
+def scan_region_mask(positions: Any, shape: tuple[int, int], M: int = STITCH_CROP) -> np.ndarray:
     """Pixels covered by the central ``M x M`` crops of patches at the given scan positions.
 
     A patch at ``(x, y)`` (object pixels) contributes its central crop, which covers object
@@ -247,7 +249,7 @@ def _metric_bundle(pred_amp, tgt_amp, pred_phi, tgt_phi, sel, *, psnr_peak, frc_
 # reference protocol
 
 
-def reference_crop(stitched: Any, ground_truth: Any, positions: Any, M: int = 20
+def reference_crop(stitched: Any, ground_truth: Any, positions: Any, M: int = STITCH_CROP
                    ) -> tuple[np.ndarray, np.ndarray]:
     """The reference's ``align_for_evaluation`` crop (reproduced, misalignment included).
 
@@ -292,7 +294,7 @@ def reference_crop(stitched: Any, ground_truth: Any, positions: Any, M: int = 20
 
 
 def reference_crop_offset(stitched_shape: tuple[int, int], ground_truth_shape: tuple[int, int],
-                          positions: Any, M: int = 20) -> tuple[float, float]:
+                          positions: Any, M: int = STITCH_CROP) -> tuple[float, float]:
     """Misalignment ``(dx, dy)`` that :func:`reference_crop` introduces, in pixels.
 
     Assumes ``stitched`` is a ``reassemble_position`` canvas, whose centre pixel ``S/2`` is the
@@ -356,7 +358,7 @@ def eval_reference(recon: Any, ground_truth: Any, *, offset: int = 4, phase_alig
                           ms_ssim_sigma=ms_ssim_sigma, frc_fill=None)
 
 
-def reference_protocol(stitched: Any, ground_truth: Any, positions: Any, *, M: int = 20,
+def reference_protocol(stitched: Any, ground_truth: Any, positions: Any, *, M: int = STITCH_CROP,
                        offset: int = 4, phase_align: str = "plane", psnr_peak: float = 255.0,
                        frc_sigma: float = 0.0, ms_ssim_sigma: float = 1.0) -> dict:
     """Evaluate exactly as the reference does, for comparison with its published numbers.
@@ -379,7 +381,7 @@ def reference_protocol(stitched: Any, ground_truth: Any, positions: Any, *, M: i
 
 
 def eval_reconstruction(recon: Any, ground_truth: Any, *, mask: Any = None, positions: Any = None,
-                        M: int = 20, phase_align: str = "relative", psnr_peak: float = 255.0,
+                        M: int = STITCH_CROP, phase_align: str = "relative", psnr_peak: float = 255.0,
                         frc_sigma: float = 0.0, ms_ssim_sigma: float = 1.0) -> dict:
     """Score a reconstruction that already lies on the ground truth's pixel grid.
 
@@ -441,7 +443,7 @@ def eval_reconstruction(recon: Any, ground_truth: Any, *, mask: Any = None, posi
     return out
 
 
-def evaluate_patches(patches: Any, positions: Any, ground_truth: Any, *, M: int = 20,
+def evaluate_patches(patches: Any, positions: Any, ground_truth: Any, *, M: int = STITCH_CROP,
                      reference: bool = True, **kwargs) -> dict:
     """Stitch predicted patches and score them under both protocols (convenience).
 
