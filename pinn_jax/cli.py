@@ -273,7 +273,7 @@ def cmd_train(args) -> int:
         # centres (means of neighbouring positions) span slightly less, and the stitch re-checks.
         _check_canvas(test_raw.xcoords, test_raw.ycoords, STITCH_CROP, args.max_canvas_pixels, "--test_data_file")
 
-    from pinn_jax import pipeline, report
+    from pinn_jax import pipeline
     from pinn_jax.train import TrainingDivergedError
 
     out.mkdir(parents=True, exist_ok=True)
@@ -299,12 +299,8 @@ def cmd_train(args) -> int:
     print(msg)
     print(f"wrote {archive}")
     if args.do_stitching and test_raw is not None and "reconstructed_obj" in results:
-        from pinn_jax import inference
-
-        amp, phase, _ = inference.stitch(results["reconstructed_obj"], results["test_container"].global_offsets,
-                                         M=STITCH_CROP, max_canvas_pixels=args.max_canvas_pixels)
-        report.save_amplitude_phase(amp, phase, out)
-        print(f"wrote {out / 'reconstructed_amplitude.png'} and {out / 'reconstructed_phase.png'}")
+        pngs = pipeline.write_test_stitch(results, out, M=STITCH_CROP, max_canvas_pixels=args.max_canvas_pixels)
+        print(f"wrote {pngs[0]} and {pngs[1]}")
     return 0
 
 

@@ -27,7 +27,7 @@ from backend_api.canvas import STITCH_CROP
 from backend_api.grouping import GroupingOptions, default_n_groups
 
 __all__ = ["GroupingOptions", "group_for_inference", "reconstruct", "evaluate", "write_reconstruction",
-           "train", "grouping_from_config"]
+           "train", "grouping_from_config", "write_test_stitch"]
 
 
 def grouping_from_config(config: Any) -> GroupingOptions:
@@ -139,6 +139,18 @@ def write_reconstruction(out_dir: str | os.PathLike, amplitude: Any, phase: Any,
         arrays["object_on_grid"] = results["object_on_grid"].astype(np.complex64)
         arrays["object_weights"] = results["object_weights"].astype(np.float32)
     return [*pngs, report.write_npz(out / "reconstruction.npz", **arrays)]
+
+
+def write_test_stitch(results: dict, out_dir: str | os.PathLike, *, M: int = STITCH_CROP,
+                      max_canvas_pixels: int | None = None) -> tuple[Path, Path]:
+    """After training with test data: stitch the test set's predicted patches
+    (``results['reconstructed_obj']`` at ``results['test_container'].global_offsets``, the
+    reference's ``reassemble_position``) and write the amplitude/phase PNGs to ``out_dir``."""
+    from pinn_jax import inference, report
+
+    amp, phase, _ = inference.stitch(results["reconstructed_obj"], results["test_container"].global_offsets,
+                                     M=M, max_canvas_pixels=max_canvas_pixels)
+    return report.save_amplitude_phase(amp, phase, out_dir)
 
 
 def train(train_data: Any, test_data: Any, config: Any, *, seed: int = 0,
