@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -22,7 +24,6 @@ from backend_api.canvas import STITCH_CROP
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "InferenceModel",
-    "predict_patches",
     "predict_autoencoder",
     "reconstruct",
     "stitch",
@@ -33,25 +34,32 @@ __all__ = [
 DEFAULT_BATCH_SIZE = 64
 
 
-_FN_CACHE: dict = {}
-
-
+@functools.lru_cache(maxsize=16)
 def _jitted(kind: str, graphdef):
     """One jitted apply function per (kind, graph): models of equal architecture share their
-    compiled code (a GraphDef is hashable by structure)."""
+    compiled code (a GraphDef is hashable by structure). At most 16 are kept, least recently
+    used first out (a long-lived process that loads many architectures stays bounded)."""
     import jax
 
     from pinn_jax.model import autoencoder_apply, diffraction_to_obj_apply
 
-    key = (kind, graphdef)
-    fn = _FN_CACHE.get(key)
-    if fn is None:
-        apply = diffraction_to_obj_apply if kind == "d2o" else autoencoder_apply
-        fn = jax.jit(lambda state, x, o: apply(graphdef, state, x, o))
-        if len(_FN_CACHE) >= 16:
-            _FN_CACHE.pop(next(iter(_FN_CACHE)))
-        _FN_CACHE[key] = fn
-    return fn
+    apply = diffraction_to_obj_apply if kind == "d2o" else autoencoder_apply
+    return jax.jit(lambda state, x, o: apply(graphdef, state, x, o))
+
+
+def _padded_batches(fn, state, x: np.ndarray, offsets: np.ndarray, batch_size: int):
+    """Run ``fn(state, xb, ob)`` over batches of ``batch_size`` rows; the last batch is
+    zero-padded so every call has the same shape (one compilation). Everything is dispatched
+    before anything is fetched. Yields ``(start, m, outputs)`` with ``m`` valid rows."""
+    pending = []
+    for start in range(0, x.shape[0], batch_size):
+        xb, ob = x[start : start + batch_size], offsets[start : start + batch_size]
+        m = xb.shape[0]
+        if m < batch_size:
+            xb = np.concatenate([xb, np.zeros((batch_size - m,) + xb.shape[1:], xb.dtype)])
+            ob = np.concatenate([ob, np.zeros((batch_size - m,) + ob.shape[1:], ob.dtype)])
+        pending.append((start, m, fn(state, xb, ob)))
+    yield from pending
 
 
 class InferenceModel:
@@ -107,17 +115,8 @@ class InferenceModel:
         offsets = np.asarray(inputs[1], np.float32)
         self._check(x, offsets)
         bs = self.batch_size if batch_size is None else int(batch_size)
-        n = x.shape[0]
-        out = np.empty((n, self.N, self.N, 1), np.complex64)
-        pending = []
-        for start in range(0, n, bs):
-            xb, ob = x[start : start + bs], offsets[start : start + bs]
-            m = xb.shape[0]
-            if m < bs:  # pad so that every call has the same shape (one compilation)
-                xb = np.concatenate([xb, np.zeros((bs - m,) + xb.shape[1:], xb.dtype)])
-                ob = np.concatenate([ob, np.zeros((bs - m,) + ob.shape[1:], ob.dtype)])
-            pending.append((start, m, self._fn(self._state, xb, ob)))
-        for start, m, res in pending:  # dispatch everything first, then fetch
+        out = np.empty((x.shape[0], self.N, self.N, 1), np.complex64)
+        for start, m, res in _padded_batches(self._fn, self._state, x, offsets, bs):
             out[start : start + m] = np.asarray(res)[:m]
         return out
 
@@ -125,13 +124,6 @@ class InferenceModel:
 
     def predict_on_batch(self, inputs: Sequence[Any]) -> np.ndarray:
         return self.predict(inputs, batch_size=max(1, len(np.asarray(inputs[0]))))
-
-
-def predict_patches(model, X_scaled: Any, offsets: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
-    """Batched ``diffraction_to_obj``: ``(B,N,N,C)`` ``X * s`` + ``(B,1,2,C)`` offsets ->
-    ``(B, N, N, 1)`` complex64. ``model``: a PtychoPINN or an :class:`InferenceModel`."""
-    im = model if isinstance(model, InferenceModel) else InferenceModel(model, batch_size=batch_size)
-    return im.predict([X_scaled, offsets], batch_size=batch_size)
 
 
 def predict_autoencoder(model, X_scaled: Any, offsets: Any, *, batch_size: int = DEFAULT_BATCH_SIZE):
@@ -144,15 +136,9 @@ def predict_autoencoder(model, X_scaled: Any, offsets: Any, *, batch_size: int =
     fn = _jitted("ae", graphdef)
     x = np.asarray(X_scaled, np.float32)
     o = np.asarray(offsets, np.float32)
-    n, bs = x.shape[0], int(batch_size)
     outs: list[list[np.ndarray]] = [[], [], []]
-    for start in range(0, n, bs):
-        xb, ob = x[start : start + bs], o[start : start + bs]
-        m = xb.shape[0]
-        if m < bs:
-            xb = np.concatenate([xb, np.zeros((bs - m,) + xb.shape[1:], xb.dtype)])
-            ob = np.concatenate([ob, np.zeros((bs - m,) + ob.shape[1:], ob.dtype)])
-        for acc, arr in zip(outs, fn(state, xb, ob)):
+    for _, m, res in _padded_batches(fn, state, x, o, int(batch_size)):
+        for acc, arr in zip(outs, res):
             acc.append(np.asarray(arr)[:m])
     return tuple(np.concatenate(a) for a in outs)
 
