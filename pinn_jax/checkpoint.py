@@ -28,6 +28,7 @@ import re
 import sys
 import tempfile
 import traceback
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Iterator
@@ -101,6 +102,10 @@ class _UnretrievedOrbaxTasks(logging.Filter):
 
 
 _ASYNCIO_FILTER = _UnretrievedOrbaxTasks()
+#: the read coroutines of Orbax/tensorstore that an aborted restore leaves unawaited (seen:
+#: ``Store._get_array_metadatas``, ``_read_array_index_and_device_put``)
+_UNAWAITED_ORBAX_READ = (r"coroutine '(Store\._get_array_metadatas|_read_array_index_and_device_put|"
+                         r"[A-Za-z_.]*(read|restore|metadata)[A-Za-z_.]*)' was never awaited")
 
 
 def _quiet_unraisable(previous: Any) -> Any:
@@ -132,7 +137,13 @@ def quiet_aborted_restore() -> Iterator[None]:
     hook = None
     if not getattr(previous, "_pinn_jax_quiet", False):
         hook = sys.unraisablehook = _quiet_unraisable(previous)
-    yield  # an exception from the body propagates from here and leaves the filters installed
+    try:
+        yield  # an exception from the body propagates and leaves the filters installed
+    except BaseException:
+        # The aborted reads' coroutines are garbage-collected unawaited, later (often at
+        # interpreter exit): Python warns "coroutine '...' was never awaited" for each.
+        warnings.filterwarnings("ignore", message=_UNAWAITED_ORBAX_READ, category=RuntimeWarning)
+        raise
     if hook is not None and sys.unraisablehook is hook:
         sys.unraisablehook = previous
     if added_filter:
