@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_Parser)
     for add in (_add_demo_parser, _add_simulate_parser, _add_train_parser, _add_infer_parser,
-                _add_convert_parser, _add_ptychodus_parser):
+                _add_reconstruct_parser, _add_convert_parser, _add_ptychodus_parser):
         add(sub)
     return parser
 
@@ -286,6 +286,37 @@ def _add_infer_parser(sub) -> None:
     p.add_argument("--diffraction_kind", choices=DIFFRACTION_KINDS, default="auto",
                    help="what --test_data's diffraction holds (default: auto, see the README's data contract)")
     _canvas_flag(p)
+    _common_flags(p)
+
+
+def _add_reconstruct_parser(sub) -> None:
+    from backend_api.config import DIFFRACTION_KINDS
+
+    p = sub.add_parser(
+        "reconstruct",
+        help="iterative physics refinement of the object (flat start, or seeded by a trained model)",
+        description=(
+            "Refine the object on the input grid against --test_data with the training forward "
+            "model (pinn_jax.refine): from the network's stitched object with --model_path, else from "
+            "a flat object. Writes reconstructed_amplitude.png, reconstructed_phase.png, "
+            "reconstruction.npz ('object_on_grid'), history.json (misfit per pass), convergence.png "
+            "and, with ground truth, metrics.json. The data must hold objectGuess (it fixes the grid)."
+        ),
+    )
+    p.add_argument("--test_data", type=_existing_file, required=True, help="NPZ with the diffraction data")
+    p.add_argument("--model_path", type=_model_location, default=None,
+                   help="model directory (or wts.h5.zip) whose prediction seeds the refinement")
+    p.add_argument("--output_dir", type=Path, default=Path("reconstruct_outputs"),
+                   help="output folder (default: reconstruct_outputs)")
+    p.add_argument("--iterations", type=_positive_int, default=20, help="passes over all positions (default: 20)")
+    p.add_argument("--noise", choices=("gaussian", "poisson"), default="gaussian",
+                   help="misfit: amplitude least squares or Poisson NLL (default: gaussian)")
+    p.add_argument("--batch_size", type=_positive_int, default=32, help="positions per update (default: 32)")
+    p.add_argument("--learning_rate", type=_float_arg, default=0.05,
+                   help="Adam step relative to the mean object amplitude (default: 0.05)")
+    p.add_argument("--seed", type=_int_arg, default=0, help="minibatch order seed (default: 0)")
+    p.add_argument("--diffraction_kind", choices=DIFFRACTION_KINDS, default="auto",
+                   help="what --test_data's diffraction holds (default: auto)")
     _common_flags(p)
 
 

@@ -27,7 +27,7 @@ from backend_api.canvas import STITCH_CROP
 from backend_api.grouping import GroupingOptions, default_n_groups
 
 __all__ = ["GroupingOptions", "group_for_inference", "reconstruct", "evaluate", "write_reconstruction",
-           "train", "grouping_from_config", "write_test_stitch"]
+           "train", "grouping_from_config", "write_test_stitch", "refine"]
 
 
 def grouping_from_config(config: Any) -> GroupingOptions:
@@ -180,3 +180,35 @@ def train(train_data: Any, test_data: Any, config: Any, *, seed: int = 0,
         Path(save_to).mkdir(parents=True, exist_ok=True)
         archive = backend.save_model(results["model_instance"], save_to, config)
     return results, archive
+
+
+def refine(raw: Any, *, model: Any = None, options: Any = None, grouping: GroupingOptions | None = None,
+           seed: int | None = 0, nphotons: float = 1e9, object_shape: Sequence[int] | None = None,
+           on_pass_end: Any = None) -> tuple[np.ndarray, Any]:
+    """Physics refinement of the object on the input grid (:func:`pinn_jax.refine.refine_object`).
+
+    ``raw``: RawData (diffraction amplitudes, ``xcoords``/``ycoords`` patch centres, probe);
+    the grid is ``object_shape``, else ``raw.objectGuess``'s shape. Start: with ``model``, the
+    network's object stitched on the grid (:func:`reconstruct`; pixels no patch covers take
+    the mean covered value), else a flat object. ``options``: :class:`~pinn_jax.refine.
+    RefineOptions`. Returns ``(object (H, W) complex64, RefineResult)``.
+    """
+    from pinn_jax.refine import RefineOptions, refine_object
+
+    if object_shape is None:
+        if raw.objectGuess is None:
+            raise ValueError("refine: the object grid is unknown: the data have no objectGuess; pass object_shape")
+        object_shape = np.shape(raw.objectGuess)
+    shape = (int(object_shape[0]), int(object_shape[1]))
+    if model is not None:
+        _, _, res = reconstruct(model, raw, grouping=grouping, object_shape=shape, seed=seed, nphotons=nphotons)
+        covered = np.asarray(res["object_weights"]) > 1e-3
+        start = np.asarray(res["object_on_grid"], np.complex64)
+        fill = start[covered].mean() if covered.any() else np.complex64(1.0)
+        start = np.where(covered, start, fill).astype(np.complex64)
+    else:
+        start = np.ones(shape, np.complex64)
+    positions = np.column_stack([np.asarray(raw.xcoords), np.asarray(raw.ycoords)])
+    result = refine_object(raw.diff3d, positions, raw.probeGuess, start, options or RefineOptions(),
+                           on_pass_end=on_pass_end)
+    return result.obj, result

@@ -52,7 +52,7 @@ class RefineOptions:
 
     iterations: int = 20
     batch_size: int = 32
-    learning_rate: float = 0.02
+    learning_rate: float = 0.05
     noise: str = "gaussian"
     seed: int = 0
 

@@ -114,3 +114,75 @@ def test_bad_inputs_are_refused_before_work(scan):
         RefineOptions(noise="laplace")
     with pytest.raises(ValueError, match="RefineOptions.batch_size"):
         RefineOptions(batch_size=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# pinn-jax reconstruct
+
+
+@pytest.fixture(scope="module")
+def scan_file(tmp_path_factory):
+    _, test = simulate.simulate_dataset(N=64, object_size=128, n_images=400, kind="lines", nphotons=1e9, seed=3)
+    path = tmp_path_factory.mktemp("rc") / "test.npz"
+    test.to_file(path)
+    return path
+
+
+def _main(capsys, argv):
+    from pinn_jax.cli import main
+
+    rc = main([str(a) for a in argv])
+    return rc, capsys.readouterr()
+
+
+def test_cli_reconstruct_from_a_flat_start(scan_file, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "out"
+    rc, io = _main(capsys, ["reconstruct", "--test_data", scan_file, "--iterations", 6, "--output_dir", out])
+    assert rc == 0, io.err
+    for name in ("reconstructed_amplitude.png", "reconstructed_phase.png", "reconstruction.npz", "history.json",
+                 "convergence.png", "metrics.json"):
+        assert (out / name).is_file(), name
+    hist = json.loads((out / "history.json").read_text())["loss"]
+    assert len(hist) == 7 and hist[-1] < 0.1 * hist[0]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["ssim"]["amplitude"] >= 0.9 and m["ssim"]["phase"] >= 0.9, m["ssim"]
+    with np.load(out / "reconstruction.npz") as z:
+        assert z["object_on_grid"].shape == (128, 128) and np.isfinite(z["object_on_grid"]).all()
+    assert "from a flat object" in io.out
+
+
+def test_cli_reconstruct_seeded_by_a_model(scan_file, tmp_path, capsys):
+    from backend_api.config import ModelConfig
+    from pinn_jax import checkpoint
+    from pinn_jax.model import build_model
+    from pinn_jax.probe import default_probe
+
+    net = build_model(ModelConfig(N=64, gridsize=1, n_filters_scale=1), np.asarray(default_probe(64)), 988.2, seed=1)
+    checkpoint.save_model(net, tmp_path / "model", None)
+    out = tmp_path / "out"
+    rc, io = _main(capsys, ["reconstruct", "--test_data", scan_file, "--model_path", tmp_path / "model",
+                            "--iterations", 2, "--output_dir", out])
+    assert rc == 0, io.err
+    assert "from the network's object" in io.out and (out / "reconstruction.npz").is_file()
+
+
+def test_cli_reconstruct_refuses_bad_input_before_writing(tmp_path, capsys):
+    from backend_api.raw_data import RawData
+
+    rng = np.random.default_rng(0)
+    raw = RawData.from_coords_without_pc(rng.uniform(40, 60, 8), rng.uniform(40, 60, 8),
+                                         rng.random((8, 64, 64)).astype(np.float32),
+                                         np.ones((64, 64), np.complex64), np.zeros(8, np.int64))
+    no_truth = tmp_path / "no_truth.npz"
+    raw.to_file(no_truth)
+    out = tmp_path / "out"
+    rc, io = _main(capsys, ["reconstruct", "--test_data", no_truth, "--output_dir", out])
+    assert rc == 2 and "no objectGuess" in io.err and not out.exists()
+    text = tmp_path / "notes.npz"
+    text.write_text("hello")
+    rc, io = _main(capsys, ["reconstruct", "--test_data", text, "--output_dir", out])
+    assert rc == 2 and str(text) in io.err and not out.exists()
+    rc, io = _main(capsys, ["reconstruct", "--test_data", no_truth, "--iterations", 0, "--output_dir", out])
+    assert rc == 2 and "--iterations" in io.err and not out.exists()
