@@ -87,6 +87,11 @@ class Backend(Protocol):
       ``[x, y]`` object pixels -> ``(object (H, W) complex, weights (H, W) float)``; without
       it, ``backend_api.ptychodus.convert.stitch_on_grid`` (numpy, the same bilinear
       placement) is used.
+    - ``refine_on_grid(amplitudes, positions, probe, initial, *, iterations, noise,
+      refine_probe, refine_positions, seed)``: physics refinement of ``initial (H, W)`` complex
+      on the object grid against ``amplitudes (n, N, N)`` at ``positions (n, 2)`` ``[x, y]``
+      -> ``(object (H, W) complex, footprint (H, W) float, info dict)``; the ptychodus child
+      calls it when ``RefineIterations > 0`` and refuses that setting for a backend without it.
     """
 
     name: str

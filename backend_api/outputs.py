@@ -29,14 +29,15 @@ def save_figure(fig: Any, path: str | os.PathLike) -> Path:
 
 def save_amplitude_phase(amplitude: Any, phase: Any, out_dir: str | os.PathLike, *,
                          phase_vmin: float | None = None, phase_vmax: float | None = None,
-                         title: str = "Reconstructed {label}") -> tuple[Path, Path]:
+                         title: str = "Reconstructed {label}", stem: str = "reconstructed") -> tuple[Path, Path]:
     """``out_dir/reconstructed_amplitude.png`` (gray) and ``reconstructed_phase.png``
     (viridis), 8x8 inch figures with a colour bar each.
 
     ``amplitude``, ``phase``: ``(H, W)`` real arrays (NaN pixels are left blank);
     ``phase_vmin``/``phase_vmax``: the phase colour range (default: the data's);
     ``title``: a format string with ``{label}`` ("amplitude"/"phase", or "Amplitude"/"Phase"
-    via ``{Label}``). ``out_dir`` must exist. Returns the two paths.
+    via ``{Label}``); ``stem``: the file names' prefix (``{stem}_amplitude.png``). ``out_dir``
+    must exist. Returns the two paths.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -51,5 +52,5 @@ def save_amplitude_phase(amplitude: Any, phase: Any, out_dir: str | os.PathLike,
         im = ax.imshow(np.asarray(arr, np.float64), cmap=cmap, vmin=lo, vmax=hi)
         fig.colorbar(im, ax=ax)
         ax.set_title(title.format(label=label, Label=label.capitalize()))
-        paths.append(save_figure(fig, out / f"reconstructed_{label}.png"))
+        paths.append(save_figure(fig, out / f"{stem}_{label}.png"))
     return paths[0], paths[1]

@@ -102,6 +102,36 @@ class JaxBackend:
         obj, weights = reassemble_on_grid_with_weights(patches, positions, tuple(object_shape), int(crop))
         return np.asarray(obj), np.asarray(weights)
 
+    @staticmethod
+    def refine_on_grid(amplitudes: Any, positions: Any, probe: Any, initial: Any, *, iterations: int,
+                       noise: str = "gaussian", refine_probe: bool = False, refine_positions: bool = False,
+                       seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
+        """The Backend protocol's optional physics refinement (:mod:`pinn_jax.refine`) of
+        ``initial`` ``(H, W)`` complex against ``amplitudes`` ``(n, N, N)`` float32 measured at
+        ``positions`` ``(n, 2)`` ``[x, y]`` object pixels with ``probe`` ``(N, N)`` complex.
+        Patches that do not lie inside the grid are left out (counted in the info). Returns
+        ``(object (H, W) complex64, footprint (H, W) float32 = patches covering each pixel,
+        info)``; ``ValueError`` when no patch lies inside the grid or an input is malformed."""
+        from pinn_jax.refine import RefineOptions, illumination_footprint, inside_grid, refine_object
+
+        options = RefineOptions(iterations=int(iterations), noise=str(noise), refine_probe=bool(refine_probe),
+                                refine_positions=bool(refine_positions), seed=int(seed))
+        amp = np.asarray(amplitudes, np.float32)
+        pos = np.asarray(positions, np.float64).reshape(-1, 2)
+        shape = tuple(int(v) for v in np.shape(initial))
+        if amp.ndim != 3 or len(pos) != len(amp):
+            raise ValueError(f"refine: expected amplitudes (n, N, N) and positions (n, 2), got {amp.shape} "
+                             f"and {pos.shape}")
+        keep = inside_grid(pos, amp.shape[-1], shape)
+        if not keep.any():
+            raise ValueError(f"refine: none of the {len(pos)} patches lies inside the {shape[0]} x {shape[1]} "
+                             "object grid")
+        result = refine_object(amp[keep], pos[keep], probe, initial, options)
+        info = {"passes": int(iterations), "misfit": [float(result.history[0]), float(result.history[-1])],
+                "positions_used": int(keep.sum()), "positions_outside_grid": int((~keep).sum())}
+        footprint = illumination_footprint(result.positions, amp.shape[-1], shape)
+        return result.obj, footprint, info
+
     # -- training -----------------------------------------------------------------------------
     def train_cdi_model(self, train_data: Any, test_data: Any, config: Any, *, seed: int | None = None,
                         checkpoint_dir: str | os.PathLike | None = None, resume: bool | None = None,

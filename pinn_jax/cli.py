@@ -345,9 +345,12 @@ def cmd_infer(args) -> int:
     # infer never makes more groups than the default (every position about once)
     grouping = GroupingOptions(n_groups=args.n_groups, neighbor_count=args.neighbor_count)
     grouping = dataclasses.replace(grouping, n_groups=grouping.resolve_n_groups(len(raw.xcoords), model.gridsize))
-    obj_shape = None if raw.objectGuess is None else tuple(np.shape(raw.objectGuess))
-    t0 = time.perf_counter()
+    refine = args.refine_iterations > 0
+    options = _refine_options(args, args.refine_iterations) if refine else None
     try:
+        obj_shape = pipeline.object_grid(raw) if refine else (
+            None if raw.objectGuess is None else tuple(np.shape(raw.objectGuess)))
+        t0 = time.perf_counter()
         amp, phase, res = pipeline.reconstruct(model, raw, grouping=grouping, M=args.M, object_shape=obj_shape,
                                                seed=args.seed, nphotons=cfg.get("nphotons", 1e9),
                                                max_canvas_pixels=args.max_canvas_pixels)
@@ -355,9 +358,20 @@ def cmd_infer(args) -> int:
         raise CLIError(f"--test_data: {exc}") from exc
     elapsed = time.perf_counter() - t0
     out = args.output_dir
+    print(f"reconstructed {len(res['global_offsets'])} groups in {elapsed:.2f} s -> object {amp.shape}")
+    if refine:
+        try:
+            t0 = time.perf_counter()
+            _, result = pipeline.refine(raw, initial=pipeline.network_start(res), options=options,
+                                        object_shape=obj_shape, progress=not args.quiet)
+        except ValueError as exc:
+            raise CLIError(f"--test_data: {exc}") from exc
+        written = pipeline.write_refinement(out, result, network=res, phase_vmin=args.phase_vmin,
+                                            phase_vmax=args.phase_vmax)
+        _report_refinement(out, result, "the network's object", time.perf_counter() - t0, written)
+        return 0
     written = pipeline.write_reconstruction(out, amp, phase, res, phase_vmin=args.phase_vmin,
                                             phase_vmax=args.phase_vmax)
-    print(f"reconstructed {len(res['global_offsets'])} groups in {elapsed:.2f} s -> object {amp.shape}")
     if obj_shape is not None and report.has_signal(raw.objectGuess):
         summary = pipeline.evaluate(res, raw.objectGuess, M=args.M)
         report.write_json(summary, out / "metrics.json")
@@ -382,46 +396,54 @@ def _load_model(model_path: Path):
         raise CLIError(f"--model_path: {exc}") from exc
 
 
-def cmd_reconstruct(args) -> int:
-    import numpy as np
-
-    from pinn_jax import pipeline, report
+def _refine_options(args, iterations: int, **overrides):
     from pinn_jax.refine import RefineOptions
 
+    kw = dict(iterations=iterations, noise=args.noise, refine_probe=args.refine_probe,
+              probe_learning_rate=args.probe_learning_rate, refine_positions=args.refine_positions,
+              gauge=args.gauge)
+    kw.update(overrides)
+    try:
+        return RefineOptions(**kw)
+    except ValueError as exc:
+        raise CLIError(str(exc).replace("RefineOptions.", "--")) from exc
+
+
+def _report_refinement(out, result, start: str, elapsed: float, written) -> None:
+    from pinn_jax import report
+
+    print(f"refined {len(result.positions)} positions from {start}, {len(result.history) - 1} passes in "
+          f"{elapsed:.1f} s (misfit {result.history[0]:.4g} -> {result.history[-1]:.4g})")
+    if result.pass_metrics:
+        print(f"start:   {report.format_metrics(result.pass_metrics[0])}")
+        print(f"refined: {report.format_metrics(result.pass_metrics[-1])}")
+    print(f"wrote {', '.join(Path(p).name for p in written)} to {out}")
+
+
+def cmd_reconstruct(args) -> int:
+    from pinn_jax import pipeline
+
     raw = _load_raw(args.test_data, "--test_data", args.diffraction_kind)
-    if raw.objectGuess is None:
-        raise CLIError(f"--test_data: {args.test_data} has no objectGuess, so the object grid is unknown")
+    options = _refine_options(args, args.iterations, batch_size=args.batch_size,
+                              learning_rate=args.learning_rate, seed=args.seed)
     model, nphotons = None, 1e9
     if args.model_path is not None:
         model, cfg = _load_model(args.model_path)
         nphotons = cfg.get("nphotons", 1e9)
+        n_px = int(raw.diff3d.shape[-1])
+        if n_px != model.N:
+            raise CLIError(f"--test_data has {n_px}x{n_px} patterns but the model was trained on {model.N}x{model.N}")
     try:
-        options = RefineOptions(iterations=args.iterations, batch_size=args.batch_size,
-                                learning_rate=args.learning_rate, noise=args.noise, seed=args.seed)
+        shape = pipeline.object_grid(raw)
         t0 = time.perf_counter()
-        obj, result = pipeline.refine(raw, model=model, options=options, seed=args.seed, nphotons=nphotons)
+        _, result = pipeline.refine(raw, model=model, options=options, seed=args.seed, nphotons=nphotons,
+                                    object_shape=shape, progress=not (args.no_progress or args.quiet))
     except ValueError as exc:
         raise CLIError(f"--test_data: {exc}") from exc
     elapsed = time.perf_counter() - t0
-    out = args.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    report.save_amplitude_phase(np.abs(obj), np.angle(obj), out)
-    report.write_npz(out / "reconstruction.npz", object_on_grid=obj)
-    report.write_json({"loss": result.history}, out / "history.json")
-    report.save_loss_curve({"loss": result.history[1:]}, out / "convergence.png")
+    written = pipeline.write_refinement(args.output_dir, result)
     start = "the network's object" if model is not None else "a flat object"
-    print(f"refined {len(raw.xcoords)} positions from {start}, {args.iterations} passes in {elapsed:.1f} s "
-          f"(misfit {result.history[0]:.4g} -> {result.history[-1]:.4g})")
-    if report.has_signal(raw.objectGuess):
-        from pinn_jax import metrics
-
-        positions = np.column_stack([raw.xcoords, raw.ycoords])
-        summary = report.metrics_summary(metrics.eval_reconstruction(obj, raw.objectGuess, positions=positions,
-                                                                     M=STITCH_CROP))
-        report.write_json(summary, out / "metrics.json")
-        print(report.format_metrics(summary))
-    print(f"wrote reconstructed_amplitude.png, reconstructed_phase.png, reconstruction.npz, history.json, "
-          f"convergence.png to {out}")
+    _report_refinement(args.output_dir, result, start, elapsed, written)
     return 0
 
 
@@ -477,7 +499,7 @@ def cmd_demo(args) -> int:
         run_demo(args.output_dir, N=args.N, gridsize=args.gridsize, n_filters_scale=args.n_filters_scale,
                  epochs=args.epochs, batch_size=args.batch_size, n_images=args.n_images,
                  object_size=args.object_size, kind=args.kind, nphotons=args.nphotons, seed=args.seed,
-                 progress=not args.quiet)
+                 refine_iterations=args.refine_iterations, progress=not args.quiet)
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
     return 0

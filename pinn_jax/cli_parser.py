@@ -53,6 +53,16 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
 def _existing_file(text: str) -> Path:
     p = Path(text)
     if not p.exists():
@@ -172,9 +182,11 @@ def _add_demo_parser(sub) -> None:
         help="simulate a small dataset, train, reconstruct, evaluate and write results",
         description=(
             "Simulate a small dataset (pinn_jax.simulate), train a PtychoPINN on half of it, "
-            "reconstruct the other half (a different object), evaluate against the ground "
-            "truth, and write wts.h5.zip, reconstructed_amplitude.png, reconstructed_phase.png, "
-            "comparison.png (ground truth beside reconstruction), loss_curve.png, history.json, "
+            "reconstruct the other half (a different object) with the network, refine that object "
+            "with the physics model (--refine-iterations passes), evaluate both against the ground "
+            "truth, and write wts.h5.zip, reconstructed_amplitude.png, reconstructed_phase.png (the "
+            "network's), refined_amplitude.png, refined_phase.png, comparison.png (ground truth, "
+            "network, refined), convergence.png, loss_curve.png, history.json, refine_history.json, "
             "metrics.json and reconstruction.npz into --output-dir. The default size "
             "finishes in a few minutes on 2 CPU cores."
         ),
@@ -197,6 +209,8 @@ def _add_demo_parser(sub) -> None:
     p.add_argument("--nphotons", type=_float_arg, default=1e9, help="photons per pattern (default: 1e9)")
     p.add_argument("--kind", choices=("lines", "grf"), default="lines", help="object kind (default: lines)")
     p.add_argument("--seed", type=_int_arg, default=0, help="seed for simulation, weights and shuffling")
+    p.add_argument("--refine-iterations", "--refine_iterations", type=_nonnegative_int, default=20,
+                   help="physics refinement passes after the network (default: 20; 0: network only)")
     _common_flags(p)
 
 
@@ -285,8 +299,25 @@ def _add_infer_parser(sub) -> None:
     p.add_argument("--seed", type=_int_arg, default=45, help="grouping seed (default: 45, as the reference)")
     p.add_argument("--diffraction_kind", choices=DIFFRACTION_KINDS, default="auto",
                    help="what --test_data's diffraction holds (default: auto, see the README's data contract)")
+    p.add_argument("--refine_iterations", type=_nonnegative_int, default=0,
+                   help="then refine the network's object with the physics model for K passes over the "
+                        "positions (pinn_jax.refine; default: 0 = the network's object as it is)")
+    _refinement_flags(p)
     _canvas_flag(p)
     _common_flags(p)
+
+
+def _refinement_flags(p) -> None:
+    """The refinement options ``reconstruct`` and ``infer --refine_iterations`` share."""
+    p.add_argument("--noise", choices=("gaussian", "poisson"), default="gaussian",
+                   help="refinement misfit: amplitude least squares or Poisson NLL (default: gaussian)")
+    p.add_argument("--refine_probe", action="store_true", help="also refine the probe (from the second pass)")
+    p.add_argument("--probe_learning_rate", type=_float_arg, default=0.05,
+                   help="Adam step on the probe relative to its mean amplitude (default: 0.05)")
+    p.add_argument("--refine_positions", action="store_true",
+                   help="also correct the scan positions (Gauss-Newton per position, from the third pass)")
+    p.add_argument("--gauge", choices=("none", "offset", "ramp"), default="none",
+                   help="move the object's phase offset (and linear ramp) into the probe (default: none)")
 
 
 def _add_reconstruct_parser(sub) -> None:
@@ -309,12 +340,12 @@ def _add_reconstruct_parser(sub) -> None:
     p.add_argument("--output_dir", type=Path, default=Path("reconstruct_outputs"),
                    help="output folder (default: reconstruct_outputs)")
     p.add_argument("--iterations", type=_positive_int, default=20, help="passes over all positions (default: 20)")
-    p.add_argument("--noise", choices=("gaussian", "poisson"), default="gaussian",
-                   help="misfit: amplitude least squares or Poisson NLL (default: gaussian)")
     p.add_argument("--batch_size", type=_positive_int, default=32, help="positions per update (default: 32)")
     p.add_argument("--learning_rate", type=_float_arg, default=0.05,
                    help="Adam step relative to the mean object amplitude (default: 0.05)")
     p.add_argument("--seed", type=_int_arg, default=0, help="minibatch order seed (default: 0)")
+    _refinement_flags(p)
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
     p.add_argument("--diffraction_kind", choices=DIFFRACTION_KINDS, default="auto",
                    help="what --test_data's diffraction holds (default: auto)")
     _common_flags(p)

@@ -19,26 +19,34 @@ __all__ = ["run_demo"]
 
 def run_demo(out_dir: str | os.PathLike, *, N: int = 64, gridsize: int = 1, n_filters_scale: int = 1,
              epochs: int = 12, batch_size: int = 4, n_images: int = 384, object_size: int = 128,
-             kind: str = "lines", nphotons: float = 1e9, seed: int = 0, progress: bool = True,
-             log=print) -> dict:
+             kind: str = "lines", nphotons: float = 1e9, seed: int = 0, refine_iterations: int = 20,
+             progress: bool = True, log=print) -> dict:
     """Simulate ``n_images`` positions over two ``object_size`` px objects of ``kind``
     (half train, half test), train ``epochs`` epochs, save ``wts.h5.zip``, reconstruct the test
-    object on its grid (stitch crop :data:`~backend_api.canvas.STITCH_CROP`) and write to
-    ``out_dir``: ``wts.h5.zip``, ``reconstructed_amplitude.png``/``reconstructed_phase.png``
-    (inside the scanned region), ``comparison.png``, ``loss_curve.png``, ``history.json``,
-    ``metrics.json`` and ``reconstruction.npz`` (``object_on_grid``, ``ground_truth``,
-    ``region``). ``log`` receives the progress lines (``print`` by default).
+    object on its grid (stitch crop :data:`~backend_api.canvas.STITCH_CROP`): the network's
+    first look; then, with ``refine_iterations`` > 0, refine it with the physics model for that
+    many passes (:func:`pinn_jax.pipeline.refine`, seeded by the network). Writes to ``out_dir``:
+    ``wts.h5.zip``, ``reconstructed_amplitude.png``/``reconstructed_phase.png`` (the network's,
+    inside the scanned region), ``comparison.png`` (ground truth, network and refined object),
+    ``loss_curve.png``, ``history.json``, ``metrics.json``, ``reconstruction.npz``
+    (``object_on_grid``, ``ground_truth``, ``region``) and, when refined,
+    ``refined_amplitude.png``/``refined_phase.png``, ``convergence.png``,
+    ``refine_history.json`` and ``refined_object_on_grid`` in the NPZ. ``log`` receives the
+    progress lines (``print`` by default).
 
-    Returns the report written to ``metrics.json`` (``metrics``, ``config``, ``timing_s``,
-    ``final_loss``, ``final_val_loss``, ``epochs_run``) plus ``archive`` (its path).
+    Returns the report written to ``metrics.json`` (``metrics`` = the network's,
+    ``refined_metrics`` when refined, ``config``, ``timing_s``, ``final_loss``,
+    ``final_val_loss``, ``epochs_run``) plus ``archive`` (its path).
     Raises ValueError for settings the simulation or the config refuse, before anything is
     written.
     """
     from backend_api.config import ModelConfig, TrainingConfig
     from backend_api.grouping import default_n_groups
     from pinn_jax import metrics, pipeline, report, simulate
+    from pinn_jax.refine import RefineOptions
 
     out = Path(out_dir)
+    refine_options = RefineOptions(iterations=refine_iterations, seed=seed) if refine_iterations else None
     t_start = time.perf_counter()
     train_raw, test_raw = simulate.simulate_dataset(N=N, object_size=object_size, n_images=n_images, kind=kind,
                                                     nphotons=nphotons, seed=seed, probe_scale=None)
@@ -68,27 +76,51 @@ def run_demo(out_dir: str | os.PathLike, *, N: int = 64, gridsize: int = 1, n_fi
     on_grid = res["object_on_grid"]
     report.save_amplitude_phase(np.where(region, np.abs(on_grid), np.nan),
                                 np.where(region, np.angle(on_grid), np.nan), out)
-    report.save_comparison(test_raw.objectGuess, on_grid, region, out / "comparison.png")
+    refined = None
+    t_ref = 0.0
+    if refine_options is not None:
+        t0 = time.perf_counter()
+        _, refined = pipeline.refine(test_raw, initial=pipeline.network_start(res), options=refine_options,
+                                     object_shape=obj_shape, progress=progress)
+        t_ref = time.perf_counter() - t0
+        ref_obj = refined.obj
+        report.save_amplitude_phase(np.where(region, np.abs(ref_obj), np.nan),
+                                    np.where(region, np.angle(ref_obj), np.nan), out, title="Refined {label}",
+                                    stem="refined")
+        report.save_convergence(refined.history, out / "convergence.png", pass_metrics=refined.pass_metrics)
+        report.write_json({"loss": refined.history, "seconds": refined.seconds, "metrics": refined.pass_metrics},
+                          out / "refine_history.json")
+        panels = {"network": on_grid, f"refined ({refine_iterations} passes)": ref_obj}
+    else:
+        panels = {"network": on_grid}
+    report.save_comparison(test_raw.objectGuess, panels, region, out / "comparison.png")
     h = results["history"]
     report.save_loss_curve(h, out / "loss_curve.png")
     doc = {
         "metrics": summary,
         "config": {"N": N, "gridsize": gridsize, "n_filters_scale": n_filters_scale, "epochs": epochs,
                    "batch_size": batch_size, "n_images": n_images, "object_size": object_size, "seed": seed,
-                   "nphotons": nphotons},
-        "timing_s": {"simulate": t_sim, "train": t_train, "reconstruct": t_inf,
+                   "nphotons": nphotons, "refine_iterations": refine_iterations},
+        "timing_s": {"simulate": t_sim, "train": t_train, "reconstruct": t_inf, "refine": t_ref,
                      "total": time.perf_counter() - t_start},
         "final_loss": h["loss"][-1],
         "final_val_loss": h.get("val_loss", [None])[-1],
         "epochs_run": len(h["loss"]),
     }
+    arrays = {"object_on_grid": on_grid.astype(np.complex64),
+              "ground_truth": np.asarray(test_raw.objectGuess, np.complex64), "region": region}
+    if refined is not None:
+        doc["refined_metrics"] = {k: v for k, v in refined.pass_metrics[-1].items() if k not in ("pass", "seconds")}
+        arrays["refined_object_on_grid"] = refined.obj
     report.write_json(doc, out / "metrics.json")
-    report.write_npz(out / "reconstruction.npz", object_on_grid=on_grid.astype(np.complex64),
-                     ground_truth=np.asarray(test_raw.objectGuess, np.complex64), region=region)
+    report.write_npz(out / "reconstruction.npz", **arrays)
     log(f"trained {len(h['loss'])} epochs in {t_train:.1f} s (loss {h['loss'][0]:.5g} -> {h['loss'][-1]:.5g}); "
         f"reconstructed {len(positions)} test patterns in {t_inf:.1f} s")
-    log(report.format_metrics(summary))
-    log(f"wrote {archive.name}, reconstructed_amplitude.png, reconstructed_phase.png, comparison.png, "
-        f"loss_curve.png, history.json, metrics.json, reconstruction.npz to {out} "
-        f"({time.perf_counter() - t_start:.0f} s in total)")
+    log(f"network: {report.format_metrics(summary)}")
+    names = "reconstructed_amplitude.png, reconstructed_phase.png"
+    if refined is not None:
+        log(f"refined ({refine_iterations} passes, {t_ref:.1f} s): {report.format_metrics(doc['refined_metrics'])}")
+        names += ", refined_amplitude.png, refined_phase.png, convergence.png, refine_history.json"
+    log(f"wrote {archive.name}, {names}, comparison.png, loss_curve.png, history.json, metrics.json, "
+        f"reconstruction.npz to {out} ({time.perf_counter() - t_start:.0f} s in total)")
     return {**doc, "archive": archive}

@@ -27,7 +27,8 @@ from backend_api.canvas import STITCH_CROP
 from backend_api.grouping import GroupingOptions, default_n_groups
 
 __all__ = ["GroupingOptions", "group_for_inference", "reconstruct", "evaluate", "write_reconstruction",
-           "train", "grouping_from_config", "write_test_stitch", "refine"]
+           "train", "grouping_from_config", "write_test_stitch", "refine", "refine_start", "network_start",
+           "object_grid", "write_refinement"]
 
 
 def grouping_from_config(config: Any) -> GroupingOptions:
@@ -182,33 +183,142 @@ def train(train_data: Any, test_data: Any, config: Any, *, seed: int = 0,
     return results, archive
 
 
-def refine(raw: Any, *, model: Any = None, options: Any = None, grouping: GroupingOptions | None = None,
-           seed: int | None = 0, nphotons: float = 1e9, object_shape: Sequence[int] | None = None,
-           on_pass_end: Any = None) -> tuple[np.ndarray, Any]:
+def object_grid(raw: Any) -> tuple[int, int]:
+    """The object grid ``(H, W)`` refinement works on: ``raw.objectGuess``'s shape, else the
+    smallest grid from the origin holding every patch (patch centres ``xcoords``/``ycoords`` in
+    object pixels, patches ``N`` wide). Positions whose patch would reach below pixel 0 have no
+    such grid and are refused, naming the first."""
+    if raw.objectGuess is not None:
+        return tuple(int(v) for v in np.shape(raw.objectGuess)[:2])
+    N = int(np.shape(raw.diff3d)[-1])
+    pos = np.column_stack([np.asarray(raw.xcoords, np.float64), np.asarray(raw.ycoords, np.float64)])
+    if len(pos) == 0 or not np.isfinite(pos).all():
+        raise ValueError("positions: expected finite xcoords/ycoords for at least one pattern")
+    lo = np.floor(pos - N / 2)
+    low = (lo < 0).any(axis=1)
+    if low.any():
+        i = int(np.flatnonzero(low)[0])
+        raise ValueError(
+            f"positions: the data have no objectGuess to fix the object grid, and {int(low.sum())} of {len(pos)} "
+            f"patches reach below pixel 0 (first: #{i} at x={pos[i, 0]:.6g}, y={pos[i, 1]:.6g}; with {N}x{N} "
+            f"patches, centres must be >= {N / 2:g}); shift the positions or add an objectGuess")
+    top = lo.max(axis=0) + N
+    return int(top[1]), int(top[0])
+
+
+def network_start(results: dict) -> np.ndarray:
+    """The network's object on the grid from :func:`reconstruct` results (``object_on_grid``,
+    ``object_weights``) as a refinement start ``(H, W)`` complex64: pixels no patch covers
+    take the mean covered value."""
+    covered = np.asarray(results["object_weights"]) > 1e-3
+    start = np.asarray(results["object_on_grid"], np.complex64)
+    fill = start[covered].mean() if covered.any() else np.complex64(1.0)
+    return np.where(covered, start, fill).astype(np.complex64)
+
+
+def refine_start(raw: Any, shape: tuple[int, int], *, model: Any = None, initial: Any = None,
+                 grouping: GroupingOptions | None = None, seed: int | None = 0,
+                 nphotons: float = 1e9) -> np.ndarray:
+    """The refinement's initial object ``(H, W)`` complex64 on the grid ``shape``: ``initial``
+    when given (its shape must be ``shape``), else the network's object stitched on the grid
+    (:func:`reconstruct`, :func:`network_start`), else flat ones."""
+    if initial is not None and model is not None:
+        raise ValueError("refine: give a model or an initial object to start from, not both")
+    if initial is not None:
+        start = np.asarray(initial)
+        if start.shape != shape:
+            raise ValueError(f"refine: the initial object has shape {start.shape}, expected {shape} (the object grid)")
+        if not np.isfinite(start).all():
+            raise ValueError("refine: the initial object has non-finite values")
+        return start.astype(np.complex64)
+    if model is None:
+        return np.ones(shape, np.complex64)
+    _, _, res = reconstruct(model, raw, grouping=grouping, object_shape=shape, seed=seed, nphotons=nphotons)
+    return network_start(res)
+
+
+def refine(raw: Any, *, model: Any = None, initial: Any = None, options: Any = None,
+           grouping: GroupingOptions | None = None, seed: int | None = 0, nphotons: float = 1e9,
+           object_shape: Sequence[int] | None = None, on_pass_end: Any = None, track_metrics: bool = True,
+           progress: bool = False) -> tuple[np.ndarray, Any]:
     """Physics refinement of the object on the input grid (:func:`pinn_jax.refine.refine_object`).
 
     ``raw``: RawData (diffraction amplitudes, ``xcoords``/``ycoords`` patch centres, probe);
-    the grid is ``object_shape``, else ``raw.objectGuess``'s shape. Start: with ``model``, the
-    network's object stitched on the grid (:func:`reconstruct`; pixels no patch covers take
-    the mean covered value), else a flat object. ``options``: :class:`~pinn_jax.refine.
-    RefineOptions`. Returns ``(object (H, W) complex64, RefineResult)``.
+    the grid is ``object_shape``, else :func:`object_grid`'s. Start
+    (:func:`refine_start`): ``initial``, else with ``model`` the network's object, else flat.
+    ``options``: :class:`~pinn_jax.refine.RefineOptions`. With ``track_metrics`` and a ground
+    truth in ``raw.objectGuess``, ``result.pass_metrics`` holds the corrected-protocol summary
+    (:func:`evaluate`'s) of the start and after every pass, each with its ``"pass"`` (0 = the
+    start) and ``"seconds"``. Returns ``(object (H, W) complex64, RefineResult)``.
     """
+    from pinn_jax import metrics, report
     from pinn_jax.refine import RefineOptions, refine_object
 
     if object_shape is None:
-        if raw.objectGuess is None:
-            raise ValueError("refine: the object grid is unknown: the data have no objectGuess; pass object_shape")
-        object_shape = np.shape(raw.objectGuess)
+        object_shape = object_grid(raw)
     shape = (int(object_shape[0]), int(object_shape[1]))
-    if model is not None:
-        _, _, res = reconstruct(model, raw, grouping=grouping, object_shape=shape, seed=seed, nphotons=nphotons)
-        covered = np.asarray(res["object_weights"]) > 1e-3
-        start = np.asarray(res["object_on_grid"], np.complex64)
-        fill = start[covered].mean() if covered.any() else np.complex64(1.0)
-        start = np.where(covered, start, fill).astype(np.complex64)
-    else:
-        start = np.ones(shape, np.complex64)
+    options = options or RefineOptions()
+    start = refine_start(raw, shape, model=model, initial=initial, grouping=grouping, seed=seed, nphotons=nphotons)
     positions = np.column_stack([np.asarray(raw.xcoords), np.asarray(raw.ycoords)])
-    result = refine_object(raw.diff3d, positions, raw.probeGuess, start, options or RefineOptions(),
-                           on_pass_end=on_pass_end)
+    truth = raw.objectGuess if (track_metrics and raw.objectGuess is not None and np.shape(raw.objectGuess) == shape
+                                and report.has_signal(raw.objectGuess)) else None
+    tracked: list[dict] = []
+
+    def score(obj) -> dict:
+        return report.metrics_summary(metrics.eval_reconstruction(obj, truth, positions=positions, M=STITCH_CROP))
+
+    def after_pass(it, loss, obj):
+        if truth is not None:
+            tracked.append({"pass": it + 1, **score(obj)})
+        if on_pass_end is not None:
+            on_pass_end(it, loss, obj)
+
+    if truth is not None:
+        tracked.append({"pass": 0, **score(start)})
+    result = refine_object(raw.diff3d, positions, raw.probeGuess, start, options, on_pass_end=after_pass,
+                           progress=progress)
+    for entry in tracked:
+        entry["seconds"] = result.seconds[entry["pass"]]
+    result.pass_metrics = tracked
     return result.obj, result
+
+
+def write_refinement(out_dir: str | os.PathLike, result: Any, *, network: dict | None = None,
+                     phase_vmin: float | None = None, phase_vmax: float | None = None) -> list[Path]:
+    """The refinement's files in ``out_dir`` (created): ``reconstructed_amplitude.png``,
+    ``reconstructed_phase.png`` (the refined object), ``reconstruction.npz`` (``object_on_grid``
+    (H, W) complex64, ``probe`` (N, N) complex64 and ``positions`` (n, 2) ``[x, y]`` as refined
+    or given, and with ``network`` (:func:`reconstruct` results on the same grid) also
+    ``network_object_on_grid``/``network_object_weights``), ``history.json`` (``loss`` and
+    ``seconds`` per pass, and ``metrics`` per pass when tracked), ``convergence.png`` and, when
+    ``result.pass_metrics`` is filled, ``metrics.json`` (the final pass's summary, with the
+    start's under ``"start"``). With ``network``, also ``network_amplitude.png`` /
+    ``network_phase.png``. Returns the paths."""
+    from pinn_jax import report
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    obj = np.asarray(result.obj, np.complex64)
+    written = list(report.save_amplitude_phase(np.abs(obj), np.angle(obj), out, phase_vmin=phase_vmin,
+                                               phase_vmax=phase_vmax, title="Refined {label}"))
+    arrays = {"object_on_grid": obj, "probe": np.asarray(result.probe, np.complex64),
+              "positions": np.asarray(result.positions, np.float64)}
+    if network is not None:
+        net = np.asarray(network["object_on_grid"], np.complex64)
+        arrays["network_object_on_grid"] = net
+        arrays["network_object_weights"] = np.asarray(network["object_weights"], np.float32)
+        written += report.save_amplitude_phase(np.abs(net), np.angle(net), out, phase_vmin=phase_vmin,
+                                               phase_vmax=phase_vmax, title="Network {label}", stem="network")
+    written.append(report.write_npz(out / "reconstruction.npz", **arrays))
+    hist = {"loss": [float(v) for v in result.history], "seconds": [float(v) for v in result.seconds]}
+    if result.pass_metrics:
+        hist["metrics"] = result.pass_metrics
+    written.append(report.write_json(hist, out / "history.json"))
+    written.append(report.save_convergence(result.history, out / "convergence.png",
+                                           pass_metrics=result.pass_metrics or None))
+    if result.pass_metrics:
+        final = {k: v for k, v in result.pass_metrics[-1].items() if k not in ("pass", "seconds")}
+        final["start"] = {k: v for k, v in result.pass_metrics[0].items() if k not in ("pass", "seconds")}
+        final["passes"] = int(result.pass_metrics[-1]["pass"])
+        written.append(report.write_json(final, out / "metrics.json"))
+    return written

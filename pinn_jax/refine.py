@@ -28,55 +28,112 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-__all__ = ["RefineOptions", "RefineResult", "refine_object", "model_amplitudes", "data_misfit"]
+__all__ = ["RefineOptions", "RefineResult", "refine_object", "model_amplitudes", "data_misfit",
+           "position_corrections", "fix_phase_gauge", "illumination_footprint", "inside_grid"]
 
 NOISE_MODELS = ("gaussian", "poisson")
 _POISSON_EPS = 1e-6
 _AMPLITUDE_EPS = 1e-10
 
 
+GAUGES = ("none", "offset", "ramp")
+
+
+def _check_number(name: str, value: Any, *, minimum: float, strict: bool) -> None:
+    ok = (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+          and math.isfinite(value) and (value > minimum if strict else value >= minimum))
+    if not ok:
+        raise ValueError(f"RefineOptions.{name}: expected a number {'>' if strict else '>='} {minimum:g}, "
+                         f"got {value!r}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"RefineOptions.{name}: expected an integer >= {minimum}, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RefineOptions:
-    """``iterations``: passes over all positions; ``batch_size``: positions per update;
+    """How :func:`refine_object` runs.
+
+    ``iterations``: passes over all positions; ``batch_size``: positions per update;
     ``learning_rate``: Adam step on the object (relative to its mean amplitude, so it does not
     depend on the data's photon scale); ``noise``: ``"gaussian"`` or ``"poisson"``;
-    ``seed``: the minibatch order (deterministic for a seed)."""
+    ``seed``: the minibatch order (deterministic for a seed).
+
+    Optional, each off by default:
+
+    - ``refine_probe``: the probe is optimised too (Adam, step ``probe_learning_rate`` relative
+      to its mean amplitude) from pass ``probe_start_pass`` (0-based) on;
+    - ``refine_positions``: each position gets a damped Gauss-Newton correction from its own
+      amplitude residual once per pass from ``position_start_pass`` on, at most
+      ``max_position_step`` pixels per update and ``max_position_shift`` pixels from where it
+      started; the mean correction is removed (a common shift of all positions only
+      translates the object);
+    - ``gauge``: ``"offset"`` removes the object's mean phase, ``"ramp"`` also its linear phase
+      ramp, moving both into the returned probe so the pair explains the data as before (the
+      split between object and probe is ambiguous when the probe is refined).
+    """
 
     iterations: int = 20
     batch_size: int = 32
     learning_rate: float = 0.05
     noise: str = "gaussian"
     seed: int = 0
+    refine_probe: bool = False
+    probe_learning_rate: float = 0.05
+    probe_start_pass: int = 1
+    refine_positions: bool = False
+    position_start_pass: int = 2
+    max_position_step: float = 0.5
+    max_position_shift: float = 4.0
+    gauge: str = "none"
 
     def __post_init__(self) -> None:
-        for name in ("iterations", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (0 if name == "iterations" else 1):
-                raise ValueError(f"RefineOptions.{name}: expected an integer >= "
-                                 f"{0 if name == 'iterations' else 1}, got {v!r}")
-        if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate)
-                and self.learning_rate > 0):
-            raise ValueError(f"RefineOptions.learning_rate: expected a positive number, got {self.learning_rate!r}")
+        _check_int("iterations", self.iterations, 0)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("seed", self.seed, 0)
+        _check_int("probe_start_pass", self.probe_start_pass, 0)
+        _check_int("position_start_pass", self.position_start_pass, 0)
+        _check_number("learning_rate", self.learning_rate, minimum=0, strict=True)
+        _check_number("probe_learning_rate", self.probe_learning_rate, minimum=0, strict=True)
+        _check_number("max_position_step", self.max_position_step, minimum=0, strict=True)
+        _check_number("max_position_shift", self.max_position_shift, minimum=0, strict=True)
         if self.noise not in NOISE_MODELS:
             raise ValueError(f"RefineOptions.noise: expected one of {NOISE_MODELS}, got {self.noise!r}")
+        if self.gauge not in GAUGES:
+            raise ValueError(f"RefineOptions.gauge: expected one of {GAUGES}, got {self.gauge!r}")
+        for name in ("refine_probe", "refine_positions"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"RefineOptions.{name}: expected True or False, got {getattr(self, name)!r}")
 
 
-class RefineResult(NamedTuple):
+@dataclasses.dataclass
+class RefineResult:
     """``obj``: ``(H, W)`` complex64 refined object (data units); ``history``: mean misfit
     per pass (``iterations + 1`` values, the first before any update); ``scale``: the photon
-    scale folded into the initial object."""
+    scale folded into the initial object; ``probe``: ``(N, N)`` complex64 (the input probe
+    unless refined or gauge-fixed); ``positions``: ``(n, 2)`` float64 ``[x, y]`` (the input
+    positions unless refined); ``pass_metrics``: quality per pass, filled by callers that have
+    a ground truth (:func:`pinn_jax.pipeline.refine`); ``seconds``: wall time since the start
+    after each pass (``iterations + 1`` values, compilation included, ``on_pass_end`` excluded)."""
 
     obj: np.ndarray
     history: list[float]
     scale: float
+    probe: np.ndarray
+    positions: np.ndarray
+    pass_metrics: list[dict] = dataclasses.field(default_factory=list)
+    seconds: list[float] = dataclasses.field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,13 +178,19 @@ def _as_complex(x: jax.Array) -> jax.Array:
     return jax.lax.complex(x[0], x[1])
 
 
+def _as_real(z: Any) -> jax.Array:
+    z = jnp.asarray(z, jnp.complex64)
+    return jnp.stack([z.real, z.imag]).astype(jnp.float32)
+
+
 def _loss(x: jax.Array, probe, positions, measured, noise: str) -> jax.Array:
     return data_misfit(model_amplitudes(_as_complex(x), probe, positions), measured, noise)
 
 
 def make_refine_step(optimizer: optax.GradientTransformation, noise: str) -> Callable:
-    """One jitted minibatch update ``(x, opt_state, probe, positions_b, measured_b) ->
-    (x, opt_state, loss)`` with the state donated; ``x`` is the ``(2, H, W)`` real object."""
+    """One jitted minibatch update of the object ``(x, opt_state, probe, positions_b,
+    measured_b) -> (x, opt_state, loss)`` with the state donated; ``x`` is the ``(2, H, W)``
+    real object, ``probe`` ``(N, N)`` complex."""
 
     def step(x, opt_state, probe, positions, measured):
         loss, g = jax.value_and_grad(_loss)(x, probe, positions, measured, noise)
@@ -135,6 +198,84 @@ def make_refine_step(optimizer: optax.GradientTransformation, noise: str) -> Cal
         return optax.apply_updates(x, updates), opt_state, loss
 
     return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_object_probe_step(object_optimizer: optax.GradientTransformation,
+                           probe_optimizer: optax.GradientTransformation, noise: str) -> Callable:
+    """One jitted minibatch update of object and probe together ``(x, x_state, p, p_state,
+    positions_b, measured_b) -> (x, x_state, p, p_state, loss)`` (state donated); ``x``
+    ``(2, H, W)`` and ``p`` ``(2, N, N)`` are real/imaginary stacks."""
+
+    def loss(params, positions, measured):
+        return _loss(params[0], _as_complex(params[1]), positions, measured, noise)
+
+    def step(x, x_state, p, p_state, positions, measured):
+        value, (gx, gp) = jax.value_and_grad(loss)((x, p), positions, measured)
+        ux, x_state = object_optimizer.update(gx, x_state, x)
+        up, p_state = probe_optimizer.update(gp, p_state, p)
+        return optax.apply_updates(x, ux), x_state, optax.apply_updates(p, up), p_state, value
+
+    return jax.jit(step, donate_argnums=(0, 1, 2, 3))
+
+
+def position_corrections(obj: Any, probe: Any, positions: Any, measured: Any, *,
+                         max_step: float = 0.5, damping: float = 0.1) -> jax.Array:
+    """Damped Gauss-Newton position updates ``(n, 2)`` ``[dx, dy]`` pixels for ``positions``
+    ``(n, 2)``: for each pattern, the step minimising the amplitude least squares
+    ``|A(pos + d) - measured|**2`` linearised in ``d`` (the 2x2 normal equations, damped by
+    ``damping`` times their mean diagonal), its length capped at ``max_step``. ``obj`` ``(H, W)``
+    and ``probe`` ``(N, N)`` complex, ``measured`` ``(n, N, N)`` amplitudes in the model's units."""
+    obj = jnp.asarray(obj, jnp.complex64)
+    probe = jnp.asarray(probe, jnp.complex64)
+
+    def one(pos, meas):
+        amp = _amplitude(obj, probe, pos)
+        jac = jax.jacfwd(lambda q: _amplitude(obj, probe, q))(pos)           # (N, N, 2)
+        r = (amp - meas).reshape(-1)
+        J = jac.reshape(-1, 2)
+        h = J.T @ J
+        g = J.T @ r
+        h = h + (damping * 0.5 * jnp.trace(h) + 1e-12) * jnp.eye(2, dtype=h.dtype)
+        d = -jnp.linalg.solve(h, g)
+        norm = jnp.sqrt(jnp.sum(d * d))
+        return d * jnp.minimum(1.0, max_step / jnp.maximum(norm, 1e-12))
+
+    return jax.vmap(one)(jnp.asarray(positions, jnp.float32), jnp.asarray(measured, jnp.float32))
+
+
+_position_corrections_jit = jax.jit(position_corrections, static_argnames=("max_step", "damping"))
+
+
+def fix_phase_gauge(obj: Any, probe: Any, mask: Any, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Move the object's mean phase (``mode="offset"``) and linear phase ramp (``"ramp"``)
+    into the probe: ``O' = O exp(-i(a x + b y + c))``, ``P' = P exp(+i(a u + b v + c))`` with
+    ``(u, v)`` the probe's pixel coordinates, so every modelled pattern changes by a constant
+    phase only (exactly for the offset; for the ramp, up to the bilinear extraction's
+    interpolation of it). The ramp is estimated from the phase of neighbouring-pixel
+    correlations (``a = arg sum O[y, x+1] conj(O[y, x])``, insensitive to phase wrapping) and
+    the offset as ``arg sum O exp(-i(a x + b y))``, both over ``mask`` ``(H, W)`` bool weighted
+    by amplitude. Returns ``(obj, probe)`` complex64; ``"none"`` returns them unchanged."""
+    obj = np.asarray(obj, np.complex64)
+    probe = np.asarray(probe, np.complex64)
+    if mode == "none":
+        return obj, probe
+    if mode not in GAUGES:
+        raise ValueError(f"gauge: expected one of {GAUGES}, got {mode!r}")
+    m = np.asarray(mask, bool)
+    o = obj.astype(np.complex128)
+    a = b = 0.0
+    if mode == "ramp":
+        a = float(np.angle(np.sum((o[:, 1:] * np.conj(o[:, :-1]))[m[:, 1:] & m[:, :-1]])))
+        b = float(np.angle(np.sum((o[1:, :] * np.conj(o[:-1, :]))[m[1:, :] & m[:-1, :]])))
+    H, W = obj.shape
+    yy, xx = np.mgrid[0:H, 0:W]
+    ramp = np.exp(-1j * (a * xx + b * yy))
+    c = float(np.angle(np.sum((o * ramp)[m]))) if m.any() else 0.0
+    N = probe.shape[0]
+    vv, uu = np.mgrid[0:N, 0:N]
+    obj_out = (o * ramp * np.exp(-1j * c)).astype(np.complex64)
+    probe_out = (probe * np.exp(1j * (a * uu + b * vv + c))).astype(np.complex64)
+    return obj_out, probe_out
 
 
 def _check_inputs(amplitudes, positions, probe, initial) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -158,15 +299,39 @@ def _check_inputs(amplitudes, positions, probe, initial) -> tuple[np.ndarray, np
     H, W = obj.shape
     # the extraction reads the (N + 1)-pixel window from floor(centre - N/2) of the object padded
     # by one zero row/column at the far end
-    lo = np.floor(pos - N / 2)
-    bad = (lo[:, 0] < 0) | (lo[:, 1] < 0) | (lo[:, 0] + N > W) | (lo[:, 1] + N > H)
+    bad = ~inside_grid(pos, N, (H, W))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise ValueError(
             f"positions: {int(bad.sum())} of {n} patches do not lie inside the {H} x {W} object grid "
             f"(first: #{i} at x={pos[i, 0]:.6g}, y={pos[i, 1]:.6g}; centres must lie in x "
             f"[{N / 2:g}, {W + 1 - N / 2:g}), y [{N / 2:g}, {H + 1 - N / 2:g}))")
-    return amp, pos.astype(np.float32), pr.astype(np.complex64), obj.astype(np.complex64)
+    return amp, pos, pr.astype(np.complex64), obj.astype(np.complex64)
+
+
+def illumination_footprint(positions: Any, N: int, shape: tuple[int, int]) -> np.ndarray:
+    """How many patches cover each pixel: ``(H, W)`` float32 for patch centres ``positions``
+    ``(n, 2)`` ``[x, y]`` (the extraction's ``N``-pixel window from ``floor(centre - N/2)``,
+    clipped to the grid), by a summed-area table: O(n + H W)."""
+    H, W = int(shape[0]), int(shape[1])
+    pos = np.asarray(positions, np.float64).reshape(-1, 2)
+    lo = np.floor(pos - N / 2).astype(np.int64)
+    x0, y0 = np.clip(lo[:, 0], 0, W), np.clip(lo[:, 1], 0, H)
+    x1, y1 = np.clip(lo[:, 0] + N, 0, W), np.clip(lo[:, 1] + N, 0, H)
+    diff = np.zeros((H + 1, W + 1), np.int64)
+    np.add.at(diff, (y0, x0), 1)
+    np.add.at(diff, (y0, x1), -1)
+    np.add.at(diff, (y1, x0), -1)
+    np.add.at(diff, (y1, x1), 1)
+    return np.cumsum(np.cumsum(diff, axis=0), axis=1)[:H, :W].astype(np.float32)
+
+
+def inside_grid(positions: Any, N: int, shape: tuple[int, int]) -> np.ndarray:
+    """``(n,)`` bool: whether each patch centre's ``N``-pixel window lies inside the grid."""
+    pos = np.asarray(positions, np.float64).reshape(-1, 2)
+    lo = np.floor(pos - N / 2)
+    H, W = shape
+    return (lo[:, 0] >= 0) & (lo[:, 1] >= 0) & (lo[:, 0] + N <= W) & (lo[:, 1] + N <= H)
 
 
 def _photon_gain(obj, probe, positions, amp) -> float:
@@ -178,48 +343,116 @@ def _photon_gain(obj, probe, positions, amp) -> float:
     return num / den if den > 0 and num > 0 else 1.0
 
 
+def _position_bounds(N: int, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Patch centres ``[x, y]`` the extraction accepts on an ``(H, W)`` grid: ``[lo, hi]``."""
+    H, W = shape
+    lo = np.array([N / 2, N / 2], np.float64)
+    hi = np.array([W + 1 - N / 2, H + 1 - N / 2], np.float64) - 1e-3
+    return lo, hi
+
+
 def refine_object(amplitudes: Any, positions: Any, probe: Any, initial: Any,
                   options: RefineOptions = RefineOptions(), *,
-                  on_pass_end: Callable[[int, float, np.ndarray], None] | None = None) -> RefineResult:
+                  on_pass_end: Callable[[int, float, np.ndarray], None] | None = None,
+                  progress: bool = False) -> RefineResult:
     """Refine ``initial`` ``(H, W)`` complex to fit ``amplitudes`` ``(n, N, N)`` measured at
-    ``positions`` ``(n, 2)`` ``[x, y]`` with ``probe`` ``(N, N)`` (see the module docstring).
+    ``positions`` ``(n, 2)`` ``[x, y]`` with ``probe`` ``(N, N)`` (see the module docstring;
+    probe and positions too where ``options`` ask).
 
     Each pass visits every position once in a seeded random order, in minibatches of
     ``options.batch_size`` (a last partial batch is dropped from that pass's order and the
     positions are reshuffled next pass, so every update has one shape: one compilation).
-    ``on_pass_end(pass, mean_loss, obj)`` is called after each pass (e.g. for metrics).
+    ``on_pass_end(pass, mean_loss, obj)`` is called after each pass with the (gauge-fixed)
+    object, e.g. for metrics; ``progress`` shows a tqdm bar over the passes.
     Returns :class:`RefineResult`. Bad shapes, non-finite values and patches off the grid
     raise ``ValueError`` before any work.
     """
     amp, pos, pr, obj0 = _check_inputs(amplitudes, positions, probe, initial)
-    n = len(pos)
-    B = min(int(options.batch_size), n)
+    opts = options
+    t_start = time.perf_counter()
+    in_callbacks = 0.0
+    n, N = len(pos), pr.shape[0]
+    B = min(int(opts.batch_size), n)
     gain = _photon_gain(obj0, pr, pos, amp)
     obj0 = obj0 * np.complex64(gain)
     scale = float(np.mean(np.abs(obj0))) or 1.0
-    optimizer = optax.adam(options.learning_rate * scale)
-    step = make_refine_step(optimizer, options.noise)
-    x = jnp.stack([jnp.asarray(obj0.real), jnp.asarray(obj0.imag)]).astype(jnp.float32)
-    opt_state = optimizer.init(x)
+    object_optimizer = optax.adam(opts.learning_rate * scale)
+    x = _as_real(obj0)
+    x_state = object_optimizer.init(x)
     probe_j = jnp.asarray(pr)
-    full_loss = jax.jit(lambda x, p, m: _loss(x, probe_j, p, m, options.noise))
+    step_object = make_refine_step(object_optimizer, opts.noise)
+    if opts.refine_probe:
+        probe_optimizer = optax.adam(opts.probe_learning_rate * (float(np.mean(np.abs(pr))) or 1.0))
+        p = _as_real(pr)
+        p_state = probe_optimizer.init(p)
+        step_both = make_object_probe_step(object_optimizer, probe_optimizer, opts.noise)
+    pos0 = pos.astype(np.float64)
+    cur = pos0.copy()
+    lo, hi = _position_bounds(N, obj0.shape)
+    full_loss = jax.jit(lambda x, pr_, p_, m_: _loss(x, pr_, p_, m_, opts.noise))
 
-    def mean_loss(x) -> float:
-        total = 0.0
+    def current_probe():
+        return _as_complex(p) if opts.refine_probe else probe_j
+
+    def mean_loss() -> float:
+        total, probe_now = 0.0, current_probe()
         for s in range(0, n, 256):
-            total += float(full_loss(x, pos[s:s + 256], amp[s:s + 256])) * len(pos[s:s + 256])
+            chunk = slice(s, s + 256)
+            total += float(full_loss(x, probe_now, cur[chunk].astype(np.float32), amp[chunk])) * len(amp[chunk])
         return total / n
 
-    history = [mean_loss(x)]
-    rng = np.random.default_rng(options.seed)
-    for it in range(int(options.iterations)):
-        order = rng.permutation(n)
-        losses = []
-        for s in range(0, n - B + 1, B):
-            idx = order[s:s + B]
-            x, opt_state, loss = step(x, opt_state, probe_j, pos[idx], amp[idx])
-            losses.append(loss)
-        history.append(mean_loss(x))
-        if on_pass_end is not None:
-            on_pass_end(it, history[-1], np.asarray(_as_complex(x)))
-    return RefineResult(np.asarray(_as_complex(x), np.complex64), history, float(gain))
+    def outputs():
+        obj, probe_out = np.asarray(_as_complex(x)), np.asarray(current_probe())
+        if opts.gauge != "none":
+            from pinn_jax.metrics import scan_region_mask
+
+            obj, probe_out = fix_phase_gauge(obj, probe_out, scan_region_mask(cur, obj.shape, 20), opts.gauge)
+        return obj, probe_out
+
+    history = [mean_loss()]
+    seconds = [time.perf_counter() - t_start]
+    rng = np.random.default_rng(opts.seed)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=int(opts.iterations), desc="refine", unit="pass", leave=True)
+    try:
+        for it in range(int(opts.iterations)):
+            order = rng.permutation(n)
+            fit_probe = opts.refine_probe and it >= opts.probe_start_pass
+            fit_positions = opts.refine_positions and it >= opts.position_start_pass
+            for s in range(0, n - B + 1, B):
+                idx = order[s:s + B]
+                pb = cur[idx].astype(np.float32)
+                if fit_probe:
+                    x, x_state, p, p_state, _ = step_both(x, x_state, p, p_state, pb, amp[idx])
+                elif opts.refine_probe:
+                    x, x_state, _ = step_object(x, x_state, _as_complex(p), pb, amp[idx])
+                else:
+                    x, x_state, _ = step_object(x, x_state, probe_j, pb, amp[idx])
+                if fit_positions:
+                    d = np.asarray(_position_corrections_jit(_as_complex(x), current_probe(), pb, amp[idx],
+                                                             max_step=float(opts.max_position_step)), np.float64)
+                    cur[idx] = cur[idx] + d
+            if fit_positions:
+                shift = cur - pos0
+                shift -= shift.mean(axis=0)
+                length = np.linalg.norm(shift, axis=1, keepdims=True)
+                shift *= np.minimum(1.0, opts.max_position_shift / np.maximum(length, 1e-12))
+                cur = np.clip(pos0 + shift, lo, hi)
+            history.append(mean_loss())
+            seconds.append(time.perf_counter() - t_start - in_callbacks)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(misfit=f"{history[-1]:.4g}")
+            if on_pass_end is not None:
+                t_cb = time.perf_counter()
+                on_pass_end(it, history[-1], outputs()[0])
+                in_callbacks += time.perf_counter() - t_cb
+    finally:
+        if bar is not None:
+            bar.close()
+    obj, probe_out = outputs()
+    return RefineResult(obj.astype(np.complex64), history, float(gain), probe_out.astype(np.complex64), cur,
+                        seconds=seconds)

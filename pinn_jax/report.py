@@ -25,6 +25,7 @@ __all__ = [
     "save_amplitude_phase",
     "save_loss_curve",
     "save_comparison",
+    "save_convergence",
     "metrics_summary",
     "format_metrics",
     "has_signal",
@@ -67,31 +68,64 @@ def save_loss_curve(history: Mapping[str, Any], path: str | os.PathLike) -> Path
 
 
 def save_comparison(truth: Any, recon: Any, region: Any, out_path: str | os.PathLike) -> Path:
-    """A 2x2 figure: ground truth and reconstruction, amplitude (top) and phase (bottom).
+    """Ground truth beside one or more reconstructions, amplitude (top row) and phase (bottom).
 
-    ``truth``/``recon``: ``(H, W)`` complex on the same pixel grid; ``region``: ``(H, W)`` bool,
-    the scanned area (outside it is left blank). The reconstruction's amplitude is shown on its
-    own colour scale (PtychoPINN's amplitude is known only up to a global factor); its phase,
-    known only up to a constant and a linear ramp, is aligned to the ground truth's over the
-    region (:func:`pinn_jax.metrics.align_phase_to`) and shares its colour scale.
+    ``truth``: ``(H, W)`` complex; ``recon``: an ``(H, W)`` complex array on the same pixel
+    grid, or a mapping ``{title: array}`` for several (e.g. the network's first look and the
+    refined object), drawn left to right; ``region``: ``(H, W)`` bool, the scanned area
+    (outside it is left blank). A reconstruction's amplitude is shown on its own colour scale
+    (PtychoPINN's amplitude is known only up to a global factor); its phase, known only up to a
+    constant and a linear ramp, is aligned to the ground truth's over the region
+    (:func:`pinn_jax.metrics.align_phase_to`) and shares its colour scale.
     """
-    truth, recon = np.asarray(truth), np.asarray(recon)
-    recon = align_phase_to(recon, truth, region)
-    fig = Figure(figsize=(9, 8.5))
+    truth = np.asarray(truth)
+    recons = dict(recon) if isinstance(recon, Mapping) else {"reconstruction": recon}
+    recons = {k: align_phase_to(np.asarray(v), truth, region) for k, v in recons.items()}
+    cols = 1 + len(recons)
+    fig = Figure(figsize=(4.5 * cols, 8.5))
     FigureCanvasAgg(fig)
     rows = (("amplitude", np.abs, "gray"), ("phase", np.angle, "viridis"))
     for i, (label, fn, cmap) in enumerate(rows):
         t = np.where(region, fn(truth), np.nan)
-        r = np.where(region, fn(recon), np.nan)
         lim = (np.nanmin(t), np.nanmax(t)) if label == "phase" else (None, None)
-        recon_title = "reconstruction" if label == "amplitude" else "reconstruction (aligned)"
-        for j, (title, arr) in enumerate((("ground truth", t), (recon_title, r))):
-            ax = fig.add_subplot(2, 2, 2 * i + j + 1)
+        panels = [("ground truth", t)]
+        for name, arr in recons.items():
+            panels.append((name if label == "amplitude" else f"{name} (aligned)", np.where(region, fn(arr), np.nan)))
+        for j, (title, arr) in enumerate(panels):
+            ax = fig.add_subplot(2, cols, cols * i + j + 1)
             im = ax.imshow(arr.astype(np.float64), cmap=cmap, vmin=lim[0], vmax=lim[1])
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
             ax.set_title(f"{title}: {label}")
     fig.tight_layout()
     return save_figure(fig, out_path)
+
+
+def save_convergence(loss: Any, path: str | os.PathLike, *, pass_metrics: Any = None) -> Path:
+    """``convergence.png``: the refinement's data misfit per pass (log scale; pass 0 is the
+    start) and, when ``pass_metrics`` (a list of :func:`metrics_summary` dicts with
+    ``"pass"``) is given, amplitude and phase SSIM per pass beside it."""
+    panels = 2 if pass_metrics else 1
+    fig = Figure(figsize=(6 * panels, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, panels, 1)
+    loss = np.asarray(loss, np.float64)
+    ax.plot(np.arange(len(loss)), loss, marker="o", markersize=3)
+    if np.all(loss > 0):
+        ax.set_yscale("log")
+    ax.set_xlabel("pass over all positions")
+    ax.set_ylabel("data misfit")
+    ax.grid(True, alpha=0.3)
+    if pass_metrics:
+        ax2 = fig.add_subplot(1, panels, 2)
+        passes = [m["pass"] for m in pass_metrics]
+        for part in ("amplitude", "phase"):
+            ax2.plot(passes, [m["ssim"][part] for m in pass_metrics], marker="o", markersize=3, label=f"{part} SSIM")
+        ax2.set_xlabel("pass over all positions")
+        ax2.set_ylabel("SSIM against the ground truth")
+        ax2.legend()
+        ax2.grid(True, alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, path)
 
 
 def metrics_summary(m: Mapping[str, Any]) -> dict:

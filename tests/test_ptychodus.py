@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -109,6 +110,8 @@ def make_library(registry=None, **kw) -> PtychoPINNJaxReconstructorLibrary:
     registry = SettingsRegistry() if registry is None else registry
     lib = PtychoPINNJaxReconstructorLibrary(registry, False, backend_registrations=STANDIN, **kw)
     lib.settings.parameter("training", "NumEpochs").set_value(2)
+    # the stand-in network has no physics refinement (and stands in for 'jax' itself)
+    lib.settings.parameter("own", "RefineIterations").set_value(0)
     return lib
 
 
@@ -188,6 +191,55 @@ def test_settings_are_read_at_call_time_and_groups_are_reused():
     shared["PtychoPINNModel"].parameters()["AmpActivation"].set_value("bogus")
     with pytest.raises(ValueError, match="AmpActivation"):
         lib.settings.snapshot_model()
+
+
+def test_refinement_settings():
+    """RefineIterations/RefineNoise/RefineProbe/RefinePositions live in the PtychoPINNJax group
+    (defaults 20 / gaussian / off / off), reach the reconstruct job, are added to a group saved
+    before they existed, and a bad noise model or a negative count is named."""
+    registry = SettingsRegistry()
+    lib = PtychoPINNJaxReconstructorLibrary(registry, False)
+    snap = lib.settings.snapshot_inference()
+    assert (snap.refine_iterations, snap.refine_noise, snap.refine_probe, snap.refine_positions) == \
+        (20, "gaussian", False, False)
+    lib.settings.parameter("own", "RefineNoise").set_value("Poisson")
+    lib.settings.parameter("own", "RefinePositions").set_value(True)
+    snap = lib.settings.snapshot_inference()
+    assert snap.refine_noise == "poisson" and snap.refine_positions
+    lib.settings.parameter("own", "RefineNoise").set_value("laplace")
+    with pytest.raises(ValueError, match="RefineNoise"):
+        lib.settings.snapshot_inference()
+
+    old = SettingsRegistry()
+    group = old.create_group("PtychoPINNJax")
+    group.create_string_parameter("Backend", "jax")
+    group.create_integer_parameter("Seed", 0, minimum=0)
+    group.create_integer_parameter("NumGroups", 512, minimum=1)
+    group.create_integer_parameter("StitchCropSize", 20, minimum=2)
+    lib = PtychoPINNJaxReconstructorLibrary(old, False)
+    assert lib.settings.snapshot_inference().refine_iterations == 20
+
+
+def test_reconstruct_job_carries_the_refinement_settings(scan):
+    lib = make_library()
+    lib.settings.parameter("own", "RefineIterations").set_value(7)
+    lib.settings.parameter("own", "RefineProbe").set_value(True)
+    pinn = lib["PINN"]
+    pinn._model_path = Path("/nonexistent/model.zip")  # the job is only built, not run
+    job = pinn._make_reconstruct_job(build_input(scan))
+    assert (job.refine_iterations, job.refine_probe, job.refine_positions, job.refine_noise) == \
+        (7, True, False, "gaussian")
+
+
+def test_child_refuses_refinement_for_a_backend_without_one():
+    from backend_api.ptychodus.child import _refine
+
+    class NoRefine:
+        name = "jax"
+
+    job = SimpleNamespace(refine_iterations=5)
+    with pytest.raises(ValueError, match="RefineIterations is 5, but the 'jax' backend has no physics refinement"):
+        _refine(NoRefine(), "jax", job, np.ones((4, 4), np.complex64), np.ones((4, 4)))
 
 
 def test_intensity_to_amplitude_and_errors():
@@ -317,7 +369,8 @@ def _write_batch_inputs(directory: Path, scan, lib_key: str, extra_ini: str = ""
     (directory / "settings.ini").write_text(
         f"[Processing]\nAlgorithm = {lib_key}\n\n"
         "[PtychoPINNTraining]\nNumEpochs = 2\nBatchSize = 8\n\n"
-        "[PtychoPINNModel]\nNumFiltersScale = 1\n" + extra_ini
+        "[PtychoPINNModel]\nNumFiltersScale = 1\n\n"
+        "[PtychoPINNJax]\nRefineIterations = 0\n" + extra_ini
     )
 
 

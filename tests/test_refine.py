@@ -172,17 +172,253 @@ def test_cli_reconstruct_refuses_bad_input_before_writing(tmp_path, capsys):
     from backend_api.raw_data import RawData
 
     rng = np.random.default_rng(0)
-    raw = RawData.from_coords_without_pc(rng.uniform(40, 60, 8), rng.uniform(40, 60, 8),
-                                         rng.random((8, 64, 64)).astype(np.float32),
+    xs = rng.uniform(40, 60, 8)
+    xs[3] = 20.0  # a 64 px patch centred at x=20 reaches x=-12
+    raw = RawData.from_coords_without_pc(xs, rng.uniform(40, 60, 8), rng.random((8, 64, 64)).astype(np.float32),
                                          np.ones((64, 64), np.complex64), np.zeros(8, np.int64))
-    no_truth = tmp_path / "no_truth.npz"
-    raw.to_file(no_truth)
+    no_grid = tmp_path / "no_grid.npz"
+    raw.to_file(no_grid)
     out = tmp_path / "out"
-    rc, io = _main(capsys, ["reconstruct", "--test_data", no_truth, "--output_dir", out])
-    assert rc == 2 and "no objectGuess" in io.err and not out.exists()
+    rc, io = _main(capsys, ["reconstruct", "--test_data", no_grid, "--output_dir", out])
+    assert rc == 2 and "no objectGuess" in io.err and "#3 at x=20" in io.err and not out.exists()
     text = tmp_path / "notes.npz"
     text.write_text("hello")
     rc, io = _main(capsys, ["reconstruct", "--test_data", text, "--output_dir", out])
     assert rc == 2 and str(text) in io.err and not out.exists()
-    rc, io = _main(capsys, ["reconstruct", "--test_data", no_truth, "--iterations", 0, "--output_dir", out])
+    rc, io = _main(capsys, ["reconstruct", "--test_data", no_grid, "--iterations", 0, "--output_dir", out])
     assert rc == 2 and "--iterations" in io.err and not out.exists()
+    rc, io = _main(capsys, ["reconstruct", "--test_data", no_grid, "--gauge", "tilt", "--output_dir", out])
+    assert rc == 2 and "--gauge" in io.err and not out.exists()
+    rc, io = _main(capsys, ["reconstruct", "--test_data", no_grid, "--probe_learning_rate", "-1",
+                            "--output_dir", out])
+    assert rc == 2 and "--probe_learning_rate" in io.err and not out.exists()
+
+
+def test_cli_reconstruct_without_ground_truth_uses_the_positions_grid(tmp_path, capsys):
+    """Measured data have no objectGuess: the grid is the smallest holding every patch, and no
+    metrics.json is written."""
+    from backend_api.raw_data import RawData
+
+    _, test = simulate.simulate_dataset(N=64, object_size=128, n_images=200, kind="lines", nphotons=1e9, seed=3)
+    raw = RawData.from_coords_without_pc(test.xcoords, test.ycoords, test.diff3d, test.probeGuess,
+                                         np.zeros(len(test.xcoords), np.int64))
+    path = tmp_path / "measured.npz"
+    raw.to_file(path)
+    out = tmp_path / "out"
+    rc, io = _main(capsys, ["reconstruct", "--test_data", path, "--iterations", 2, "--no_progress",
+                            "--output_dir", out])
+    assert rc == 0, io.err
+    lo = np.floor(np.column_stack([test.xcoords, test.ycoords]) - 32).max(axis=0) + 64
+    with np.load(out / "reconstruction.npz") as z:
+        assert z["object_on_grid"].shape == (int(lo[1]), int(lo[0]))
+        np.testing.assert_array_equal(z["positions"], np.column_stack([test.xcoords, test.ycoords]))
+    assert not (out / "metrics.json").exists() and (out / "convergence.png").is_file()
+
+
+def test_cli_reconstruct_tracks_quality_per_pass_and_refines_positions(scan_file, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "out"
+    rc, io = _main(capsys, ["reconstruct", "--test_data", scan_file, "--iterations", 4, "--refine_positions",
+                            "--gauge", "offset", "--output_dir", out])
+    assert rc == 0, io.err
+    hist = json.loads((out / "history.json").read_text())
+    assert [m["pass"] for m in hist["metrics"]] == [0, 1, 2, 3, 4] and len(hist["seconds"]) == 5
+    ssim = [m["ssim"]["amplitude"] for m in hist["metrics"]]
+    assert ssim[-1] > ssim[0] + 0.3
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["passes"] == 4 and summary["ssim"]["amplitude"] == ssim[-1] and "start" in summary
+    assert "refine" in io.err  # the progress bar
+    with np.load(out / "reconstruction.npz") as z:
+        assert z["positions"].shape == (200, 2) and z["probe"].shape == (64, 64)
+
+
+def test_cli_infer_with_refinement(scan_file, tmp_path, capsys):
+    """infer --refine_iterations K: the network's object seeds K passes; the refined object is
+    the result (reconstructed_*.png, object_on_grid), the network's is kept beside it."""
+    import json
+
+    from backend_api.config import ModelConfig
+    from pinn_jax import checkpoint
+    from pinn_jax.model import build_model
+    from pinn_jax.probe import default_probe
+
+    net = build_model(ModelConfig(N=64, gridsize=1, n_filters_scale=1), np.asarray(default_probe(64)), 988.2, seed=1)
+    checkpoint.save_model(net, tmp_path / "model", None)
+    out = tmp_path / "out"
+    rc, io = _main(capsys, ["infer", "--model_path", tmp_path / "model", "--test_data", scan_file,
+                            "--refine_iterations", 3, "--output_dir", out])
+    assert rc == 0, io.err
+    for name in ("reconstructed_amplitude.png", "network_amplitude.png", "network_phase.png", "convergence.png",
+                 "history.json", "metrics.json"):
+        assert (out / name).is_file(), name
+    with np.load(out / "reconstruction.npz") as z:
+        assert z["object_on_grid"].shape == z["network_object_on_grid"].shape == (128, 128)
+        assert not np.allclose(z["object_on_grid"], z["network_object_on_grid"])
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["passes"] == 3 and summary["ssim"]["amplitude"] > summary["start"]["ssim"]["amplitude"]
+    rc, io = _main(capsys, ["infer", "--model_path", tmp_path / "model", "--test_data", scan_file,
+                            "--refine_iterations", "-1", "--output_dir", tmp_path / "bad"])
+    assert rc == 2 and "--refine_iterations" in io.err and not (tmp_path / "bad").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# optional probe / position refinement, gauge fix
+
+
+def _rms_position_error(found, true):
+    return float(np.sqrt(np.mean(np.sum((np.asarray(found) - true) ** 2, axis=1))))
+
+
+def test_defaults_return_the_input_probe_and_positions(scan):
+    r = refine_object(scan["amp"], scan["pos"], scan["probe"], np.ones_like(scan["obj"]), RefineOptions(iterations=1))
+    np.testing.assert_array_equal(r.probe, scan["probe"].astype(np.complex64))
+    np.testing.assert_array_equal(r.positions, scan["pos"])
+    assert r.pass_metrics == []
+
+
+def test_position_refinement_recovers_perturbed_positions(scan):
+    """Positions off by up to 1.5 px (zero mean: a common shift only translates the object):
+    with refine_positions the rms error falls from ~1.2 px to < 0.2 px and the object beats the
+    fixed-position solve; the misfit ends far lower."""
+    rng = np.random.default_rng(0)
+    err = rng.uniform(-1.5, 1.5, scan["pos"].shape)
+    err -= err.mean(axis=0)
+    bad = np.clip(scan["pos"] + err, 32, 128 + 1 - 32 - 1e-3)
+    flat = np.ones_like(scan["obj"])
+    fixed = refine_object(scan["amp"], bad, scan["probe"], flat, RefineOptions(iterations=12))
+    moved = refine_object(scan["amp"], bad, scan["probe"], flat, RefineOptions(iterations=12, refine_positions=True))
+    assert _rms_position_error(bad, scan["pos"]) > 0.8
+    assert _rms_position_error(moved.positions, scan["pos"]) < 0.2
+    assert moved.history[-1] < 0.1 * fixed.history[-1]
+    assert _ssim(moved.obj, scan)[0] > _ssim(fixed.obj, scan)[0] + 0.02
+    # every refined position still lies where the extraction accepts it
+    assert np.all(moved.positions >= 32) and np.all(moved.positions < 128 + 1 - 32)
+
+
+def test_position_corrections_point_back_to_the_truth(scan):
+    """On the true object, the Gauss-Newton step from a position shifted by (0.3, -0.2) px points
+    back to the truth: one step halves the error at least (bilinear interpolation makes the model
+    piecewise linear, so one linearisation is not exact) and three more land within 0.05 px."""
+    from pinn_jax.refine import position_corrections
+
+    gt = scan["obj"] * refine_object(scan["clean"][:8], scan["pos"][:8], scan["probe"], scan["obj"],
+                                     RefineOptions(iterations=0)).scale
+    shifted = scan["pos"][:8] + np.array([0.3, -0.2])
+    d = np.asarray(position_corrections(gt, scan["probe"], shifted, scan["clean"][:8], max_step=1.0, damping=1e-3))
+    first = np.linalg.norm(shifted + d - scan["pos"][:8], axis=1)
+    assert np.all(first < 0.5 * np.hypot(0.3, 0.2)), first
+    for _ in range(3):
+        shifted = shifted + np.asarray(position_corrections(gt, scan["probe"], shifted, scan["clean"][:8],
+                                                            max_step=1.0, damping=1e-3))
+    np.testing.assert_allclose(shifted, scan["pos"][:8], atol=0.05)
+
+
+def test_probe_refinement_corrects_a_wrong_probe(scan):
+    """Start from the probe defocused (quadratic phase) and blurred (relative error ~0.12):
+    fixed, the object absorbs the error; refined, the probe error and misfit fall and the object's
+    SSIM reaches >= 0.98."""
+    from scipy.ndimage import gaussian_filter
+
+    P = scan["probe"]
+    N = P.shape[0]
+    v, u = np.mgrid[0:N, 0:N] - N / 2
+    wrong = P * np.exp(1j * 1.5 * (u ** 2 + v ** 2) / (N / 2) ** 2)
+    wrong = (gaussian_filter(wrong.real, 1.5) + 1j * gaussian_filter(wrong.imag, 1.5)).astype(np.complex64)
+
+    def probe_error(q):
+        g = np.vdot(q, P) / np.vdot(q, q)
+        return float(np.linalg.norm(g * q - P) / np.linalg.norm(P))
+
+    flat = np.ones_like(scan["obj"])
+    fixed = refine_object(scan["amp"], scan["pos"], wrong, flat, RefineOptions(iterations=15))
+    fitted = refine_object(scan["amp"], scan["pos"], wrong, flat, RefineOptions(iterations=15, refine_probe=True))
+    assert probe_error(fitted.probe) < 0.5 * probe_error(wrong)
+    assert fitted.history[-1] < 0.1 * fixed.history[-1]
+    amp_ssim, phase_ssim = _ssim(fitted.obj, scan)
+    assert amp_ssim >= 0.98 and phase_ssim >= 0.98 and amp_ssim > _ssim(fixed.obj, scan)[0]
+
+
+def test_probe_refinement_keeps_the_truth(scan):
+    """From the true object and probe on noiseless data, refining both barely moves them."""
+    r = refine_object(scan["clean"], scan["pos"], scan["probe"], scan["obj"],
+                      RefineOptions(iterations=2, learning_rate=1e-4, refine_probe=True, probe_learning_rate=1e-4,
+                                    probe_start_pass=0))
+    P = scan["probe"]
+    assert np.linalg.norm(r.probe - P) / np.linalg.norm(P) < 1e-3
+
+
+@pytest.mark.parametrize("mode", ["offset", "ramp"])
+def test_gauge_fix_moves_the_phase_into_the_probe_and_keeps_the_data(scan, mode):
+    """An object with a known phase ramp (0.03, -0.02) rad/px and offset 0.7 rad: the gauge fix
+    removes them (fixing the tilted and the original object gives the same result) and the modelled data are unchanged: exactly
+    for the offset (float32 FFT round-off, rtol 1e-5 of the peak); for the ramp, to the bilinear
+    extraction's O(a**2) interpolation error (1e-3 of the peak)."""
+    from pinn_jax.refine import fix_phase_gauge
+
+    H, W = scan["obj"].shape
+    yy, xx = np.mgrid[0:H, 0:W]
+    a, b, c = (0.03, -0.02, 0.7) if mode == "ramp" else (0.0, 0.0, 0.7)
+    tilted = (scan["obj"] * np.exp(1j * (a * xx + b * yy + c))).astype(np.complex64)
+    mask = metrics.scan_region_mask(scan["pos"], (H, W), 20)
+    obj, probe = fix_phase_gauge(tilted, scan["probe"], mask, mode)
+    before = np.asarray(model_amplitudes(tilted, scan["probe"], scan["pos"][:16]))
+    after = np.asarray(model_amplitudes(obj, probe, scan["pos"][:16]))
+    tol = 1e-5 if mode == "offset" else 1e-3
+    np.testing.assert_allclose(after, before, rtol=0, atol=tol * before.max())
+    # the fix is what removes the ambiguity: the tilted object and the original, both fixed,
+    # agree (up to float32 round-off of the phase factors)
+    reference, _ = fix_phase_gauge(scan["obj"], scan["probe"], mask, mode)
+    residual = np.angle(obj[mask] * np.conj(reference[mask]))
+    assert np.max(np.abs(residual)) < 1e-4
+    unchanged = fix_phase_gauge(tilted, scan["probe"], mask, "none")
+    np.testing.assert_array_equal(unchanged[0], tilted)
+
+
+def test_refine_with_gauge_and_progress(scan, capsys):
+    """gauge='offset' returns an object whose mean phase over the scan is ~0; progress=True
+    draws a bar on stderr."""
+    r = refine_object(scan["amp"], scan["pos"], scan["probe"], np.ones_like(scan["obj"]) * np.exp(1j * 0.9),
+                      RefineOptions(iterations=2, gauge="offset"), progress=True)
+    mask = metrics.scan_region_mask(scan["pos"], scan["obj"].shape, 20)
+    assert abs(np.angle(np.sum(r.obj[mask]))) < 1e-3
+    assert "refine" in capsys.readouterr().err
+
+
+def test_new_options_are_checked():
+    for kw, name in [(dict(gauge="tilt"), "gauge"), (dict(refine_probe="yes"), "refine_probe"),
+                     (dict(probe_learning_rate=0), "probe_learning_rate"),
+                     (dict(max_position_shift=float("nan")), "max_position_shift"),
+                     (dict(position_start_pass=-1), "position_start_pass")]:
+        with pytest.raises(ValueError, match=f"RefineOptions.{name}"):
+            RefineOptions(**kw)
+
+
+def test_illumination_footprint_counts_the_patches_covering_each_pixel():
+    from pinn_jax.refine import illumination_footprint
+
+    rng = np.random.default_rng(1)
+    pos = rng.uniform(-5, 45, (30, 2))
+    N, shape = 16, (40, 50)
+    want = np.zeros(shape)
+    for x, y in pos:
+        x0, y0 = int(np.floor(x - N / 2)), int(np.floor(y - N / 2))
+        want[max(y0, 0):max(y0 + N, 0), max(x0, 0):max(x0 + N, 0)] += 1
+    np.testing.assert_array_equal(illumination_footprint(pos, N, shape), want)
+
+
+def test_backend_refine_on_grid_leaves_out_patches_off_the_grid(scan):
+    """The Backend protocol's refine_on_grid (what the ptychodus child calls): positions whose
+    patch leaves the grid are counted and left out instead of refusing the whole scan."""
+    from pinn_jax.backend import JaxBackend
+
+    pos = scan["pos"].copy()
+    pos[:3] = [[5.0, 60.0], [60.0, 125.0], [10.0, 10.0]]
+    obj, footprint, info = JaxBackend.refine_on_grid(scan["amp"], pos, scan["probe"], np.ones_like(scan["obj"]),
+                                                     iterations=3)
+    assert info["positions_used"] == 197 and info["positions_outside_grid"] == 3
+    assert info["misfit"][1] < info["misfit"][0]
+    assert obj.shape == footprint.shape == scan["obj"].shape and footprint.max() > 1
+    with pytest.raises(ValueError, match="none of the 2 patches"):
+        JaxBackend.refine_on_grid(scan["amp"][:2], pos[:2] * 0, scan["probe"], np.ones_like(scan["obj"]),
+                                  iterations=1)

@@ -85,6 +85,10 @@ class ReconstructJob:
     stitch_crop_size: int
     gridsize: int = 1
     seed: int = 0
+    refine_iterations: int = 0
+    refine_noise: str = "gaussian"
+    refine_probe: bool = False
+    refine_positions: bool = False
     backend_registrations: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -292,6 +296,37 @@ def _stitch(backend: Any, patches: np.ndarray, positions: np.ndarray,
     return stitch_on_grid(patches, positions, shape, crop)
 
 
+def _refine(backend: Any, backend_name: str, job: ReconstructJob, obj: np.ndarray,
+            weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Physics refinement seeded by the stitched network object (the Backend protocol's
+    optional ``refine_on_grid``); pixels the network did not cover start from the mean covered
+    value. Returns ``(object, footprint, info)``."""
+    from backend_api.backends import get_backend
+
+    helper = getattr(backend, "refine_on_grid", None)
+    if helper is None and backend_name != "jax":
+        # The refinement is physics, not the network: the jax backend's serves any backend's object.
+        try:
+            helper = getattr(get_backend("jax"), "refine_on_grid", None)
+        except Exception:
+            helper = None
+    if helper is None:
+        raise ValueError(
+            f"PtychoPINNJax.RefineIterations is {job.refine_iterations}, but the {backend_name!r} backend has no "
+            "physics refinement" + ("" if backend_name == "jax" else " and no 'jax' backend with one is installed")
+            + "; set RefineIterations to 0")
+    covered = np.asarray(weight) > 1e-3
+    start = np.asarray(obj, np.complex64)
+    fill = start[covered].mean() if covered.any() else np.complex64(1.0)
+    start = np.where(covered, start, fill).astype(np.complex64)
+    positions = np.column_stack([np.asarray(job.xcoords, np.float64), np.asarray(job.ycoords, np.float64)])
+    refined, footprint, info = helper(job.amplitude, positions, job.probe, start,
+                                      iterations=int(job.refine_iterations), noise=job.refine_noise,
+                                      refine_probe=job.refine_probe, refine_positions=job.refine_positions,
+                                      seed=int(job.seed))
+    return np.asarray(refined).reshape(start.shape), np.asarray(footprint, np.float64).reshape(start.shape), info
+
+
 def run_reconstruct(job: ReconstructJob, send: Send) -> None:
     """Child entry point: load the model, predict every pattern, stitch on the object grid."""
     from backend_api import workflows
@@ -359,10 +394,15 @@ def run_reconstruct(job: ReconstructJob, send: Send) -> None:
 
         obj, weight = _stitch(backend, patches, centres, tuple(job.object_shape),
                               job.stitch_crop_size)
+        refined = None
+        if job.refine_iterations > 0:
+            obj, weight, refined = _refine(backend, backend_name, job, obj, weight)
     info = {
         "backend": backend_name,
         "gridsize": gridsize,
         "n_groups": int(patches.shape[0]),
         "intensity_scale": scale,
     }
+    if refined is not None:
+        info["refine"] = refined
     send(("object", obj.astype(np.complex64), weight.astype(np.float32), info))

@@ -186,6 +186,10 @@ class PtychoPINNJaxReconstructor(TrainableReconstructor):
             n_nearest_neighbors=inference.n_nearest_neighbors,
             n_samples=inference.n_samples,
             stitch_crop_size=inference.stitch_crop_size,
+            refine_iterations=inference.refine_iterations,
+            refine_noise=inference.refine_noise,
+            refine_probe=inference.refine_probe,
+            refine_positions=inference.refine_positions,
             gridsize=model.gridsize,
             seed=self._settings.seed(),
             backend_registrations=self._registrations,
@@ -209,6 +213,12 @@ class PtychoPINNJaxReconstructor(TrainableReconstructor):
             raise RuntimeError(f"{LIBRARY_NAME}: the inference child returned no object")
         _, stitched, coverage, info = result
         logger.info("Reconstructed %d groups with the %s backend.", info["n_groups"], info["backend"])
+        if "refine" in info:
+            r = info["refine"]
+            logger.info("Refined the object for %d passes over %d positions (misfit %.4g -> %.4g)%s.",
+                        r["passes"], r["positions_used"], r["misfit"][0], r["misfit"][1],
+                        f"; {r['positions_outside_grid']} positions outside the object grid were left out"
+                        if r["positions_outside_grid"] else "")
         object_in = parameters.product.object_
         array = compose_object(stitched, coverage, object_in.get_array())
         object_out = Object(
