@@ -401,7 +401,7 @@ def _refine_options(args, iterations: int, **overrides):
 
     kw = dict(iterations=iterations, noise=args.noise, refine_probe=args.refine_probe,
               probe_learning_rate=args.probe_learning_rate, refine_positions=args.refine_positions,
-              gauge=args.gauge)
+              gauge=args.gauge, tv_weight=args.tv_weight, final_learning_rate=args.final_learning_rate)
     kw.update(overrides)
     try:
         return RefineOptions(**kw)

@@ -316,6 +316,12 @@ def _refinement_flags(p) -> None:
                    help="Adam step on the probe relative to its mean amplitude (default: 0.05)")
     p.add_argument("--refine_positions", action="store_true",
                    help="also correct the scan positions (Gauss-Newton per position, from the third pass)")
+    p.add_argument("--tv_weight", type=_float_arg, default=0.0,
+                   help="total-variation prior on the object, relative to the data's counts (default: 0; "
+                        "~0.03 helps at ~1e4 photons per pattern)")
+    p.add_argument("--final_learning_rate", type=_float_arg, default=1.0,
+                   help="cosine-decay the refinement's steps to this fraction by the last pass "
+                        "(default: 1 = constant; ~0.1 at low dose)")
     p.add_argument("--gauge", choices=("none", "offset", "ramp"), default="none",
                    help="move the object's phase offset (and linear ramp) into the probe (default: none)")
 
