@@ -424,7 +424,7 @@ def cmd_reconstruct(args) -> int:
     from pinn_jax import pipeline
 
     raw = _load_raw(args.test_data, "--test_data", args.diffraction_kind)
-    options = _refine_options(args, args.iterations, batch_size=args.batch_size,
+    options = _refine_options(args, args.iterations, batch_size=args.batch_size, optimizer=args.optimizer,
                               learning_rate=args.learning_rate, seed=args.seed)
     model, nphotons = None, 1e9
     if args.model_path is not None:

@@ -347,8 +347,12 @@ def _add_reconstruct_parser(sub) -> None:
                    help="output folder (default: reconstruct_outputs)")
     p.add_argument("--iterations", type=_positive_int, default=20, help="passes over all positions (default: 20)")
     p.add_argument("--batch_size", type=_positive_int, default=32, help="positions per update (default: 32)")
-    p.add_argument("--learning_rate", type=_float_arg, default=0.05,
-                   help="Adam step relative to the mean object amplitude (default: 0.05)")
+    p.add_argument("--optimizer", choices=("pie", "adam"), default="pie",
+                   help="object update: illumination-preconditioned gradient steps as ePIE/rPIE (pie) or "
+                        "Adam (default: pie)")
+    p.add_argument("--learning_rate", type=_float_arg, default=None,
+                   help="step: the relaxation of the pie step (default 1), or Adam's step relative to the "
+                        "mean object amplitude (default 0.02)")
     p.add_argument("--seed", type=_int_arg, default=0, help="minibatch order seed (default: 0)")
     _refinement_flags(p)
     p.add_argument("--no_progress", action="store_true", help="no progress bar")

@@ -5,8 +5,9 @@ Given measured diffraction amplitudes ``sqrt(counts)`` ``(n, N, N)``, scan posit
 initial object ``(H, W)`` complex on the object grid, :func:`refine_object` minimises the data
 misfit of the model ``|F(P * O_i)| / N`` (the sub-pixel bilinear patch extraction of
 :mod:`pinn_jax.simulate`, :func:`pinn_jax.physics.illuminate` and
-:func:`pinn_jax.physics.diffraction_amplitude`) over the object, with optax Adam on minibatches
-of positions: one jitted update per minibatch (state donated), the per-position model vmapped.
+:func:`pinn_jax.physics.diffraction_amplitude`) over the object on minibatches of positions — PIE-like gradient steps preconditioned by the
+batch's probe illumination (default) or optax Adam — one jitted update per minibatch (state
+donated), the per-position model vmapped.
 
 Noise models (``noise``):
 
@@ -48,6 +49,12 @@ _AMPLITUDE_EPS = 1e-10
 
 
 GAUGES = ("none", "offset", "ramp")
+OPTIMIZERS = ("pie", "adam")
+# default steps, measured on the reference test scan (512 positions, 1e9 photons, flat start):
+# the preconditioned step at 1.0 reaches amplitude SSIM 0.98 in 2 passes; Adam at 0.01-0.02
+# (relative) in 5-7, and at 0.05 it stalls at 0.81 after 15 passes (its sign-like steps of a
+# fixed size are too coarse for a low-contrast object)
+DEFAULT_STEP = {"pie": 1.0, "adam": 0.02}
 
 
 def _check_number(name: str, value: Any, *, minimum: float, strict: bool) -> None:
@@ -68,8 +75,12 @@ class RefineOptions:
     """How :func:`refine_object` runs.
 
     ``iterations``: passes over all positions; ``batch_size``: positions per update;
-    ``learning_rate``: Adam step on the object (relative to its mean amplitude, so it does not
-    depend on the data's photon scale); ``noise``: ``"gaussian"`` or ``"poisson"``;
+    ``optimizer``: ``"pie"`` (default) — gradient steps preconditioned by the batch's probe
+    illumination, as ePIE/rPIE/LSQML step (:func:`precondition`, ``pie_alpha`` mixing in
+    the maximum illumination), ``learning_rate`` the relaxation of that step (default 1) — or
+    ``"adam"`` (optax Adam, ``learning_rate`` relative to the object's mean amplitude, so it
+    does not depend on the data's photon scale; default 0.02); ``noise``: ``"gaussian"`` or
+    ``"poisson"``;
     ``seed``: the minibatch order (deterministic for a seed); ``final_learning_rate``: the
     fraction of the steps reached by the last update through a cosine decay (1 = constant; a
     decay averages out the minibatch noise at low dose); ``tv_weight``: a total-variation prior
@@ -92,8 +103,10 @@ class RefineOptions:
 
     iterations: int = 20
     batch_size: int = 32
-    learning_rate: float = 0.05
+    learning_rate: float | None = None
     noise: str = "gaussian"
+    optimizer: str = "pie"
+    pie_alpha: float = 0.1
     seed: int = 0
     final_learning_rate: float = 1.0
     tv_weight: float = 0.0
@@ -106,13 +119,24 @@ class RefineOptions:
     max_position_shift: float = 4.0
     gauge: str = "none"
 
+    @property
+    def step_size(self) -> float:
+        """``learning_rate``, or the optimizer's default (:data:`DEFAULT_STEP`)."""
+        return float(DEFAULT_STEP[self.optimizer] if self.learning_rate is None else self.learning_rate)
+
     def __post_init__(self) -> None:
         _check_int("iterations", self.iterations, 0)
         _check_int("batch_size", self.batch_size, 1)
         _check_int("seed", self.seed, 0)
         _check_int("probe_start_pass", self.probe_start_pass, 0)
         _check_int("position_start_pass", self.position_start_pass, 0)
-        _check_number("learning_rate", self.learning_rate, minimum=0, strict=True)
+        if self.learning_rate is not None:
+            _check_number("learning_rate", self.learning_rate, minimum=0, strict=True)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"RefineOptions.optimizer: expected one of {OPTIMIZERS}, got {self.optimizer!r}")
+        _check_number("pie_alpha", self.pie_alpha, minimum=0, strict=False)
+        if self.pie_alpha > 1:
+            raise ValueError(f"RefineOptions.pie_alpha: expected a number in [0, 1], got {self.pie_alpha!r}")
         _check_number("final_learning_rate", self.final_learning_rate, minimum=0, strict=True)
         _check_number("tv_weight", self.tv_weight, minimum=0, strict=False)
         if self.final_learning_rate > 1:
@@ -216,15 +240,49 @@ def _objective(x, probe, positions, measured, noise: str, tv: tuple[float, float
     return value
 
 
+def illumination(probe: jax.Array, positions: jax.Array, shape: tuple[int, int]) -> jax.Array:
+    """``sum_i |P(r - x_i)|**2`` ``(H, W)`` float32 on the object grid: the adjoint of the
+    bilinear patch extraction applied to the probe intensity, for patch centres ``positions``
+    ``(n, 2)``."""
+    from pinn_jax.simulate import _extract_one
+
+    N = probe.shape[0]
+    intensity = jnp.square(jnp.abs(probe)).astype(jnp.float32)
+
+    def extract_all(o):
+        o_pad = jnp.pad(o, ((0, 1), (0, 1)))
+        return jax.vmap(lambda p: _extract_one(o_pad, p, N))(positions)
+
+    _, adjoint = jax.vjp(extract_all, jnp.zeros(shape, jnp.float32))
+    (w,) = adjoint(jnp.broadcast_to(intensity, (positions.shape[0], N, N)))
+    return w
+
+
+def precondition(g: jax.Array, probe: jax.Array, positions: jax.Array, noise: str, alpha: float) -> jax.Array:
+    """The gradient ``g`` ``(2, H, W)`` of the mean misfit turned into a PIE-like projection
+    step: times ``B N**2 / 2`` (``/ 4`` for the Poisson NLL, whose gradient is twice the
+    amplitude misfit's near the data), divided by ``(1 - alpha) w + alpha max(w)`` with
+    ``w`` the batch's :func:`illumination`. For one position and ``alpha = 0`` a unit step
+    puts the exit wave on its Fourier-magnitude projection (ePIE: ``alpha = 1``; rPIE mixes)."""
+    B, N = positions.shape[0], probe.shape[0]
+    w = illumination(probe, positions, g.shape[1:])
+    denom = (1.0 - alpha) * w + alpha * jnp.max(w) + 1e-12 * jnp.max(w)
+    c = B * N * N / (4.0 if noise == "poisson" else 2.0)
+    return g * (c / denom)
+
+
 def make_refine_step(optimizer: optax.GradientTransformation, noise: str, *,
-                     tv: tuple[float, float] = (0.0, 0.0)) -> Callable:
+                     tv: tuple[float, float] = (0.0, 0.0), pie_alpha: float | None = None) -> Callable:
     """One jitted minibatch update of the object ``(x, opt_state, probe, positions_b,
     measured_b) -> (x, opt_state, loss)`` with the state donated; ``x`` is the ``(2, H, W)``
     real object, ``probe`` ``(N, N)`` complex; ``tv = (weight, eps)`` adds ``weight *``
-    :func:`total_variation` to the misfit (absolute units)."""
+    :func:`total_variation` to the misfit (absolute units); with ``pie_alpha`` the gradient
+    is :func:`precondition`-ed before the optimizer sees it."""
 
     def step(x, opt_state, probe, positions, measured):
         loss, g = jax.value_and_grad(_objective)(x, probe, positions, measured, noise, tv)
+        if pie_alpha is not None:
+            g = precondition(g, probe, positions, noise, pie_alpha)
         updates, opt_state = optimizer.update(g, opt_state, x)
         return optax.apply_updates(x, updates), opt_state, loss
 
@@ -233,7 +291,7 @@ def make_refine_step(optimizer: optax.GradientTransformation, noise: str, *,
 
 def make_object_probe_step(object_optimizer: optax.GradientTransformation,
                            probe_optimizer: optax.GradientTransformation, noise: str, *,
-                           tv: tuple[float, float] = (0.0, 0.0)) -> Callable:
+                           tv: tuple[float, float] = (0.0, 0.0), pie_alpha: float | None = None) -> Callable:
     """One jitted minibatch update of object and probe together ``(x, x_state, p, p_state,
     positions_b, measured_b) -> (x, x_state, p, p_state, loss)`` (state donated); ``x``
     ``(2, H, W)`` and ``p`` ``(2, N, N)`` are real/imaginary stacks."""
@@ -243,6 +301,8 @@ def make_object_probe_step(object_optimizer: optax.GradientTransformation,
 
     def step(x, x_state, p, p_state, positions, measured):
         value, (gx, gp) = jax.value_and_grad(loss)((x, p), positions, measured)
+        if pie_alpha is not None:
+            gx = precondition(gx, _as_complex(p), positions, noise, pie_alpha)
         ux, x_state = object_optimizer.update(gx, x_state, x)
         up, p_state = probe_optimizer.update(gp, p_state, p)
         return optax.apply_updates(x, ux), x_state, optax.apply_updates(p, up), p_state, value
@@ -416,20 +476,25 @@ def refine_object(amplitudes: Any, positions: Any, probe: Any, initial: Any,
     obj0 = obj0 * np.complex64(gain)
     scale = float(np.mean(np.abs(obj0))) or 1.0
     steps = max(1, int(opts.iterations) * (n // B))
-    object_optimizer = optax.adam(_schedule(opts.learning_rate * scale, opts.final_learning_rate, steps))
+    if opts.optimizer == "pie":
+        pie_alpha = float(opts.pie_alpha)
+        object_optimizer = optax.sgd(_schedule(opts.step_size, opts.final_learning_rate, steps))
+    else:
+        pie_alpha = None
+        object_optimizer = optax.adam(_schedule(opts.step_size * scale, opts.final_learning_rate, steps))
     x = _as_real(obj0)
     x_state = object_optimizer.init(x)
     probe_j = jnp.asarray(pr)
     # the TV weight is relative: misfit per pixel scales with the counts, the object's gradients
     # with its mean amplitude
     tv = (float(opts.tv_weight) * float(np.mean(np.square(amp))) / scale, 1e-3 * scale) if opts.tv_weight else (0.0, 0.0)
-    step_object = make_refine_step(object_optimizer, opts.noise, tv=tv)
+    step_object = make_refine_step(object_optimizer, opts.noise, tv=tv, pie_alpha=pie_alpha)
     if opts.refine_probe:
         probe_optimizer = optax.adam(_schedule(opts.probe_learning_rate * (float(np.mean(np.abs(pr))) or 1.0),
                                                opts.final_learning_rate, steps))
         p = _as_real(pr)
         p_state = probe_optimizer.init(p)
-        step_both = make_object_probe_step(object_optimizer, probe_optimizer, opts.noise, tv=tv)
+        step_both = make_object_probe_step(object_optimizer, probe_optimizer, opts.noise, tv=tv, pie_alpha=pie_alpha)
     pos0 = pos.astype(np.float64)
     cur = pos0.copy()
     lo, hi = _position_bounds(N, obj0.shape)
