@@ -150,12 +150,27 @@ def quiet_aborted_restore() -> Iterator[None]:
         asyncio_log.removeFilter(_ASYNCIO_FILTER)
 
 
+def _this_process_only():
+    """Orbax options for a file only this process reads or writes (a model archive's state):
+    without them, in a multi-process run Orbax waits at barriers for the other processes."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    if jax.process_count() == 1:
+        return {}
+    me = jax.process_index()
+    return {"multiprocessing_options": ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})}
+
+
 def save_state(directory: str | os.PathLike, tree: Any) -> Path:
-    """Write a pytree of arrays as a finalised Orbax checkpoint at ``directory`` (must not exist)."""
+    """Write a pytree of arrays as a finalised Orbax checkpoint at ``directory`` (must not exist),
+    from this process alone (the arrays are fetched to the host first)."""
+    import jax
     import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
-    with ocp.StandardCheckpointer() as ckptr:
+    tree = jax.device_get(tree)
+    with ocp.StandardCheckpointer(**_this_process_only()) as ckptr:
         ckptr.save(directory, tree)
         ckptr.wait_until_finished()
     return directory
@@ -166,7 +181,7 @@ def restore_state(directory: str | os.PathLike, abstract_tree: Any) -> Any:
     ``jax.ShapeDtypeStruct``)."""
     import orbax.checkpoint as ocp
 
-    with quiet_aborted_restore(), ocp.StandardCheckpointer() as ckptr:
+    with quiet_aborted_restore(), ocp.StandardCheckpointer(**_this_process_only()) as ckptr:
         return ckptr.restore(Path(directory).absolute(), abstract_tree)
 
 

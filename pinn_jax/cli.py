@@ -19,7 +19,9 @@ Compiled XLA programs are cached across runs in ``~/.cache/pinn_jax/xla`` (or
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import logging
 import os
 import sys
@@ -288,10 +290,11 @@ def cmd_train(args) -> int:
     _sigterm_as_interrupt()
     t0 = time.perf_counter()
     try:
+        primary = _primary()
         results, archive = pipeline.train(
             train_raw, test_raw if args.do_stitching else None, cfg, seed=args.seed, checkpoint_dir=ckpt_dir,
-            resume=args.resume, progress=not (args.no_progress or args.quiet), history_path=out / "history.json",
-            save_to=out)
+            resume=args.resume, progress=primary and not (args.no_progress or args.quiet),
+            history_path=out / "history.json" if primary else None, save_to=out if primary else None)
     except TrainingDivergedError as exc:
         print(f"{PROG} train: error: {exc}", file=sys.stderr)
         return 1
@@ -306,7 +309,7 @@ def cmd_train(args) -> int:
         msg += f", val_loss {h['val_loss'][-1]:.6g}"
     print(msg)
     print(f"wrote {archive}")
-    if args.do_stitching and test_raw is not None and "reconstructed_obj" in results:
+    if args.do_stitching and test_raw is not None and "reconstructed_obj" in results and primary:
         pngs = pipeline.write_test_stitch(results, out, M=STITCH_CROP, max_canvas_pixels=args.max_canvas_pixels)
         print(f"wrote {pngs[0]} and {pngs[1]}")
     return 0
@@ -363,13 +366,17 @@ def cmd_infer(args) -> int:
         try:
             t0 = time.perf_counter()
             _, result = pipeline.refine(raw, initial=pipeline.network_start(res), options=options,
-                                        object_shape=obj_shape, progress=not args.quiet)
+                                        object_shape=obj_shape, progress=_primary() and not args.quiet)
         except ValueError as exc:
             raise CLIError(f"--test_data: {exc}") from exc
+        if not _primary():
+            return 0  # process 0 writes
         written = pipeline.write_refinement(out, result, network=res, phase_vmin=args.phase_vmin,
                                             phase_vmax=args.phase_vmax)
         _report_refinement(out, result, "the network's object", time.perf_counter() - t0, written)
         return 0
+    if not _primary():
+        return 0  # process 0 writes
     written = pipeline.write_reconstruction(out, amp, phase, res, phase_vmin=args.phase_vmin,
                                             phase_vmax=args.phase_vmax)
     if obj_shape is not None and report.has_signal(raw.objectGuess):
@@ -437,10 +444,12 @@ def cmd_reconstruct(args) -> int:
         shape = pipeline.object_grid(raw)
         t0 = time.perf_counter()
         _, result = pipeline.refine(raw, model=model, options=options, seed=args.seed, nphotons=nphotons,
-                                    object_shape=shape, progress=not (args.no_progress or args.quiet))
+                                    object_shape=shape, progress=_primary() and not (args.no_progress or args.quiet))
     except ValueError as exc:
         raise CLIError(f"--test_data: {exc}") from exc
     elapsed = time.perf_counter() - t0
+    if not _primary():
+        return 0  # process 0 writes
     written = pipeline.write_refinement(args.output_dir, result)
     start = "the network's object" if model is not None else "a flat object"
     _report_refinement(args.output_dir, result, start, elapsed, written)
@@ -545,6 +554,36 @@ def _default_compile_cache() -> None:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = str(base / "pinn_jax" / "xla")
 
 
+def _dispatch(args) -> int:
+    validate = _VALIDATORS.get(args.command)
+    if validate is not None:
+        validate(args)
+    return _COMMANDS[args.command](args)
+
+
+def _start_distributed(args) -> bool:
+    """``jax.distributed`` from the command's flags or a SLURM/Open MPI launch; True for a
+    multi-process run (see :mod:`pinn_jax.distributed`)."""
+    from pinn_jax import distributed
+
+    options = distributed.DistributedOptions(
+        coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+        process_id=args.process_id, heartbeat_timeout_s=args.heartbeat_timeout)
+    try:
+        multi = distributed.initialize(options)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+    if multi and not distributed.is_primary():
+        logging.getLogger().setLevel(logging.WARNING)
+    return multi
+
+
+def _primary() -> bool:
+    from pinn_jax import distributed
+
+    return distributed.is_primary()
+
+
 def _run(args) -> int:
     _setup_logging(args)
     if args.command != "ptychodus":
@@ -555,10 +594,14 @@ def _run(args) -> int:
 
         configure_cpu_runtime()
     try:
-        validate = _VALIDATORS.get(args.command)
-        if validate is not None:
-            validate(args)
-        return _COMMANDS[args.command](args)
+        if hasattr(args, "coordinator_address") and _start_distributed(args):
+            from pinn_jax import distributed
+
+            if not distributed.is_primary():
+                # process 0 speaks for the run; the others only compute
+                with contextlib.redirect_stdout(io.StringIO()):
+                    return _dispatch(args)
+        return _dispatch(args)
     except CLIError as exc:
         print(f"{PROG} {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

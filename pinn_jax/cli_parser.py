@@ -266,6 +266,7 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
     _canvas_flag(g)
     p.set_defaults(_tnames=tnames, _mnames=mnames)
+    _distributed_flags(p)
     _common_flags(p)
 
 
@@ -304,6 +305,7 @@ def _add_infer_parser(sub) -> None:
                         "positions (pinn_jax.refine; default: 0 = the network's object as it is)")
     _refinement_flags(p)
     _canvas_flag(p)
+    _distributed_flags(p)
     _common_flags(p)
 
 
@@ -358,6 +360,7 @@ def _add_reconstruct_parser(sub) -> None:
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     p.add_argument("--diffraction_kind", choices=DIFFRACTION_KINDS, default="auto",
                    help="what --test_data's diffraction holds (default: auto)")
+    _distributed_flags(p)
     _common_flags(p)
 
 
@@ -392,6 +395,18 @@ def _canvas_flag(p) -> None:
     p.add_argument("--max_canvas_pixels", type=_positive_int, default=None, metavar="PIXELS",
                    help="refuse stitching canvases larger than this (default: $PINN_JAX_MAX_CANVAS_PIXELS "
                         "or 2**28 = 16384 x 16384, about 3 GiB)")
+
+
+def _distributed_flags(p: argparse.ArgumentParser) -> None:
+    """``jax.distributed`` for a multi-process run (pinn_jax.distributed); SLURM and Open MPI
+    launches are detected without them."""
+    g = p.add_argument_group("multi-process (jax.distributed; SLURM/Open MPI are detected without these)")
+    g.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
+                   help="address of process 0's coordinator")
+    g.add_argument("--num_processes", type=_positive_int, default=None, help="processes in the run")
+    g.add_argument("--process_id", type=_nonnegative_int, default=None, help="this process's index")
+    g.add_argument("--heartbeat_timeout", type=_positive_int, default=100,
+                   help="seconds after which a silent process fails the others (default: 100)")
 
 
 def _common_flags(p: argparse.ArgumentParser) -> None:

@@ -273,7 +273,8 @@ def reconstruct(
                         max_canvas_pixels=max_canvas_pixels)
     s = im.intensity_scale if intensity_scale is None else float(intensity_scale)
     X = np.asarray(container.X, np.float32)
-    patches = im.predict([X * np.float32(s), np.asarray(container.local_offsets, np.float32)], batch_size=batch_size)
+    patches = predict_across_processes(im, X * np.float32(s), np.asarray(container.local_offsets, np.float32),
+                                       batch_size=batch_size)
     return stitch(
         patches,
         container.global_offsets,
@@ -286,6 +287,33 @@ def reconstruct(
         positions=positions,
         max_canvas_pixels=max_canvas_pixels,
     )
+
+
+def predict_across_processes(im: "InferenceModel", x: np.ndarray, offsets: np.ndarray, *,
+                             batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+    """``im.predict([x, offsets])`` with the rows shared out among the processes of a
+    multi-process run (:mod:`pinn_jax.distributed`): process ``p`` predicts the ``p``-th
+    contiguous chunk and every process receives all patches (``process_allgather``), in input
+    order. One process: exactly ``im.predict``."""
+    import jax
+
+    P = jax.process_count()
+    if P == 1:
+        return im.predict([x, offsets], batch_size=batch_size)
+    from jax.experimental import multihost_utils
+
+    n = len(x)
+    chunk = -(-n // P)
+    lo = min(jax.process_index() * chunk, n)
+    hi = min(lo + chunk, n)
+    mine_x, mine_o = x[lo:hi], offsets[lo:hi]
+    if hi - lo < chunk:  # equal shapes for the gather: pad with copies of row 0, dropped below
+        pad = chunk - (hi - lo)
+        mine_x = np.concatenate([mine_x, np.repeat(x[:1], pad, axis=0)])
+        mine_o = np.concatenate([mine_o, np.repeat(offsets[:1], pad, axis=0)])
+    local = np.asarray(im.predict([mine_x, mine_o], batch_size=batch_size))
+    gathered = np.asarray(multihost_utils.process_allgather(local, tiled=True))
+    return gathered[:n]
 
 
 def load_inference_bundle(model_dir: str | os.PathLike, *, batch_size: int = DEFAULT_BATCH_SIZE):
