@@ -178,11 +178,22 @@ def save_state(directory: str | os.PathLike, tree: Any) -> Path:
 
 def restore_state(directory: str | os.PathLike, abstract_tree: Any) -> Any:
     """Read an Orbax checkpoint into the structure/dtypes of ``abstract_tree`` (arrays or
-    ``jax.ShapeDtypeStruct``)."""
+    ``jax.ShapeDtypeStruct``); ``ValueError`` when a stored array's shape differs."""
+    import jax
     import orbax.checkpoint as ocp
 
     with quiet_aborted_restore(), ocp.StandardCheckpointer(**_this_process_only()) as ckptr:
-        return ckptr.restore(Path(directory).absolute(), abstract_tree)
+        restored = ckptr.restore(Path(directory).absolute(), abstract_tree)
+    # Orbax restores host (numpy) arrays as stored, whatever the target says: check explicitly
+    flat_want = jax.tree_util.tree_flatten_with_path(abstract_tree)[0]
+    flat_got = jax.tree.leaves(restored)
+    if len(flat_got) != len(flat_want):
+        raise ValueError(f"{directory}: {len(flat_got)} arrays stored, {len(flat_want)} expected")
+    for (path, want), got in zip(flat_want, flat_got):
+        if tuple(np.shape(got)) != tuple(want.shape):
+            raise ValueError(f"{directory}: array {jax.tree_util.keystr(path)} has shape {tuple(np.shape(got))}, "
+                             f"expected {tuple(want.shape)}")
+    return jax.tree.map(jax.numpy.asarray, restored)
 
 
 # The loop record every run checkpoint carries (what fit needs to resume).
