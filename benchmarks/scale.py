@@ -1,0 +1,197 @@
+"""Benchmark: cost against scan size — grouping, and streaming inference + stitching.
+
+Each measurement runs in its own subprocess (so its peak RSS is its own):
+
+* ``group``: the index step of the neighbour grouping (``backend_api.grouping.group_indices``,
+  KD-tree + draws) for gridsize 1 and 2 on ``--group-sizes`` random positions;
+* ``infer``: :func:`pinn_jax.streaming.reconstruct_on_grid_streaming` of ``--infer-sizes``
+  patterns of ``N x N`` (a memory-mapped ``.npy`` of synthetic amplitudes written first, outside
+  the timing: the input is excluded from the memory figure, as it is mapped, not loaded) with an
+  untrained gridsize-1 network (cost does not depend on the weights), raster positions on a grid
+  just large enough; time, patterns/s, peak RSS minus the RSS after loading the model.
+
+A log-log fit of time against size gives the slope (1.0 = linear). Prints a Markdown table,
+writes JSON (``--out``) and a PNG of the curves (``--plot``).
+
+Usage::
+
+    python benchmarks/scale.py [--group-sizes 10000 100000 1000000] [--infer-sizes 1000 4000 16000]
+        [--N 64] [--chunk 4096] [--out scale.json] [--plot scale.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _current_rss_mib() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return float(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def child_group(n: int, gridsize: int, seed: int) -> dict:
+    from backend_api.grouping import group_indices
+
+    rng = np.random.default_rng(seed)
+    side = np.sqrt(n) * 4.0
+    x, y = rng.uniform(0, side, n), rng.uniform(0, side, n)
+    base = _current_rss_mib()
+    t0 = time.perf_counter()
+    idx = group_indices(x, y, K=7, nsamples=n, gridsize=gridsize, seed=seed)
+    dt = time.perf_counter() - t0
+    return {"kind": "group", "n": n, "gridsize": gridsize, "seconds": dt, "groups": int(len(idx)),
+            "peak_rss_mib": _rss_mib(), "rss_before_mib": base}
+
+
+def child_infer(n: int, N: int, chunk: int, path: str) -> dict:
+    from backend_api.config import ModelConfig
+    from pinn_jax.inference import InferenceModel
+    from pinn_jax.model import build_model
+    from pinn_jax.probe import default_probe
+    from pinn_jax.runtime import configure_cpu_runtime
+    from pinn_jax.streaming import reconstruct_on_grid_streaming
+
+    configure_cpu_runtime()
+    amp = np.load(path, mmap_mode="r")
+    side = int(np.ceil(np.sqrt(n)))
+    step = 4.0
+    g = np.arange(n)
+    pos = np.column_stack([N / 2 + 2 + step * (g % side), N / 2 + 2 + step * (g // side)])
+    shape = (int(pos[:, 1].max() + N / 2 + 4), int(pos[:, 0].max() + N / 2 + 4))
+    net = build_model(ModelConfig(N=N, gridsize=1, n_filters_scale=1), np.asarray(default_probe(N)), 988.2, seed=0)
+    im = InferenceModel(net)
+    # compile outside the timing, on one chunk's worth
+    reconstruct_on_grid_streaming(im, amp[: min(chunk, n)], pos[: min(chunk, n)], shape, chunk=chunk)
+    base = _current_rss_mib()
+    t0 = time.perf_counter()
+    obj, w = reconstruct_on_grid_streaming(im, amp, pos, shape, chunk=chunk)
+    dt = time.perf_counter() - t0
+    return {"kind": "infer", "n": n, "N": N, "chunk": chunk, "seconds": dt, "patterns_per_s": n / dt,
+            "grid": list(shape), "peak_rss_mib": _rss_mib(), "rss_before_mib": base,
+            "finite": bool(np.isfinite(obj).all() and np.isfinite(w).all())}
+
+
+def _spawn(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {args} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _slope(rows: list[dict]) -> float | None:
+    if len(rows) < 2:
+        return None
+    n = np.log([r["n"] for r in rows])
+    t = np.log([r["seconds"] for r in rows])
+    return float(np.polyfit(n, t, 1)[0])
+
+
+def _write_amplitudes(path: Path, n: int, N: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, N, N))
+    for lo in range(0, n, 4096):
+        hi = min(lo + 4096, n)
+        out[lo:hi] = rng.random((hi - lo, N, N), dtype=np.float32)
+    out.flush()
+    del out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    ap.add_argument("--group-sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000])
+    ap.add_argument("--infer-sizes", type=int, nargs="*", default=[1000, 4000, 16000])
+    ap.add_argument("--N", type=int, default=64)
+    ap.add_argument("--chunk", type=int, default=4096)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--plot", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if args.child:
+        kind, *rest = args.child
+        if kind == "group":
+            res = child_group(int(rest[0]), int(rest[1]), args.seed)
+        else:
+            res = child_infer(int(rest[0]), int(rest[1]), int(rest[2]), rest[3])
+        print(json.dumps(res))
+        return 0
+
+    rows = []
+    for gs in (1, 2):
+        for n in args.group_sizes:
+            rows.append(_spawn(["group", str(n), str(gs)]))
+            print(f"group gs{gs} n={n}: {rows[-1]['seconds']:.2f} s", flush=True)
+    with tempfile.TemporaryDirectory(prefix="pinn_jax_scale_") as tmp:
+        for n in args.infer_sizes:
+            path = Path(tmp) / f"amp_{n}.npy"
+            _write_amplitudes(path, n, args.N, args.seed)
+            rows.append(_spawn(["infer", str(n), str(args.N), str(args.chunk), str(path)]))
+            path.unlink()
+            r = rows[-1]
+            print(f"infer N={args.N} n={n}: {r['seconds']:.1f} s ({r['patterns_per_s']:.0f}/s), "
+                  f"peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
+
+    slopes = {}
+    for gs in (1, 2):
+        slopes[f"group_gs{gs}"] = _slope([r for r in rows if r["kind"] == "group" and r["gridsize"] == gs])
+    slopes["infer"] = _slope([r for r in rows if r["kind"] == "infer"])
+    print("\n| step | n | seconds | rate | peak RSS (MiB) |\n|---|---|---|---|---|")
+    for r in rows:
+        label = f"group gs{r['gridsize']}" if r["kind"] == "group" else f"infer+stitch N={r['N']}"
+        rate = f"{r['n'] / r['seconds']:.0f}/s"
+        print(f"| {label} | {r['n']:,} | {r['seconds']:.2f} | {rate} | {r['peak_rss_mib']:.0f} |")
+    print("\nfitted log-log slopes (1.0 = linear): "
+          + ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} -" for k, v in slopes.items()))
+    doc = {"rows": rows, "slopes": slopes, "N": args.N, "chunk": args.chunk, "cpu_count": os.cpu_count()}
+    if args.out is not None:
+        from backend_api.fileio import write_json
+
+        write_json(args.out, doc, indent=1)
+    if args.plot is not None:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        from backend_api.outputs import save_figure
+
+        fig = Figure(figsize=(6, 4))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, 1, 1)
+        for key, sel in (("group gs1", lambda r: r["kind"] == "group" and r["gridsize"] == 1),
+                         ("group gs2", lambda r: r["kind"] == "group" and r["gridsize"] == 2),
+                         (f"infer+stitch N={args.N}", lambda r: r["kind"] == "infer")):
+            pts = [r for r in rows if sel(r)]
+            if pts:
+                ax.loglog([r["n"] for r in pts], [r["seconds"] for r in pts], marker="o", label=key)
+        ax.set_xlabel("positions")
+        ax.set_ylabel("seconds")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        save_figure(fig, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
