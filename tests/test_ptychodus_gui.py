@@ -217,6 +217,19 @@ def test_open_train_infer_from_the_gui(gui):
     assert len(line.get_xdata()) == 2
     assert processing._actions_view.reconstruct_button.isEnabled()  # Infer, no re-selection
 
+    # a PtychoPINN's Poisson NLL is usually negative: ptychodus's log plot would be empty
+    from ptychodus.api.product import LossValue
+
+    from backend_api.ptychodus.processing import set_product_losses
+
+    positive = list(losses)
+    set_product_losses(repository[index], [LossValue(1, -3.9e6), LossValue(2, -3.91e6)])
+    axes = gui["view"].processing_status_view.axes
+    assert axes.get_yscale() == "linear"
+    assert list(axes.get_lines()[0].get_ydata()) == [-3.9e6, -3.91e6]
+    set_product_losses(repository[index], positive)
+    assert axes.get_yscale() == "log"
+
     before = monitor.get_completed_runs()
     count = len(repository)
     processing._actions_view.reconstruct_button.click()

@@ -23,6 +23,7 @@ imports it only when PyQt5 is importable, so batch mode and headless use never n
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -276,6 +277,45 @@ def _section(group: str, setting: str) -> str:
     return _SECTIONS[group]
 
 
+# ------------------------------------------------------------------------------ loss plot
+
+
+def _plot_nonpositive_losses_linearly(controller: Any, repository: Any, status_view: Any) -> None:
+    """ptychodus draws a product's losses with ``semilogy``
+    (``ProcessingStatusController.plot_losses``), which shows nothing for losses <= 0 -- and a
+    PtychoPINN's Poisson negative log-likelihood is usually negative. Wrap the status controller's
+    ``plot_losses`` so that, only when the product has such values, the same curve is shown on a
+    linear axis; positive losses keep ptychodus's log plot unchanged."""
+    status = getattr(controller, "_status_controller", None)
+    original = getattr(status, "plot_losses", None)
+    if original is None:  # pragma: no cover - another ptychodus version
+        return
+
+    def plot_losses(product_index: int) -> None:
+        try:
+            values = [float(loss.value) for loss in repository[product_index].get_losses()]
+        except Exception:
+            values = []
+        with warnings.catch_warnings():  # matplotlib: "no positive values ... log-scaled"
+            warnings.filterwarnings("ignore", "Data has no positive values", UserWarning)
+            original(product_index)
+        if values and min(values) <= 0:
+            axes = status_view.axes
+            axes.set_yscale("linear")
+            axes.set_ylabel("Loss (linear: has values <= 0)")
+            axes.relim()
+            axes.autoscale_view()
+            status_view.figure_canvas.draw()
+
+    status.plot_losses = plot_losses  # what the repository observer calls per epoch
+    combo = controller._product_view_controller.get_widget()
+    try:  # and what a change of the selected product calls
+        combo.currentIndexChanged.disconnect(original)
+    except (TypeError, RuntimeError):  # pragma: no cover - not connected that way
+        pass
+    combo.currentIndexChanged.connect(plot_losses)
+
+
 # ------------------------------------------------------------------------------ install
 
 
@@ -311,6 +351,8 @@ def install() -> None:
             super().__init__(algorithm_parameter, processing_api, product_repository,
                              product_table_model, globus, genesis, view, status_view,
                              file_dialog_factory, factories, *args, **kwargs)
+            if self.ptychopinn_jax_view_controller_factory is not None:
+                _plot_nonpositive_losses_linearly(self, product_repository, status_view)
 
     setattr(ProcessingController, _MARKER, original)
     ProcessingController.__module__ = __name__
