@@ -179,11 +179,15 @@ def test_open_train_infer_from_the_gui(gui):
         work, {"xcoords": scan.x_px + 0.5, "ycoords": scan.y_px + 0.5, "diff3d": scan.patterns,
                "probeGuess": scan.probe, "objectGuess": scan.obj},
         diffraction_kind="intensity", name="gui-scan")
-    # ptychodus's own readers: assembled HDF5 diffraction + HDF5 product
-    diffraction = model.workflow_api.load_assembled_diffraction_data(files["diffraction_h5"])
-    product = model.workflow_api.load_product(files["product"], file_type="HDF5",
-                                              diffraction=diffraction)
-    index = product.get_product_index()
+    # what the GUI's Open Diffraction File / Open Product call, with ptychodus's readers:
+    # its NPZ diffraction reader (default detector pixel and crop) and its HDF5 product reader
+    diffraction_api = model.diffraction_core.diffraction_api
+    dataset_index = diffraction_api.open_patterns(files["diffraction_npz"], file_type="NPZ",
+                                                  block=True)
+    dataset = model.diffraction_core.repository[dataset_index]
+    assert dataset.get_assembled_data().get_patterns_shape() == scan.patterns.shape
+    index = model.product_core.product_api.open_product(files["product"], file_type="HDF5",
+                                                        dataset=dataset, block=True)
     repository = model.product_core.product_repository
     pump(model, controller, lambda: repository[index].get_dataset() is not None
          and not repository[index].is_pending())
