@@ -169,18 +169,17 @@ def test_panel_screenshot(gui, tmp_path):
         refine.set_value(0)
 
 
-def test_open_train_infer_from_the_gui(gui):
+def _open_scan(gui, work: Path, scan) -> int:
+    """Write ``scan`` as ptychodus files and open them as the GUI's Open Diffraction File /
+    Open Product do, with ptychodus's readers: its NPZ diffraction reader (default detector pixel
+    and crop) and its HDF5 product reader. Returns the product index."""
     from backend_api.ptychodus.files import write_ptychodus_scan
 
-    model, controller, processing = gui["model"], gui["controller"], gui["processing"]
-    work: Path = gui["work"]
-    scan = make_scan(N=64, n_side=4, step=8, seed=3)
+    model = gui["model"]
     files = write_ptychodus_scan(
         work, {"xcoords": scan.x_px + 0.5, "ycoords": scan.y_px + 0.5, "diff3d": scan.patterns,
                "probeGuess": scan.probe, "objectGuess": scan.obj},
         diffraction_kind="intensity", name="gui-scan")
-    # what the GUI's Open Diffraction File / Open Product call, with ptychodus's readers:
-    # its NPZ diffraction reader (default detector pixel and crop) and its HDF5 product reader
     diffraction_api = model.diffraction_core.diffraction_api
     dataset_index = diffraction_api.open_patterns(files["diffraction_npz"], file_type="NPZ",
                                                   block=True)
@@ -189,8 +188,55 @@ def test_open_train_infer_from_the_gui(gui):
     index = model.product_core.product_api.open_product(files["product"], file_type="HDF5",
                                                         dataset=dataset, block=True)
     repository = model.product_core.product_repository
-    pump(model, controller, lambda: repository[index].get_dataset() is not None
+    pump(model, gui["controller"], lambda: repository[index].get_dataset() is not None
          and not repository[index].is_pending())
+    gui["processing"]._product_view_controller.get_widget().setCurrentIndex(index)
+    return index
+
+
+def _train_from_the_gui(gui, work: Path, epochs: int) -> None:
+    """Actions -> Export Training Data (twice), the epochs spin box, then the Train button."""
+    model, controller, processing = gui["model"], gui["controller"], gui["processing"]
+    dialogs = controller._file_dialog_factory
+    for name in ("train_data.npz", "test_data.npz"):
+        dialogs.get_save_file_path = lambda *a, _n=name, **k: (work / _n, "")
+        processing._export_training_data()
+        assert (work / name).is_file()
+    widgets = processing.ptychopinn_jax_view_controller_factory.widgets["pinn"]
+    widgets["training", "NumEpochs"].setValue(epochs)
+    dialogs.get_existing_directory_path = lambda *a, **k: work
+    monitor = model.processing_core.processing_api.task_monitor
+    before = monitor.get_completed_runs()
+    processing._actions_view.train_button.click()
+    pump(model, controller, lambda: monitor.get_completed_runs() > before, timeout_s=240)
+    monitor.raise_if_failed()
+
+
+def _infer_from_the_gui(gui, index: int):
+    """The Infer button; returns the output product (on the input object's grid)."""
+    model, processing = gui["model"], gui["processing"]
+    repository = model.product_core.product_repository
+    monitor = model.processing_core.processing_api.task_monitor
+    before, count = monitor.get_completed_runs(), len(repository)
+    processing._actions_view.reconstruct_button.click()
+    pump(model, gui["controller"], lambda: monitor.get_completed_runs() > before
+         and len(repository) > count, timeout_s=240)
+    monitor.raise_if_failed()
+    pump(model, gui["controller"], lambda: True)
+    out = repository[len(repository) - 1].get_product()
+    obj_in = repository[index].get_product().object_
+    assert out.object_.get_array().shape == obj_in.get_array().shape
+    assert out.object_.get_pixel_geometry() == obj_in.get_pixel_geometry()
+    assert out.object_.get_center() == obj_in.get_center()
+    return out
+
+
+def test_open_train_infer_from_the_gui(gui):
+    model, controller, processing = gui["model"], gui["controller"], gui["processing"]
+    work: Path = gui["work"]
+    scan = make_scan(N=64, n_side=4, step=8, seed=3)
+    index = _open_scan(gui, work, scan)
+    repository = model.product_core.product_repository
     size_label = processing.ptychopinn_jax_view_controller_factory.widgets["pinn"]["model", "N"]
     assert size_label.text().startswith("64 x 64")
     combo = processing._product_view_controller.get_widget()
@@ -199,21 +245,7 @@ def test_open_train_infer_from_the_gui(gui):
     assert processing._actions_view.reconstruct_button.text() == "Infer"
     assert not processing._actions_view.reconstruct_button.isEnabled()  # no model yet
 
-    # Export Training Data (the Actions menu), twice, through the file dialog
-    dialogs = controller._file_dialog_factory
-    for name in ("train_data.npz", "test_data.npz"):
-        dialogs.get_save_file_path = lambda *a, _n=name, **k: (work / _n, "")
-        processing._export_training_data()
-        assert (work / name).is_file()
-
-    widgets = processing.ptychopinn_jax_view_controller_factory.widgets["pinn"]
-    widgets["training", "NumEpochs"].setValue(2)
-    dialogs.get_existing_directory_path = lambda *a, **k: work
-    monitor = model.processing_core.processing_api.task_monitor
-    before = monitor.get_completed_runs()
-    processing._actions_view.train_button.click()
-    pump(model, controller, lambda: monitor.get_completed_runs() > before)
-    monitor.raise_if_failed()
+    _train_from_the_gui(gui, work, epochs=2)
 
     losses = repository[index].get_losses()
     assert [loss.epoch for loss in losses] == [1, 2]
@@ -234,16 +266,37 @@ def test_open_train_infer_from_the_gui(gui):
     set_product_losses(repository[index], positive)
     assert axes.get_yscale() == "log"
 
-    before = monitor.get_completed_runs()
-    count = len(repository)
-    processing._actions_view.reconstruct_button.click()
-    pump(model, controller, lambda: monitor.get_completed_runs() > before
-         and len(repository) > count)
-    monitor.raise_if_failed()
-    pump(model, controller, lambda: True)
-    out = repository[len(repository) - 1].get_product()
-    obj_in = repository[index].get_product().object_
-    assert out.object_.get_array().shape == obj_in.get_array().shape
-    assert out.object_.get_pixel_geometry() == obj_in.get_pixel_geometry()
-    assert out.object_.get_center() == obj_in.get_center()
-    assert not np.allclose(out.object_.get_array(), obj_in.get_array())
+    out = _infer_from_the_gui(gui, index)
+    assert not np.allclose(out.object_.get_array(),
+                           repository[index].get_product().object_.get_array())
+    assert gui["library"]["PINN"].last_info["stitch"]["mode"] == "blend"
+
+
+@pytest.mark.slow
+def test_real_jax_backend_trains_and_infers_from_the_gui(gui, tmp_path):
+    """The same GUI path with pinn-jax itself in the children (1 epoch, a tiny network)."""
+    library, processing = gui["library"], gui["processing"]
+    saved = [(r, r._registrations, r._model_path) for r in library]
+    settings = library.settings
+    settings.parameter("model", "NumFiltersScale").set_value(1)
+    settings.parameter("training", "BatchSize").set_value(16)
+    try:
+        for reconstructor in library:
+            reconstructor._registrations = {}  # no stand-in: the real 'jax' backend
+            reconstructor._model_path = None
+        index = _open_scan(gui, tmp_path, make_scan(N=64, n_side=5, step=6, seed=4))
+        gui["model"].processing_core.algorithm_parameter.set_value("ptychopinn-jax_pinn")
+        processing._sync_model_to_view()
+        assert not processing._actions_view.reconstruct_button.isEnabled()
+        _train_from_the_gui(gui, tmp_path, epochs=1)
+        repository = gui["model"].product_core.product_repository
+        losses = repository[index].get_losses()
+        assert len(losses) == 1 and np.isfinite(losses[0].value)
+        line = gui["view"].processing_status_view.axes.get_lines()[0]
+        assert np.isfinite(line.get_ydata()).all() and len(line.get_ydata()) == 1
+        assert processing._actions_view.reconstruct_button.isEnabled()
+        out = _infer_from_the_gui(gui, index)
+        assert np.isfinite(out.object_.get_array()).all()
+    finally:
+        for reconstructor, registrations, model_path in saved:
+            reconstructor._registrations, reconstructor._model_path = registrations, model_path
