@@ -169,7 +169,8 @@ def test_ptychodus_export_opens_in_pinn_jax_train_loader(tmp_path):
     scan = make_scan(N=64, n_side=3, step=8, seed=2, n_hot=0)
     path = tmp_path / "train_data.npz"
     save_ptychopinn_training_data(path, build_input(scan))
-    raw = RawData.from_file(path)
+    with pytest.warns(UserWarning, match="integer dtype uint32"):  # counts: one square root
+        raw = RawData.from_file(path)
     assert raw.diff3d.dtype == np.float32 and raw.probeGuess.shape == (64, 64)
     assert np.allclose(raw.diff3d ** 2, scan.patterns, rtol=1e-4, atol=1e-3)
 
