@@ -234,7 +234,25 @@ def cmd_simulate(args) -> int:
         raise CLIError(str(exc)) from exc
     print(f"wrote {train_p} and {test_p} ({args.n_images} positions, N={args.N}) in "
           f"{time.perf_counter() - t0:.1f} s")
+    if not getattr(args, "no_ptychodus_files", False):
+        written = write_ptychodus_files(test_p, Path(args.output_dir), name="pinn-jax simulate")
+        print(f"wrote the test scan for ptychodus: {', '.join(p.name for p in written.values())} "
+              f"in {args.output_dir}")
     return 0
+
+
+def write_ptychodus_files(npz_path: Path, out_dir: Path, *, name: str) -> dict:
+    """The scan in ``npz_path`` (the NPZ contract, amplitudes) as ptychodus files in ``out_dir``
+    (:func:`backend_api.ptychodus.files.write_ptychodus_scan`)."""
+    import numpy as np
+
+    from backend_api.ptychodus.files import write_ptychodus_scan
+
+    with np.load(npz_path, allow_pickle=False) as z:
+        data = {k: z[k] for k in ("xcoords", "ycoords", "diff3d", "probeGuess", "objectGuess")
+                if k in z.files}
+    return write_ptychodus_scan(out_dir, data, name=name, diffraction_kind="amplitude",
+                                ground_truth="objectGuess" in data)
 
 
 def _training_config(args):

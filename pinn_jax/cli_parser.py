@@ -218,10 +218,15 @@ def _add_simulate_parser(sub) -> None:
     p = sub.add_parser(
         "simulate",
         help="simulate train/test NPZ files (the project's data contract)",
-        description="Simulate ptychography data and write train_data.npz and test_data.npz.",
+        description=(
+            "Simulate ptychography data and write train_data.npz and test_data.npz; also the "
+            "test scan in ptychodus's own formats (diffraction.npz, diffraction.h5, product.h5 "
+            "with a flat starting object, ground_truth.h5), so it opens in the ptychodus GUI."),
     )
     p.add_argument("--output-dir", "--output_dir", type=Path, required=True,
                    help="folder for train_data.npz and test_data.npz")
+    p.add_argument("--no-ptychodus-files", "--no_ptychodus_files", action="store_true",
+                   help="write only the NPZ files, not the ptychodus files of the test scan")
     p.add_argument("--n-images", "--n_images", type=_positive_int, default=512,
                    help="scan positions in total (default: 512)")
     p.add_argument("--train-fraction", type=_float_arg, default=0.5,

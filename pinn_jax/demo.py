@@ -31,7 +31,9 @@ def run_demo(out_dir: str | os.PathLike, *, N: int = 64, gridsize: int = 1, n_fi
     ``loss_curve.png``, ``history.json``, ``metrics.json``, ``reconstruction.npz``
     (``object_on_grid``, ``ground_truth``, ``region``) and, when refined,
     ``refined_amplitude.png``/``refined_phase.png``, ``convergence.png``,
-    ``refine_history.json`` and ``refined_object_on_grid`` in the NPZ. ``log`` receives the
+    ``refine_history.json`` and ``refined_object_on_grid`` in the NPZ; and ``ptychodus/``: the
+    data for ptychodus's GUI (``train_data.npz``, ``test_data.npz`` and the test scan as
+    ``diffraction.npz``/``diffraction.h5``/``product.h5``/``ground_truth.h5``). ``log`` receives the
     progress lines (``print`` by default).
 
     Returns the report written to ``metrics.json`` (``metrics`` = the network's,
@@ -57,6 +59,7 @@ def run_demo(out_dir: str | os.PathLike, *, N: int = 64, gridsize: int = 1, n_fi
         nphotons=nphotons, output_dir=out, backend="jax",
     )
     out.mkdir(parents=True, exist_ok=True)
+    _write_ptychodus_folder(out / "ptychodus", train_raw, test_raw)
     t_sim = time.perf_counter() - t_start
     log(f"simulated {n_train} training and {len(test_raw.xcoords)} test patterns "
         f"(N={N}, {object_size}px '{kind}' objects) in {t_sim:.1f} s")
@@ -122,5 +125,19 @@ def run_demo(out_dir: str | os.PathLike, *, N: int = 64, gridsize: int = 1, n_fi
         log(f"refined ({refine_iterations} passes, {t_ref:.1f} s): {report.format_metrics(doc['refined_metrics'])}")
         names += ", refined_amplitude.png, refined_phase.png, convergence.png, refine_history.json"
     log(f"wrote {archive.name}, {names}, comparison.png, loss_curve.png, history.json, metrics.json, "
-        f"reconstruction.npz to {out} ({time.perf_counter() - t_start:.0f} s in total)")
+        f"reconstruction.npz to {out}, and the data for ptychodus's GUI to {out / 'ptychodus'} "
+        f"({time.perf_counter() - t_start:.0f} s in total)")
     return {**doc, "archive": archive}
+
+
+def _write_ptychodus_folder(folder: Path, train_raw, test_raw) -> None:
+    """``folder``: the demo's data for the ptychodus GUI: ``train_data.npz``/``test_data.npz``
+    (Train reads them from the folder it is given) and the test scan in ptychodus's formats
+    (:func:`backend_api.ptychodus.files.write_ptychodus_scan`)."""
+    from backend_api.ptychodus.files import write_ptychodus_scan
+    from pinn_jax import simulate
+
+    folder.mkdir(parents=True, exist_ok=True)
+    simulate.save_npz(folder / "train_data.npz", train_raw)
+    simulate.save_npz(folder / "test_data.npz", test_raw)
+    write_ptychodus_scan(folder, test_raw, name="pinn-jax demo", diffraction_kind="amplitude")

@@ -280,6 +280,10 @@ def test_demo_runs_in_process(capsys, tmp_path):
                  "refined_phase.png", "convergence.png", "refine_history.json"):
         assert (demo / name).is_file(), name
         assert stat.S_IMODE((demo / name).stat().st_mode) == 0o640, (name, oct((demo / name).stat().st_mode))
+    for name in ("train_data.npz", "test_data.npz", "diffraction.npz", "diffraction.h5", "product.h5",
+                 "ground_truth.h5"):  # the demo's data for the ptychodus GUI
+        assert (demo / "ptychodus" / name).is_file(), name
+        assert stat.S_IMODE((demo / "ptychodus" / name).stat().st_mode) == 0o640, name
     assert "SSIM" in out and "wrote" in out
 
     hist = json.loads((demo / "history.json").read_text())

@@ -20,6 +20,10 @@ _PROBE = r"""
 import importlib, json, pkgutil, sys
 import backend_api
 skip = set(sys.argv[1].split(",")) if sys.argv[1] else set()
+try:  # the ptychodus GUI panel needs PyQt5 (a test extra); without it, it is never imported
+    import PyQt5.QtWidgets
+except Exception:
+    skip.add("backend_api.ptychodus.gui")
 names = []
 for info in pkgutil.walk_packages(backend_api.__path__, "backend_api."):
     if any(info.name == s or info.name.startswith(s + ".") for s in skip):

@@ -155,6 +155,30 @@ def test_importing_backend_api_ptychodus_imports_neither_jax_nor_ptychodus():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
+def test_register_without_pyqt5_lists_the_library_and_skips_the_panel():
+    """Batch mode and headless use need no Qt: with PyQt5 unimportable, register() still adds
+    the library (and its training path) and leaves ptychodus's GUI controllers alone."""
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules['PyQt5'] = None  # as if PyQt5 were not installed
+        import backend_api.ptychodus as bp
+        from backend_api.ptychodus.registration import gui_available
+        assert gui_available() is not None and 'PyQt5' in gui_available()
+        bp.register()
+        assert 'backend_api.ptychodus.gui' not in sys.modules
+        from ptychodus.model import ModelCore
+        with ModelCore() as model:
+            keys = set(model.processing_core.algorithm_parameter.available_reconstructors())
+            api = model.processing_core.processing_api
+        assert {'ptychopinn-jax_pinn', 'ptychopinn-jax_supervised'} <= keys, keys
+        assert api.ptychopinn_jax_library is model.processing_core.ptychopinn_jax_library
+        bp.unregister()
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
 def test_library_implements_the_1_7_interface():
     lib = make_library()
     assert isinstance(lib, ReconstructorLibrary)

@@ -10,7 +10,9 @@ or :class:`ReconstructJob` and gets plain data back:
 - train: ``('epoch', epoch, train_loss, val_loss)`` per finished epoch (streamed when the
   backend accepts an ``on_epoch_end`` callback, otherwise replayed from the training history
   when training ends), then ``('model_saved', path_to_archive)``;
-- reconstruct: ``('object', stitched (H, W) complex64, coverage (H, W) float32, info dict)``.
+- reconstruct: ``('object', stitched (H, W) complex64, coverage (H, W) float32, info dict)``;
+  ``info['stitch']`` says how the patches were stitched (``StitchMode``) and what fraction of
+  the object grid and of the scan's bounding box they cover.
 
 Everything the child does with a backend goes through the backend-neutral contract:
 ``backend_api.workflows`` (train, save, load) and the loaded model's
@@ -35,7 +37,14 @@ import numpy as np
 from backend_api.archive import ARCHIVE_NAME  # numpy + stdlib only: cheap here
 from backend_api.canvas import check_positions_overlap
 
-from .convert import first_probe_mode, intensity_to_amplitude, stitch_on_grid
+from .convert import (
+    blend_on_grid,
+    blend_window,
+    coverage_report,
+    first_probe_mode,
+    intensity_to_amplitude,
+    stitch_on_grid,
+)
 
 __all__ = [
     "TrainJob",
@@ -83,6 +92,7 @@ class ReconstructJob:
     n_nearest_neighbors: int
     n_samples: int
     stitch_crop_size: int
+    stitch_mode: str = "blend"  # 'blend' | 'crop' (PtychoPINNJax.StitchMode)
     gridsize: int = 1
     seed: int = 0
     refine_iterations: int = 0
@@ -392,8 +402,17 @@ def run_reconstruct(job: ReconstructJob, send: Send) -> None:
             patches = patches[..., 0]
         centres = np.asarray(container.global_offsets, dtype=np.float64).reshape(-1, 2)
 
-        obj, weight = _stitch(backend, patches, centres, tuple(job.object_shape),
-                              job.stitch_crop_size)
+        if job.stitch_mode == "blend":
+            # Each position fills its illuminated footprint (of the part the network
+            # reconstructs), so a sparse scan gives no separate squares; see convert.blend_window.
+            window = blend_window(job.probe, pad_object=bool(params.get("pad_object", True)))
+            obj, weight = blend_on_grid(patches, centres, tuple(job.object_shape), window)
+        elif job.stitch_mode == "crop":
+            obj, weight = _stitch(backend, patches, centres, tuple(job.object_shape),
+                                  job.stitch_crop_size)
+        else:
+            raise ValueError(f"PtychoPINNJax.StitchMode is {job.stitch_mode!r}; expected 'blend' or 'crop'")
+        stitch_info = {"mode": job.stitch_mode, **coverage_report(weight, centres)}
         refined = None
         if job.refine_iterations > 0:
             obj, weight, refined = _refine(backend, backend_name, job, obj, weight)
@@ -402,6 +421,7 @@ def run_reconstruct(job: ReconstructJob, send: Send) -> None:
         "gridsize": gridsize,
         "n_groups": int(patches.shape[0]),
         "intensity_scale": scale,
+        "stitch": stitch_info,
     }
     if refined is not None:
         info["refine"] = refined

@@ -38,6 +38,10 @@ __all__ = [
     "splat_on_grid",
     "stitch_on_grid",
     "compose_object",
+    "blend_window",
+    "blend_on_grid",
+    "coverage_report",
+    "BLEND_INTENSITY_FLOOR",
 ]
 
 #: Add to ptychodus object-pixel positions to get PtychoPINN patch-centre positions.
@@ -239,3 +243,107 @@ def compose_object(
     layer0 = np.where(np.isfinite(layer0), layer0, 1.0 + 0.0j)
     out[0] = layer0
     return out
+
+
+#: Pixels of a patch whose probe intensity is below this fraction of the peak get no weight in
+#: blend stitching (10 % of the peak amplitude): outside the illuminated footprint a pattern
+#: does not constrain the object.
+BLEND_INTENSITY_FLOOR = 0.01
+
+
+def blend_window(probe: np.ndarray, *, pad_object: bool = True,
+                 floor: float = BLEND_INTENSITY_FLOOR) -> np.ndarray:
+    """The per-pixel weight ``(N, N)`` float64 of one patch in blend stitching.
+
+    ``|probe|**2 / max |probe|**2`` (where a pattern measures the object best, it weighs most),
+    set to zero below ``floor`` and, with ``pad_object`` (the network reconstructs only the
+    central ``N/2 x N/2``; the border is zero or a low-resolution fill), outside that centre.
+    A probe with no intensity at all gives a flat window over the reconstructed part.
+    """
+    p = np.asarray(probe)
+    if p.ndim != 2 or p.shape[0] != p.shape[1]:
+        raise ValueError(f"probe: expected a square (N, N) array, got shape {p.shape}")
+    if not (0.0 <= floor < 1.0):
+        raise ValueError(f"floor: expected a value in [0, 1), got {floor!r}")
+    n = p.shape[0]
+    intensity = np.abs(p.astype(np.complex128)) ** 2
+    peak = float(intensity.max()) if intensity.size else 0.0
+    if not np.isfinite(peak) or peak <= 0.0:
+        window = np.ones((n, n), dtype=np.float64)
+    else:
+        window = intensity / peak
+        window[window < floor] = 0.0
+    if pad_object:
+        keep = np.zeros((n, n), dtype=bool)
+        lo = n // 4
+        keep[lo:lo + n // 2, lo:lo + n // 2] = True
+        window = np.where(keep, window, 0.0)
+        if not window.any():  # a probe brighter outside the centre than inside: keep the centre
+            window = keep.astype(np.float64)
+    return window
+
+
+def blend_on_grid(patches: np.ndarray, positions: np.ndarray, object_shape: tuple[int, int],
+                  window: np.ndarray, *, max_canvas_pixels: int | None = None,
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted blend of whole patches onto an object grid (numpy): every position fills its
+    footprint (where ``window > 0``) and overlapping patches are averaged with the weights.
+
+    Args:
+        patches: ``(n, N, N)`` or ``(n, N, N, 1)`` complex; patch pixel ``N/2`` on the position.
+        positions: ``(n, 2)`` ``[x, y]`` object pixels (PtychoPINN convention).
+        object_shape: ``(H, W)``.
+        window: ``(N, N)`` non-negative weights (:func:`blend_window`).
+
+    Returns:
+        ``(obj (H, W) complex128, weight (H, W) float64)``: the weighted mean where
+        ``weight > 0`` (0 elsewhere) and the summed weights. Refused like
+        :func:`stitch_on_grid` (canvas size, positions that miss the grid).
+    """
+    p = np.asarray(patches)
+    if p.ndim == 4 and p.shape[-1] == 1:
+        p = p[..., 0]
+    if p.ndim != 3 or p.shape[1] != p.shape[2]:
+        raise ValueError(f"patches: expected (n, N, N[, 1]), got shape {np.shape(patches)}")
+    w = np.asarray(window, dtype=np.float64)
+    if w.shape != p.shape[1:]:
+        raise ValueError(f"window: shape {w.shape} does not match the patches {p.shape[1:]}")
+    if not np.all(np.isfinite(w)) or (w < 0).any():
+        raise ValueError("window: expected finite, non-negative weights")
+    pos = np.asarray(positions, dtype=np.float64)
+    if pos.shape != (p.shape[0], 2):
+        raise ValueError(f"positions: expected ({p.shape[0]}, 2) [x, y], got shape {pos.shape}")
+    n_patch = p.shape[1]
+    H, W = int(object_shape[0]), int(object_shape[1])
+    check_canvas_size((H, W), max_pixels=max_canvas_pixels, what="the object grid",
+                      bytes_per_pixel=24, storage="a complex128 sum plus float64 weights")
+    check_positions_overlap(pos, (H, W), n_patch, what="positions")
+    acc = np.zeros((H, W), dtype=np.complex128)
+    weight = np.zeros((H, W), dtype=np.float64)
+    for k in range(p.shape[0]):
+        x, y = pos[k]
+        top, left = y - n_patch // 2, x - n_patch // 2
+        values = p[k].astype(np.complex128)
+        _bilinear_splat(acc, w * np.where(np.isfinite(values), values, 0.0), top, left)
+        _bilinear_splat(weight, w * np.isfinite(values), top, left)
+    obj = np.zeros_like(acc)
+    covered = weight > 0
+    obj[covered] = acc[covered] / weight[covered]
+    return obj, weight
+
+
+def coverage_report(weight: np.ndarray, positions: np.ndarray, *,
+                    min_coverage: float = 1e-3) -> dict:
+    """How much of the object the stitched patches cover: ``{'covered_fraction'`` (of the whole
+    grid), ``'scan_area_covered_fraction'`` (of the positions' bounding box; below 1 the scan
+    leaves gaps there), ``'covered_pixels'``}``."""
+    wt = np.asarray(weight)
+    covered = wt > min_coverage
+    pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
+    H, W = wt.shape
+    x0, x1 = int(np.clip(np.floor(pos[:, 0].min()), 0, W - 1)), int(np.clip(np.ceil(pos[:, 0].max()), 0, W - 1))
+    y0, y1 = int(np.clip(np.floor(pos[:, 1].min()), 0, H - 1)), int(np.clip(np.ceil(pos[:, 1].max()), 0, H - 1))
+    box = covered[y0:y1 + 1, x0:x1 + 1]
+    return {"covered_fraction": float(covered.mean()),
+            "scan_area_covered_fraction": float(box.mean()) if box.size else 0.0,
+            "covered_pixels": int(covered.sum())}

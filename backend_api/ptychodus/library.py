@@ -119,6 +119,7 @@ class PtychoPINNJaxReconstructor(TrainableReconstructor):
         self._developer = is_developer_mode_enabled
         self._registrations = dict(backend_registrations or {})
         self._model_path: Path | None = None
+        self.last_info: dict = {}
 
     # -- Reconstructor -------------------------------------------------------------------
 
@@ -186,6 +187,7 @@ class PtychoPINNJaxReconstructor(TrainableReconstructor):
             n_nearest_neighbors=inference.n_nearest_neighbors,
             n_samples=inference.n_samples,
             stitch_crop_size=inference.stitch_crop_size,
+            stitch_mode=inference.stitch_mode,
             refine_iterations=inference.refine_iterations,
             refine_noise=inference.refine_noise,
             refine_probe=inference.refine_probe,
@@ -212,7 +214,15 @@ class PtychoPINNJaxReconstructor(TrainableReconstructor):
         if result is None:
             raise RuntimeError(f"{LIBRARY_NAME}: the inference child returned no object")
         _, stitched, coverage, info = result
+        self.last_info = dict(info)  # what the child reported (stitch coverage, refinement)
         logger.info("Reconstructed %d groups with the %s backend.", info["n_groups"], info["backend"])
+        stitch = info.get("stitch")
+        if stitch:
+            logger.info("Stitched the patches (%s): they cover %.1f%% of the object grid and "
+                        "%.1f%% of the scanned area (the positions' bounding box)%s.",
+                        stitch["mode"], 100 * stitch["covered_fraction"],
+                        100 * stitch["scan_area_covered_fraction"],
+                        "; the rest keeps the input object" if stitch["covered_fraction"] < 1 else "")
         if "refine" in info:
             r = info["refine"]
             logger.info("Refined the object for %d passes over %d positions (misfit %.4g -> %.4g)%s.",

@@ -9,6 +9,10 @@ is given. Nothing else in ptychodus changes; ``ModelCore`` objects built before 
 unaffected; :func:`unregister` puts the original back. The subclass keeps a handle on the
 library it added as ``processing_core.ptychopinn_jax_library``.
 
+The same call also (1) replaces the subclass's ``processing_api`` with one whose ``train``
+feeds the loss plot and re-enables Infer (:mod:`.processing`), and (2) when PyQt5 is importable,
+makes ptychodus's GUI show our parameter panel for ``ptychopinn-jax_*`` (:mod:`.gui`).
+
 The library is built inside ``ProcessingCore``'s constructor, i.e. after ptychodus's own
 PtychoPINN library, so the ``PtychoPINNModel/Training/Inference`` settings groups exist and
 are shared (see :mod:`backend_api.ptychodus.settings`).
@@ -56,6 +60,7 @@ def register(*, backend_registrations: Mapping[str, str] | None = None) -> None:
     import ptychodus.model.core as core
 
     from .library import LIBRARY_NAME, PtychoPINNJaxReconstructorLibrary
+    from .processing import make_processing_api
 
     original = getattr(core.ProcessingCore, _MARKER, core.ProcessingCore)
     registrations = dict(backend_registrations or {})
@@ -84,11 +89,37 @@ def register(*, backend_registrations: Mapping[str, str] | None = None) -> None:
             super().__init__(task_manager, settings_registry, product_api, libraries,
                              *args, **kwargs)
             self.ptychopinn_jax_library = ours
+            # Training from the GUI: losses to the loss plot, Infer enabled afterwards
+            # (see .processing); the processing API also tells the GUI panel where we are.
+            api = self.processing_api
+            self.processing_api = make_processing_api(type(api), ours)(
+                task_manager, product_api, self.algorithm_parameter, api.task_monitor)
 
     setattr(ProcessingCore, _MARKER, original)
     ProcessingCore.__module__ = __name__
     ProcessingCore.__qualname__ = "ProcessingCore"
     core.ProcessingCore = ProcessingCore
+    _install_gui()
+
+
+def gui_available() -> str | None:
+    """None when the GUI panel can be installed, else why not (PyQt5 missing, ...)."""
+    try:
+        import PyQt5.QtWidgets  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken Qt installation
+        return f"PyQt5 is not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _install_gui() -> None:
+    # The panel needs ptychodus's Qt controllers; batch mode and headless use work without.
+    reason = gui_available()
+    if reason is not None:
+        logging.getLogger(__name__).debug("PtychoPINN-JAX GUI panel not installed: %s", reason)
+        return
+    from . import gui
+
+    gui.install()
 
 
 def unregister() -> None:
@@ -98,3 +129,7 @@ def unregister() -> None:
     original = getattr(core.ProcessingCore, _MARKER, None)
     if original is not None:
         core.ProcessingCore = original
+    import sys
+
+    if "backend_api.ptychodus.gui" in sys.modules:
+        sys.modules["backend_api.ptychodus.gui"].uninstall()

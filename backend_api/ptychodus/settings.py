@@ -16,7 +16,8 @@ Groups:
 - ``PtychoPINNJax``: options only this integration has (always ours): the backend name, the
   random seed, the number of training groups, the stitching crop size and ``DiffractionKind``
   (``auto`` | ``amplitude`` | ``intensity``: what ptychodus's diffraction data hold; ``auto``
-  classifies, see :mod:`backend_api.diffraction`).
+  classifies, see :mod:`backend_api.diffraction`), ``StitchMode`` (``blend`` | ``crop``) and
+  the ``Refine*`` options.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ class InferenceSnapshot:
     n_samples: int
     stitch_crop_size: int
     diffraction_kind: str = "auto"
+    stitch_mode: str = "blend"
     refine_iterations: int = 0
     refine_noise: str = "gaussian"
     refine_probe: bool = False
@@ -146,7 +148,20 @@ def _create_own_group(registry: Any) -> Any:
     group.create_integer_parameter("StitchCropSize", 20, minimum=2)
     _add_diffraction_kind(group)
     _add_refinement(group)
+    _add_stitch_mode(group)
     return group
+
+
+#: How the network's patches become the product's object (RefineIterations = 0):
+#: 'blend' fills each position's footprint (probe-intensity weights over the part of the patch
+#: the network reconstructs), 'crop' keeps only each patch's central StitchCropSize square
+#: (the reference's stitching, which leaves gaps between the patches of a sparse scan).
+STITCH_MODES = ("blend", "crop")
+
+
+def _add_stitch_mode(group: Any) -> None:
+    if "StitchMode" not in group.parameters():
+        group.create_string_parameter("StitchMode", "blend")
 
 
 # Passes of physics refinement after the network (pinn_jax.refine): on the reference test scan
@@ -204,6 +219,7 @@ class PtychoPINNJaxSettings:
             self.own_group = registry[OWN_GROUP]
             _add_diffraction_kind(self.own_group)
             _add_refinement(self.own_group)
+            _add_stitch_mode(self.own_group)
         else:
             self.own_group = _create_own_group(registry)
 
@@ -237,6 +253,13 @@ class PtychoPINNJaxSettings:
         """``PtychoPINNJax.DiffractionKind``, checked (``ValueError`` naming the setting)."""
         value = str(self._get(self.own_group, "DiffractionKind")).strip().lower()
         return check_diffraction_kind(value, name=f"{OWN_GROUP}.DiffractionKind")
+
+    def stitch_mode(self) -> str:
+        """``PtychoPINNJax.StitchMode``, checked (``ValueError`` naming the setting)."""
+        value = str(self._get(self.own_group, "StitchMode")).strip().lower()
+        if value not in STITCH_MODES:
+            raise ValueError(f"{OWN_GROUP}.StitchMode is {value!r}; expected one of {STITCH_MODES}")
+        return value
 
     def nepochs(self) -> int:
         return int(self._get(self.training_group, "NumEpochs"))
@@ -285,6 +308,7 @@ class PtychoPINNJaxSettings:
             n_samples=int(self._get(g, "NumSamples")),
             stitch_crop_size=int(self._get(self.own_group, "StitchCropSize")),
             diffraction_kind=self.diffraction_kind(),
+            stitch_mode=self.stitch_mode(),
             **self._refinement(),
         )
 
