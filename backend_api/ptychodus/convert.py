@@ -25,6 +25,7 @@ Conventions (the ones that matter):
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 
@@ -129,6 +130,16 @@ def _bilinear_splat(
             canvas[a0:a1, b0:b1] += (wr * wc) * values[a0 - rr0 : a1 - rr0, b0 - cc0 : b1 - cc0]
 
 
+def _patch_stack(patches: Any) -> np.ndarray:
+    """``(n, N, N)`` from ``(n, N, N)`` or ``(n, N, N, 1)`` patches (ValueError otherwise)."""
+    p = np.asarray(patches)
+    if p.ndim == 4 and p.shape[-1] == 1:
+        p = p[..., 0]
+    if p.ndim != 3 or p.shape[1] != p.shape[2]:
+        raise ValueError(f"patches: expected (n, N, N[, 1]), got shape {np.shape(patches)}")
+    return p
+
+
 def stitch_on_grid(
     patches: np.ndarray,
     positions: np.ndarray,
@@ -157,11 +168,7 @@ def stitch_on_grid(
         ``weight > 0`` and 0 elsewhere; ``weight (H, W)`` float64, the summed bilinear
         coverage (about the number of overlapping crops).
     """
-    p = np.asarray(patches)
-    if p.ndim == 4 and p.shape[-1] == 1:
-        p = p[..., 0]
-    if p.ndim != 3 or p.shape[1] != p.shape[2]:
-        raise ValueError(f"patches: expected (n, N, N[, 1]), got shape {np.shape(patches)}")
+    p = _patch_stack(patches)
     pos = np.asarray(positions, dtype=np.float64)
     if pos.shape != (p.shape[0], 2):
         raise ValueError(f"positions: expected ({p.shape[0]}, 2) [x, y], got shape {pos.shape}")
@@ -300,11 +307,7 @@ def blend_on_grid(patches: np.ndarray, positions: np.ndarray, object_shape: tupl
         ``weight > 0`` (0 elsewhere) and the summed weights. Refused like
         :func:`stitch_on_grid` (canvas size, positions that miss the grid).
     """
-    p = np.asarray(patches)
-    if p.ndim == 4 and p.shape[-1] == 1:
-        p = p[..., 0]
-    if p.ndim != 3 or p.shape[1] != p.shape[2]:
-        raise ValueError(f"patches: expected (n, N, N[, 1]), got shape {np.shape(patches)}")
+    p = _patch_stack(patches)
     w = np.asarray(window, dtype=np.float64)
     if w.shape != p.shape[1:]:
         raise ValueError(f"window: shape {w.shape} does not match the patches {p.shape[1:]}")
