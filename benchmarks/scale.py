@@ -8,7 +8,8 @@ Each measurement runs in its own subprocess (so its peak RSS is its own):
   patterns of ``N x N`` (a memory-mapped ``.npy`` of synthetic amplitudes written first, outside
   the timing: the input is excluded from the memory figure, as it is mapped, not loaded) with an
   untrained gridsize-1 network (cost does not depend on the weights), raster positions on a grid
-  just large enough; time, patterns/s, peak RSS minus the RSS after loading the model.
+  just large enough; time, patterns/s, peak RSS, and the private memory the run itself adds
+  (peak ``RssAnon`` during the run minus before it: the mapped input's pages are not in it).
 
 A log-log fit of time against size gives the slope (1.0 = linear). Prints a Markdown table,
 writes JSON (``--out``) and a PNG of the curves (``--plot``).
@@ -43,11 +44,39 @@ def _rss_mib() -> float:
 
 
 def _current_rss_mib() -> float:
+    return _status_mib("VmRSS")
+
+
+def _status_mib(key: str) -> float:
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return float(line.split()[1]) / 1024.0
     return float("nan")
+
+
+class _AnonPeak:
+    """The peak of ``RssAnon`` (private memory: what the run allocates, not the pages of the
+    memory-mapped input, which count under ``RssFile``), sampled every 20 ms in a thread."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak = _status_mib("RssAnon")
+        self._stop = threading.Event()
+
+        def poll():
+            while not self._stop.wait(0.02):
+                self.peak = max(self.peak, _status_mib("RssAnon"))
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _status_mib("RssAnon"))
 
 
 def child_group(n: int, gridsize: int, seed: int) -> dict:
@@ -83,12 +112,14 @@ def child_infer(n: int, N: int, chunk: int, path: str) -> dict:
     im = InferenceModel(net)
     # compile outside the timing, on one chunk's worth
     reconstruct_on_grid_streaming(im, amp[: min(chunk, n)], pos[: min(chunk, n)], shape, chunk=chunk)
-    base = _current_rss_mib()
-    t0 = time.perf_counter()
-    obj, w = reconstruct_on_grid_streaming(im, amp, pos, shape, chunk=chunk)
-    dt = time.perf_counter() - t0
+    base = _status_mib("RssAnon")
+    with _AnonPeak() as anon:
+        t0 = time.perf_counter()
+        obj, w = reconstruct_on_grid_streaming(im, amp, pos, shape, chunk=chunk)
+        dt = time.perf_counter() - t0
     return {"kind": "infer", "n": n, "N": N, "chunk": chunk, "seconds": dt, "patterns_per_s": n / dt,
-            "grid": list(shape), "peak_rss_mib": _rss_mib(), "rss_before_mib": base,
+            "grid": list(shape), "peak_rss_mib": _rss_mib(), "anon_before_mib": base,
+            "peak_anon_mib": anon.peak, "run_anon_mib": anon.peak - base,
             "finite": bool(np.isfinite(obj).all() and np.isfinite(w).all())}
 
 
@@ -151,17 +182,20 @@ def main(argv=None) -> int:
             path.unlink()
             r = rows[-1]
             print(f"infer N={args.N} n={n}: {r['seconds']:.1f} s ({r['patterns_per_s']:.0f}/s), "
-                  f"peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
+                  f"peak RSS {r['peak_rss_mib']:.0f} MiB, private memory of the run "
+                  f"{r['run_anon_mib']:.0f} MiB", flush=True)
 
     slopes = {}
     for gs in (1, 2):
         slopes[f"group_gs{gs}"] = _slope([r for r in rows if r["kind"] == "group" and r["gridsize"] == gs])
     slopes["infer"] = _slope([r for r in rows if r["kind"] == "infer"])
-    print("\n| step | n | seconds | rate | peak RSS (MiB) |\n|---|---|---|---|---|")
+    print("\n| step | n | seconds | rate | peak RSS (MiB) | private memory of the run (MiB) |\n"
+          "|---|---|---|---|---|---|")
     for r in rows:
         label = f"group gs{r['gridsize']}" if r["kind"] == "group" else f"infer+stitch N={r['N']}"
         rate = f"{r['n'] / r['seconds']:.0f}/s"
-        print(f"| {label} | {r['n']:,} | {r['seconds']:.2f} | {rate} | {r['peak_rss_mib']:.0f} |")
+        run = f"{r['run_anon_mib']:.0f}" if "run_anon_mib" in r else "-"
+        print(f"| {label} | {r['n']:,} | {r['seconds']:.2f} | {rate} | {r['peak_rss_mib']:.0f} | {run} |")
     print("\nfitted log-log slopes (1.0 = linear): "
           + ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} -" for k, v in slopes.items()))
     doc = {"rows": rows, "slopes": slopes, "N": args.N, "chunk": args.chunk, "cpu_count": os.cpu_count()}
