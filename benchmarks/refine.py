@@ -311,8 +311,8 @@ def ptychi_available() -> str | None:
 
 
 def run_ptychi(scan: Scan, algo: str, epochs: int, *, noise="gaussian", seed=0) -> dict:
-    from ptychi import api
     import torch
+    from ptychi import api
     from ptychi.api.task import PtychographyTask
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -377,6 +377,13 @@ def methods_for(scan: Scan, args, model, *, noises=("gaussian",), lsqml_noises=(
         else:
             rows.append({"method": f"pinn-jax {noise} (network)", "solver": "pinn-jax", "start": "network",
                          "status": "no model given"})
+    if args.tuned:
+        lr, bs = float(args.tuned[0]), int(args.tuned[1])
+        for noise in noises:
+            for m in ([None, model] if model is not None else [None]):
+                start = "network" if m is not None else "flat"
+                rows.append(run_pinnjax(scan, args.passes, noise=noise, seed=args.seed, model=m, learning_rate=lr,
+                                        batch_size=bs, label=f"pinn-jax {noise} lr {lr:g} batch {bs} ({start})"))
     why = ptychi_available() if not args.no_ptychi else "disabled (--no-ptychi)"
     algos = [("lsqml", n) for n in lsqml_noises] + ([("rpie", "gaussian")] if rpie else [])
     for algo, noise in algos:
@@ -636,6 +643,8 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true",
                    help="RefineOptions sweep (lr x batch): gaussian path on the reference scan, poisson path at the lowest dose")
     p.add_argument("--sweep-passes", type=int, default=100)
+    p.add_argument("--tuned", nargs=2, metavar=("LR", "BATCH"), default=None,
+                   help="also run pinn-jax rows (flat and, with a model, seeded) with this learning rate and batch size")
     p.add_argument("--memory-positions", type=int, default=4096)
     p.add_argument("--memory-object", type=int, default=640)
     p.add_argument("--memory-passes", type=int, default=2)
