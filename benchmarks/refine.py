@@ -250,16 +250,20 @@ def summarize(curve: list[dict], first_pass_has_setup: bool = True) -> dict:
 # methods
 
 
-def run_pinnjax(scan: Scan, passes: int, *, noise="gaussian", batch_size=32, learning_rate=0.05,
-                seed=0, model=None, label=None) -> dict:
+def run_pinnjax(scan: Scan, passes: int, *, noise="gaussian", batch_size=None, learning_rate=None,
+                seed=0, model=None, label=None, extra: dict | None = None) -> dict:
+    """One pinn-jax row; ``batch_size``/``learning_rate`` None keep RefineOptions' defaults
+    (whatever the installed pinn_jax defines); the row records the values used."""
     from pinn_jax.refine import RefineOptions, refine_object
 
-    opts = RefineOptions(iterations=passes, batch_size=batch_size, learning_rate=learning_rate,
-                         noise=noise, seed=seed)
+    kw = {k: v for k, v in (("batch_size", batch_size), ("learning_rate", learning_rate)) if v is not None}
+    opts = RefineOptions(iterations=passes, noise=noise, seed=seed, **kw, **(extra or {}))
     rec = Recorder(scan)
     start_kind = "network" if model is not None else "flat"
     row = {"method": label or f"pinn-jax {noise} ({start_kind})", "solver": "pinn-jax", "start": start_kind,
-           "options": {"noise": noise, "batch_size": batch_size, "learning_rate": learning_rate, "seed": seed}}
+           "options": {"noise": noise, "batch_size": opts.batch_size, "learning_rate": opts.learning_rate,
+                       "seed": seed, "all": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
+                                             for k, v in vars(opts).items()}}}
 
     def cb(i, loss, obj):
         rec.record(i + 1, obj, loss=float(loss))
@@ -384,6 +388,14 @@ def methods_for(scan: Scan, args, model, *, noises=("gaussian",), lsqml_noises=(
                 start = "network" if m is not None else "flat"
                 rows.append(run_pinnjax(scan, args.passes, noise=noise, seed=args.seed, model=m, learning_rate=lr,
                                         batch_size=bs, label=f"pinn-jax {noise} lr {lr:g} batch {bs} ({start})"))
+    if args.custom:
+        extra = dict(args.custom)
+        tag = ", ".join(f"{k}={v}" for k, v in extra.items())
+        for noise in noises:
+            for m in ([None, model] if model is not None else [None]):
+                start = "network" if m is not None else "flat"
+                rows.append(run_pinnjax(scan, args.passes, noise=noise, seed=args.seed, model=m, extra=extra,
+                                        label=f"pinn-jax {noise} {tag} ({start})"))
     why = ptychi_available() if not args.no_ptychi else "disabled (--no-ptychi)"
     algos = [("lsqml", n) for n in lsqml_noises] + ([("rpie", "gaussian")] if rpie else [])
     for algo, noise in algos:
@@ -631,6 +643,16 @@ def environment() -> dict:
     return env
 
 
+def _key_value(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--test", type=Path, default=None, help="scan NPZ with objectGuess (reference: test.npz)")
@@ -655,6 +677,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("refine.json"))
     p.add_argument("--plot", type=Path, default=None, help="PNG: amplitude SSIM against wall time")
+    p.add_argument("--custom", nargs="+", type=_key_value, default=None, metavar="KEY=VALUE",
+                   help="also run pinn-jax rows (flat and seeded) with these extra RefineOptions fields "
+                        "(only those the installed pinn_jax has), e.g. final_learning_rate=0.1 tv_weight=0.03")
     p.add_argument("--from-json", type=Path, default=None,
                    help="re-render the tables (and --plot) from a JSON this script wrote; runs nothing")
     args = p.parse_args(argv)
