@@ -1,0 +1,54 @@
+"""benchmarks/refine.py: its alternative simulator and a --quick smoke run (no pty-chi, no timings asserted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "refine.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_refine", PATH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_refine", mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_fourier_upsampling_keeps_the_coarse_samples(bench):
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(16, 12)) + 1j * rng.normal(size=(16, 12))
+    up = bench._fourier_upsample2(a)
+    assert up.shape == (32, 24)
+    np.testing.assert_allclose(up[::2, ::2], a, atol=1e-12)
+    # a real array stays real (the Nyquist terms are split symmetrically)
+    r = rng.normal(size=(10, 10))
+    assert np.abs(bench._fourier_upsample2(r).imag).max() < 1e-12
+
+
+def test_quick_run_writes_rows_and_the_flat_refinement_improves(bench, tmp_path):
+    out = tmp_path / "refine.json"
+    assert bench.main(["--quick", "--no-ptychi", "--scenario", "reference", "no-inverse-crime",
+                       "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    names = [s["name"] for s in res["scenarios"]]
+    assert names == ["synthetic", "no-inverse-crime"]
+    for sc in res["scenarios"]:
+        rows = {r["method"]: r for r in sc["rows"]}
+        flat = rows["pinn-jax gaussian (flat)"]
+        assert [c["pass"] for c in flat["curve"]] == list(range(6))
+        assert flat["curve"][-1]["ssim"][0] > flat["curve"][0]["ssim"][0] + 0.1
+        assert rows["pinn-jax gaussian (network)"]["status"] == "no model given"
+        assert rows["pty-chi LSQML (gaussian)"]["status"].startswith("disabled")
+    checks = res["scenarios"][1]["checks"]
+    # the other forward model differs from the solver's by clearly more than the Poisson noise,
+    # but not grossly; the given (bilinear-simulated) data match the solver's model to the floor
+    assert checks["poisson_floor"] < checks["residual_model_vs_clean"] < 0.2
+    assert checks["residual_model_vs_reference_data"] < 3 * checks["poisson_floor"]
