@@ -127,10 +127,16 @@ class _ReferenceAdapter:
         _check_tensorflow_xla_flags()
 
     def _config(self, config: Any) -> Any:
+        """Our config as the reference's dataclass, also written into the reference's own
+        ``ptycho.params.cfg`` (its CONFIG-001: its training reads N, gridsize, ... from there,
+        and only its ``run_cdi_example`` fills it; the workflow fills ours, not that one)."""
         cfg_mod = importlib.import_module("ptycho.config.config")
         ref = _ref_config(config, cfg_mod)
         if ref is not config and hasattr(ref, "backend"):
             ref.backend = self.name
+        update = getattr(cfg_mod, "update_legacy_dict", None)
+        if ref is not None and callable(update):
+            update(importlib.import_module("ptycho.params").cfg, ref)
         return ref
 
     def _data(self, data: Any) -> Any:
