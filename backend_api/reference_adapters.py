@@ -124,7 +124,7 @@ class _ReferenceAdapter:
             except ImportError as exc:
                 raise _missing(self.name, f"module {mod!r} could not be imported ({exc})") from exc
         # both references compile with TensorFlow's XLA (the torch port stitches with ptycho.tf_helper)
-        _check_tensorflow_xla_flags()
+        _check_tensorflow_xla_flags(self.name)
 
     def _config(self, config: Any) -> Any:
         """Our config as the reference's dataclass, also written into the reference's own
@@ -201,7 +201,7 @@ def xla_flags_unknown_to(libraries: list[Path], flags: str) -> list[str]:
             b.close()
 
 
-def _check_tensorflow_xla_flags() -> None:
+def _check_tensorflow_xla_flags(name: str) -> None:
     """RuntimeError instead of a process abort when ``XLA_FLAGS`` holds a flag that TensorFlow's
     XLA does not know, e.g. jaxlib's ``--xla_cpu_experimental_ynn_fusion_type`` that
     ``pinn_jax.configure_cpu_runtime`` adds (TF 2.19 aborts with 'Unknown flag in XLA_FLAGS')."""
@@ -218,7 +218,7 @@ def _check_tensorflow_xla_flags() -> None:
     unknown = xla_flags_unknown_to(libs, flags)
     if unknown:
         raise RuntimeError(
-            f"XLA_FLAGS contains {unknown}, which TensorFlow's XLA (used by both reference "
+            f"backend {name!r}: XLA_FLAGS contains {unknown}, which TensorFlow's XLA (used by both reference "
             "backends) does not know; it would abort this process at its first compilation. Run "
             "the reference backend in a process without them (PINN_JAX_XLA_DEFAULTS=0 keeps pinn_jax from "
             "adding its CPU flags), or remove them from XLA_FLAGS"
