@@ -190,7 +190,7 @@ def _installed(backend: str) -> bool:
     return is_backend_installed(backend)
 
 
-def _run_backend(backend: str, args, argv: list[str]) -> dict:
+def _run_backend(backend: str, args, argv: list[str], tag: str = "") -> dict:
     if not _installed(backend):
         return {"backend": backend, "status": "not installed"}
     with tempfile.TemporaryDirectory(prefix=f"parity_{backend}_") as tmp:
@@ -204,7 +204,7 @@ def _run_backend(backend: str, args, argv: list[str]) -> dict:
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t0
-        log = Path(args.out).with_suffix(f".{backend}.log")
+        log = Path(args.out).with_suffix(f".{backend}{tag}.log")
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
         if proc.returncode != 0 or not result.is_file():
@@ -354,21 +354,32 @@ def main(argv=None) -> int:
     seeds = args.seeds if args.seeds else [args.seed]
     # the children get one --seed each; the parent's --seeds/--seed are not passed on
     base = _drop_option(_drop_option(argv, "--seeds"), "--seed")
-    rows = []
+    rows: list[dict] = []
     for seed in seeds:
         for b in args.backends:
             print(f"[{b} seed {seed}] ...", flush=True)
-            row = _run_backend(b, args, [*base, "--seed", str(seed)])
+            row = _run_backend(b, args, [*base, "--seed", str(seed)],
+                               tag=f".seed{seed}" if len(seeds) > 1 else "")
             row["seed"] = seed
             row["multi_seed"] = len(seeds) > 1
             rows.append(row)
             print(f"[{b} seed {seed}] {row['status']}", flush=True)
+            # written after every row, so an interrupted run keeps what it measured
+            _write_report(args, seeds, rows, done=False)
+    table = _write_report(args, seeds, rows, done=True)
+    print(table)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _write_report(args, seeds: list[int], rows: list[dict], *, done: bool) -> str:
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": _machine(), "versions": _versions(),
         "config": {"epochs": args.epochs, "n_groups": args.n_groups, "subsample_seed": args.subsample_seed,
                    "N": args.N, "n_filters_scale": args.n_filters_scale, "batch_size": args.batch_size,
                    "seeds": seeds, "train": str(args.train), "test": str(args.test), "M": M},
+        "complete": done,  # False: the run was interrupted after these rows
         "rows": rows,
     }
     table = markdown(rows)
@@ -377,10 +388,10 @@ def main(argv=None) -> int:
         table += "\n\n" + spread_markdown(report["spread"])
     report["markdown"] = table
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(table)
-    print(f"wrote {args.out}")
-    return 0
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.replace(args.out)
+    return table
 
 
 if __name__ == "__main__":
