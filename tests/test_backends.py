@@ -337,6 +337,15 @@ def test_pytorch_adapter_writes_in_memory_train_data_for_the_port(monkeypatch, t
                   np.zeros(n, int))
     cfg = TrainingConfig(model=ModelConfig(N=64), n_groups=4, backend="pytorch")
     adapter = _torch_adapter(monkeypatch, train_cdi_model_torch=train)
+
+    class RefRawData:  # the reference RawData the adapter converts ours into
+        def __init__(self, xcoords, ycoords, xcoords_start, ycoords_start, diff3d, probeGuess,
+                     scan_index, objectGuess=None, Y=None, norm_Y_I=None):
+            self.xcoords, self.ycoords, self.diff3d, self.probeGuess = xcoords, ycoords, diff3d, probeGuess
+            self.xcoords_start, self.ycoords_start, self.scan_index = xcoords_start, ycoords_start, scan_index
+            self.objectGuess = objectGuess
+
+    _fake_module(monkeypatch, "ptycho.raw_data", RawData=RefRawData)
     epochs = []
     res = adapter.train_cdi_model(raw, None, cfg, on_epoch_end=lambda e, logs: epochs.append((e, logs["loss"])))
     np.testing.assert_array_equal(seen["diff3d"], raw.diff3d)
