@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -174,23 +175,197 @@ def _bare_adapter(cls):
 
 
 @pytest.mark.parametrize("cls_name", ["TensorFlowBackend", "PyTorchBackend"])
-@pytest.mark.parametrize("option", [{"flip_x": True}, {"transpose": True}, {"coord_scale": 2.0},
-                                    {"object_shape": (8, 8)}])
-def test_reference_adapters_refuse_options_they_cannot_honour(cls_name, option):
+def test_reference_adapters_refuse_an_object_grid(cls_name):
     from backend_api import reference_adapters
 
     adapter = _bare_adapter(getattr(reference_adapters, cls_name))
-    name = next(iter(option))
-    with pytest.raises(ValueError, match=rf"{adapter.name}.*{name}="):
-        adapter.reconstruct(object(), object(), **option)
+    with pytest.raises(ValueError, match=rf"{adapter.name}.*object_shape="):
+        adapter.reconstruct(object(), object(), object_shape=(8, 8))
 
 
-def test_pytorch_adapter_refuses_a_stitch_crop_it_would_ignore():
+def test_pytorch_adapter_refuses_coord_scale_its_stitcher_lacks():
     from backend_api import reference_adapters
 
     adapter = _bare_adapter(reference_adapters.PyTorchBackend)
-    with pytest.raises(ValueError, match=r"'pytorch'.*M=32"):
-        adapter.reconstruct(object(), object(), M=32)
+    with pytest.raises(ValueError, match=r"'pytorch'.*coord_scale=2.0"):
+        adapter.reconstruct(object(), object(), coord_scale=2.0)
+    with pytest.raises(ValueError, match=r"coord_scale='x'"):
+        adapter.reconstruct(object(), object(), coord_scale="x")
+
+
+def _fake_module(monkeypatch, name, **attrs):
+    import types
+
+    mod = types.ModuleType(name)
+    for k, v in attrs.items():
+        setattr(mod, k, v)
+    monkeypatch.setitem(sys.modules, name, mod)
+    return mod
+
+
+def test_tensorflow_adapter_applies_the_stitch_options_like_the_reference(monkeypatch):
+    """transpose swaps the patch axes, flip_x / flip_y negate the offsets' x / y, coord_scale
+    scales them, M reaches reassemble_position (reference reassemble_cdi_image semantics)."""
+    import numpy as np
+
+    from backend_api import reference_adapters
+
+    rng = np.random.default_rng(0)
+    obj = (rng.normal(size=(3, 4, 4, 1)) + 1j * rng.normal(size=(3, 4, 4, 1))).astype(np.complex64)
+    off = rng.normal(size=(3, 1, 2, 1))
+    seen = {}
+
+    def reassemble_position(o, g, M):
+        seen.update(obj=np.array(o), off=np.array(g), M=M)
+        return np.ones((6, 6, 1), np.complex64)
+
+    _fake_module(monkeypatch, "ptycho.config.config")
+    _fake_module(monkeypatch, "ptycho.nbutils",
+                 reconstruct_image=lambda container, diffraction_to_obj: (obj, off.copy()))
+    _fake_module(monkeypatch, "ptycho.tf_helper", reassemble_position=reassemble_position)
+    adapter = _bare_adapter(reference_adapters.TensorFlowBackend)
+    adapter._mods["ptycho.workflows.components"] = _fake_module(
+        monkeypatch, "fake_components", create_ptycho_data_container=lambda data, config: "container")
+    amp, phase, res = adapter.reconstruct("model", "data", config=None, M=32, transpose=True,
+                                          flip_x=True, coord_scale=2.0)
+    assert amp.shape == (6, 6) and seen["M"] == 32
+    np.testing.assert_array_equal(seen["obj"], np.transpose(obj, (0, 2, 1, 3)))
+    np.testing.assert_allclose(seen["off"][:, 0, 0], -2 * off[:, 0, 0])
+    np.testing.assert_allclose(seen["off"][:, 0, 1], 2 * off[:, 0, 1])
+    np.testing.assert_allclose(res["global_offsets"], seen["off"])
+    adapter.reconstruct("model", "data", flip_y=True)
+    np.testing.assert_allclose(seen["off"][:, 0, 1], -off[:, 0, 1])
+    assert seen["M"] == 20  # the reference's default crop
+
+
+def _torch_adapter(monkeypatch, **fns):
+    from backend_api import reference_adapters
+
+    _fake_module(monkeypatch, "ptycho.config.config")
+    adapter = _bare_adapter(reference_adapters.PyTorchBackend)
+    adapter._mods["fake_torch_components"] = _fake_module(monkeypatch, "fake_torch_components", **fns)
+    return adapter
+
+
+def test_pytorch_adapter_passes_stitch_options_to_the_ports_stitcher(monkeypatch):
+    import numpy as np
+
+    from backend_api import reference_adapters
+
+    calls = []
+
+    def stitch(data, config, flip_x, flip_y, transpose, M, train_results):
+        calls.append((flip_x, flip_y, transpose, M, train_results["models"]["diffraction_to_obj"]))
+        # the port returns its offsets as (B, 1, 1, 2)
+        return (np.ones((5, 5)), np.zeros((5, 5)),
+                {"obj_tensor_full": np.ones((2, 4, 4, 1), np.complex128),
+                 "global_offsets": np.arange(4.0).reshape(2, 1, 1, 2)})
+
+    adapter = _torch_adapter(monkeypatch, _reassemble_cdi_image_torch=stitch)
+    model = reference_adapters.TorchReferenceModel("module", 10.0)
+    amp, phase, res = adapter.reconstruct(model, "data", config="cfg", M=32, flip_x=True, transpose=True)
+    assert calls == [(True, False, True, 32, "module")]
+    assert res["global_offsets"].shape == (2, 1, 2, 1)
+    np.testing.assert_array_equal(res["global_offsets"][1, 0, :, 0], [2.0, 3.0])
+    assert res["obj_tensor_full"].dtype == np.complex64
+    with pytest.raises(ValueError, match="needs the config"):
+        adapter.reconstruct(model, "data")
+
+
+def test_pytorch_adapter_save_adds_the_scaling_metadata(monkeypatch, tmp_path):
+    from backend_api import reference_adapters
+
+    saved, persisted = [], []
+
+    def save_torch_bundle(models, base_path, config, intensity_scale=None):
+        saved.append((sorted(models), models["diffraction_to_obj"], base_path, intensity_scale))
+        Path(base_path + ".zip").write_bytes(b"zip")
+
+    adapter = _torch_adapter(monkeypatch, save_torch_bundle=save_torch_bundle,
+                             _persist_bundle_scaling_metadata=lambda p, m: persisted.append((p, m)))
+    model = reference_adapters.TorchReferenceModel("module", 988.2)
+    path = adapter.save_model(model, tmp_path, "cfg")
+    assert path == tmp_path / "wts.h5.zip"
+    assert saved == [(["autoencoder", "diffraction_to_obj"], "module", str(tmp_path / "wts.h5"), 988.2)]
+    assert persisted == [(path, "module")]
+    # a results dict of the port (models + intensity_scale) is accepted too
+    adapter.save_model({"models": {"diffraction_to_obj": "m2"}, "intensity_scale": 3.0}, tmp_path, "cfg")
+    assert saved[-1][1:] == ("m2", str(tmp_path / "wts.h5"), 3.0)
+    with pytest.raises(ValueError, match="intensity scale"):
+        adapter.save_model("bare module", tmp_path, "cfg")
+
+
+def test_pytorch_adapter_load_wraps_the_module_for_predict(monkeypatch, tmp_path):
+    from backend_api import reference_adapters
+
+    params = {"intensity_scale": 5.0, "N": 64}
+    adapter = _torch_adapter(monkeypatch, load_inference_bundle_torch=lambda d: (
+        {"diffraction_to_obj": "module", "autoencoder": {}}, dict(params)))
+    model, got = adapter.load_inference_bundle(tmp_path)
+    assert isinstance(model, reference_adapters.TorchReferenceModel)
+    assert model.module == "module" and model.intensity_scale == 5.0 and got == params
+    params.pop("intensity_scale")
+    with pytest.raises(ValueError, match="intensity_scale"):
+        adapter.load_inference_bundle(tmp_path)
+    with pytest.raises(ValueError, match="intensity_scale"):
+        reference_adapters.TorchReferenceModel("module", float("nan"))
+
+
+def test_pytorch_adapter_writes_in_memory_train_data_for_the_port(monkeypatch, tmp_path):
+    """The port reads config.train_data_file; data given in memory go to a temporary NPZ holding
+    exactly those data, which is gone afterwards, and the caller's config is not changed."""
+    import numpy as np
+
+    from backend_api.config import ModelConfig, TrainingConfig
+    from backend_api.raw_data import RawData
+    from backend_api import reference_adapters
+
+    seen = {}
+
+    def train(train_data, test_data, config):
+        path = Path(config.train_data_file)
+        with np.load(path) as z:
+            seen["diff3d"] = z["diff3d"].copy()
+        seen["path"] = path
+        return {"models": {"diffraction_to_obj": "module"}, "intensity_scale": 2.0,
+                "history": {"train_loss": [1.0, 0.5]}}
+
+    rng = np.random.default_rng(1)
+    n = 6
+    raw = RawData(rng.uniform(0, 5, n), rng.uniform(0, 5, n), np.zeros(n), np.zeros(n),
+                  rng.uniform(0, 1, (n, 8, 8)).astype(np.float32), np.ones((8, 8), np.complex64),
+                  np.zeros(n, int))
+    cfg = TrainingConfig(model=ModelConfig(N=64), n_groups=4, backend="pytorch")
+    adapter = _torch_adapter(monkeypatch, train_cdi_model_torch=train)
+
+    class RefRawData:  # the reference RawData the adapter converts ours into
+        def __init__(self, xcoords, ycoords, xcoords_start, ycoords_start, diff3d, probeGuess,
+                     scan_index, objectGuess=None, Y=None, norm_Y_I=None):
+            self.xcoords, self.ycoords, self.diff3d, self.probeGuess = xcoords, ycoords, diff3d, probeGuess
+            self.xcoords_start, self.ycoords_start, self.scan_index = xcoords_start, ycoords_start, scan_index
+            self.objectGuess = objectGuess
+
+    _fake_module(monkeypatch, "ptycho.raw_data", RawData=RefRawData)
+    epochs = []
+    res = adapter.train_cdi_model(raw, None, cfg, on_epoch_end=lambda e, logs: epochs.append((e, logs["loss"])))
+    np.testing.assert_array_equal(seen["diff3d"], raw.diff3d)
+    assert not seen["path"].exists() and cfg.train_data_file is None
+    assert isinstance(res["model_instance"], reference_adapters.TorchReferenceModel)
+    assert res["diffraction_to_obj"] is res["model_instance"] and res["model_instance"].intensity_scale == 2.0
+    assert epochs == [(0, 1.0), (1, 0.5)]
+
+
+def test_xla_flag_check_names_the_flags_an_xla_build_lacks(tmp_path):
+    from backend_api.reference_adapters import xla_flags_unknown_to
+
+    lib = tmp_path / "libfake.so"
+    lib.write_bytes(b"\0xla_cpu_use_thunk_runtime\0xla_force_host_platform_device_count\0")
+    flags = ("--xla_cpu_use_thunk_runtime=false --xla_cpu_experimental_ynn_fusion_type= "
+             "--noxla_force_host_platform_device_count")
+    assert xla_flags_unknown_to([lib], flags) == ["xla_cpu_experimental_ynn_fusion_type"]
+    assert xla_flags_unknown_to([lib], "") == []
+    assert xla_flags_unknown_to([], flags) == []  # no library to read: cannot tell
+    assert xla_flags_unknown_to([tmp_path / "missing.so"], flags) == []
 
 
 def test_reference_adapters_importable_from_the_registry_module():
