@@ -55,7 +55,9 @@ __all__ = [
     "group_indices",
     "normalize_data",
     "normalization_factor",
+    "normalization_from_energy",
     "mean_pattern_energy",
+    "sum_of_squares",
     "get_relative_coords",
     "get_image_patches",
     "get_neighbor_indices",
@@ -452,35 +454,49 @@ def get_image_patches(gt_image: np.ndarray, global_offsets: np.ndarray,
     return np.ascontiguousarray(out.reshape(B, C, N, N).transpose(0, 2, 3, 1))
 
 
+def sum_of_squares(patterns: Any, chunk: int = 1024) -> float:
+    """``sum patterns**2`` over everything, accumulated in float64 over chunks of the leading
+    axis: no float64 copy of the whole array, and an array-like that slices (``np.memmap``, an
+    h5py dataset) is read one chunk at a time."""
+    total = 0.0
+    for s in range(0, len(patterns), chunk):
+        part = np.asarray(patterns[s:s + chunk], dtype=np.float64)
+        axes = "".join(chr(ord("a") + i) for i in range(part.ndim))  # one einsum over every axis
+        total += float(np.einsum(f"{axes},{axes}->", part, part))
+    return total
+
+
 def mean_pattern_energy(patterns: np.ndarray, chunk: int = 1024, *,
                         key: str = "diffraction") -> float:
     """``mean_{b,c} sum_{h,w} patterns**2`` of a ``(B, H, W, C)`` array, as a Python float.
 
     Squares are accumulated in float64 (uint16 counts would overflow otherwise), in chunks
-    of groups so no float64 copy of the whole array is made. Shared by the ``X_full``
-    normalisation here and the container's ``norm_Y_I``; ``key`` names the array in errors.
+    of groups so no float64 copy of the whole array is made (:func:`sum_of_squares`). Shared by
+    the ``X_full`` normalisation here and the container's ``norm_Y_I``; ``key`` names the array
+    in errors.
     """
     d = np.asarray(patterns)
     if d.ndim != 4:
         raise ValueError(f"{key}: expected a 4-D (B, H, W, C) array, got shape {d.shape}")
     if d.shape[0] == 0 or d.shape[3] == 0:
         raise ValueError(f"{key}: expected at least one group and channel, got shape {d.shape}")
-    total = 0.0
-    for s in range(0, d.shape[0], chunk):
-        part = d[s:s + chunk].astype(np.float64)
-        total += float(np.einsum("bhwc,bhwc->", part, part))
-    return total / (d.shape[0] * d.shape[3])
+    return sum_of_squares(d, chunk) / (d.shape[0] * d.shape[3])
+
+
+def normalization_from_energy(mean_energy: float, N: int, *, key: str = "diffraction") -> np.float32:
+    """``float32(sqrt((N/2)**2 / mean_energy))`` for a mean per-pattern energy; ``ValueError``
+    naming ``key`` when it is not positive and finite."""
+    if not np.isfinite(mean_energy) or mean_energy <= 0:
+        raise ValueError(
+            f"{key}: mean per-pattern energy is {mean_energy!r}; expected a positive "
+            f"finite value (all-zero or non-finite patterns cannot be normalised)")
+    return np.float32(np.sqrt((N / 2) ** 2 / mean_energy))
 
 
 def normalization_factor(diffraction: np.ndarray, N: int, chunk: int = 1024) -> np.float32:
     """``float32(sqrt((N/2)**2 / mean_{b,c} sum_{h,w} diffraction**2))``
     (see :func:`mean_pattern_energy`)."""
-    mean_energy = mean_pattern_energy(diffraction, chunk)
-    if not np.isfinite(mean_energy) or mean_energy <= 0:
-        raise ValueError(
-            f"diffraction: mean per-pattern energy is {mean_energy!r}; expected a positive "
-            f"finite value (all-zero or non-finite patterns cannot be normalised)")
-    return np.float32(np.sqrt((N / 2) ** 2 / mean_energy))
+    return normalization_from_energy(mean_pattern_energy(diffraction, chunk), N)
 
 
 def normalize_data(diffraction, N: int) -> np.ndarray:

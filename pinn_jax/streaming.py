@@ -4,7 +4,7 @@
 result for gridsize 1 (every pattern its own group) without holding more than one chunk of
 patterns: it reads ``amplitudes[lo:hi]`` (a numpy array, an ``np.memmap`` or an h5py dataset
 all work, only the chunk is read), scales it like the grouping does
-(:func:`backend_api.grouping.normalization_factor`, computed in chunks too), predicts it, and
+(:func:`backend_api.grouping.normalization_from_energy` of a chunked :func:`~backend_api.grouping.sum_of_squares`), predicts it, and
 adds the chunk's stitched sum and coverage into two ``(H, W)`` accumulators on the device. The
 host never holds an ``(n, N, N)`` copy; memory is O(chunk N**2 + H W).
 
@@ -27,16 +27,12 @@ DEFAULT_CHUNK = 4096
 
 
 def _normalization(amplitudes: Any, N: int, chunk: int) -> np.float32:
-    """The grouping's ``X_full`` factor ``sqrt((N/2)**2 / mean sum amplitudes**2)``, read in
-    chunks (float64 sums) so an h5py dataset or a memmap is never loaded whole."""
-    total, n = 0.0, len(amplitudes)
-    for lo in range(0, n, chunk):
-        part = np.asarray(amplitudes[lo:lo + chunk], np.float64)
-        total += float(np.einsum("bhw,bhw->", part, part))
-    mean = total / max(n, 1)
-    if not np.isfinite(mean) or mean <= 0:
-        raise ValueError(f"amplitudes: mean per-pattern energy is {mean!r}; expected a positive finite value")
-    return np.float32(np.sqrt((N / 2) ** 2 / mean))
+    """The grouping's ``X_full`` factor, read in chunks so an h5py dataset or a memmap is never
+    loaded whole."""
+    from backend_api.grouping import normalization_from_energy, sum_of_squares
+
+    return normalization_from_energy(sum_of_squares(amplitudes, chunk) / max(len(amplitudes), 1), N,
+                                     key="amplitudes")
 
 
 def reconstruct_on_grid_streaming(model: Any, amplitudes: Any, positions: Any, object_shape: Sequence[int], *,
