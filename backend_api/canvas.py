@@ -32,6 +32,7 @@ __all__ = [
     "check_canvas_size",
     "positions_outside_grid",
     "check_positions_overlap",
+    "fill_uncovered",
 ]
 
 #: Side of the central square of each reconstructed patch that stitching keeps (the reference's
@@ -187,3 +188,13 @@ def check_positions_overlap(positions, object_shape: Sequence[int], patch_size: 
         f"{x_lo:g} and {x_hi:g}, y {y_lo:g} and {y_hi:g})"
         f"{extent}. Are the positions in object pixels of this object?"
     )
+
+
+def fill_uncovered(obj: np.ndarray, weights: np.ndarray, *, min_weight: float = 1e-3) -> np.ndarray:
+    """A stitched ``(H, W)`` object as a start for refinement: pixels whose stitching
+    ``weights`` are ``<= min_weight`` (no patch covered them) take the mean covered value (1 when
+    nothing is covered). Returns ``(H, W)`` complex64."""
+    covered = np.asarray(weights) > min_weight
+    start = np.asarray(obj, np.complex64)
+    fill = start[covered].mean() if covered.any() else np.complex64(1.0)
+    return np.where(covered, start, fill).astype(np.complex64)

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from backend_api.canvas import STITCH_CROP
+from backend_api.canvas import STITCH_CROP, fill_uncovered
 from backend_api.grouping import GroupingOptions, default_n_groups
 
 __all__ = ["GroupingOptions", "group_for_inference", "reconstruct", "evaluate", "write_reconstruction",
@@ -210,10 +210,7 @@ def network_start(results: dict) -> np.ndarray:
     """The network's object on the grid from :func:`reconstruct` results (``object_on_grid``,
     ``object_weights``) as a refinement start ``(H, W)`` complex64: pixels no patch covers
     take the mean covered value."""
-    covered = np.asarray(results["object_weights"]) > 1e-3
-    start = np.asarray(results["object_on_grid"], np.complex64)
-    fill = start[covered].mean() if covered.any() else np.complex64(1.0)
-    return np.where(covered, start, fill).astype(np.complex64)
+    return fill_uncovered(results["object_on_grid"], results["object_weights"])
 
 
 def refine_start(raw: Any, shape: tuple[int, int], *, model: Any = None, initial: Any = None,

@@ -216,3 +216,14 @@ def test_normal_data_unaffected():
     np.testing.assert_array_equal(res["object_weights"], np.asarray(w))
     obj2, w2 = stitch_on_grid(p, pos, (50, 52), M)
     assert obj2.shape == (50, 52) and (w2 > 0).sum() > 0
+
+
+def test_fill_uncovered_gives_uncovered_pixels_the_mean_covered_value():
+    from backend_api.canvas import fill_uncovered
+
+    obj = np.array([[1 + 1j, 3 + 0j], [0j, 0j]], np.complex64)
+    w = np.array([[1.0, 2.0], [0.0, 1e-4]])
+    out = fill_uncovered(obj, w)
+    assert out.dtype == np.complex64
+    np.testing.assert_array_equal(out, [[1 + 1j, 3 + 0j], [2 + 0.5j, 2 + 0.5j]])
+    np.testing.assert_array_equal(fill_uncovered(obj, np.zeros((2, 2))), np.ones((2, 2), np.complex64))

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from backend_api.archive import ARCHIVE_NAME  # numpy + stdlib only: cheap here
-from backend_api.canvas import check_positions_overlap
+from backend_api.canvas import check_positions_overlap, fill_uncovered
 
 from .convert import (
     blend_on_grid,
@@ -325,10 +325,7 @@ def _refine(backend: Any, backend_name: str, job: ReconstructJob, obj: np.ndarra
             f"PtychoPINNJax.RefineIterations is {job.refine_iterations}, but the {backend_name!r} backend has no "
             "physics refinement" + ("" if backend_name == "jax" else " and no 'jax' backend with one is installed")
             + "; set RefineIterations to 0")
-    covered = np.asarray(weight) > 1e-3
-    start = np.asarray(obj, np.complex64)
-    fill = start[covered].mean() if covered.any() else np.complex64(1.0)
-    start = np.where(covered, start, fill).astype(np.complex64)
+    start = fill_uncovered(obj, weight)
     positions = np.column_stack([np.asarray(job.xcoords, np.float64), np.asarray(job.ycoords, np.float64)])
     refined, footprint, info = helper(job.amplitude, positions, job.probe, start,
                                       iterations=int(job.refine_iterations), noise=job.refine_noise,
