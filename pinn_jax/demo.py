@@ -91,8 +91,7 @@ def run_demo(out_dir: str | os.PathLike, *, N: int = 64, gridsize: int = 1, n_fi
                                     np.where(region, np.angle(ref_obj), np.nan), out, title="Refined {label}",
                                     stem="refined")
         report.save_convergence(refined.history, out / "convergence.png", pass_metrics=refined.pass_metrics)
-        report.write_json({"loss": refined.history, "seconds": refined.seconds, "metrics": refined.pass_metrics},
-                          out / "refine_history.json")
+        report.write_json(pipeline.refinement_history(refined), out / "refine_history.json")
         panels = {"network": on_grid, f"refined ({refine_iterations} passes)": ref_obj}
     else:
         panels = {"network": on_grid}
@@ -113,7 +112,7 @@ def run_demo(out_dir: str | os.PathLike, *, N: int = 64, gridsize: int = 1, n_fi
     arrays = {"object_on_grid": on_grid.astype(np.complex64),
               "ground_truth": np.asarray(test_raw.objectGuess, np.complex64), "region": region}
     if refined is not None:
-        doc["refined_metrics"] = {k: v for k, v in refined.pass_metrics[-1].items() if k not in ("pass", "seconds")}
+        doc["refined_metrics"] = pipeline.pass_summary(refined.pass_metrics[-1])
         arrays["refined_object_on_grid"] = refined.obj
     report.write_json(doc, out / "metrics.json")
     report.write_npz(out / "reconstruction.npz", **arrays)

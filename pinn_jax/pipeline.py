@@ -28,7 +28,8 @@ from backend_api.grouping import GroupingOptions, default_n_groups
 
 __all__ = ["GroupingOptions", "group_for_inference", "reconstruct", "evaluate", "write_reconstruction",
            "train", "grouping_from_config", "write_test_stitch", "refine", "refine_start", "network_start",
-           "object_grid", "write_refinement"]
+           "object_grid", "write_refinement",
+           "refinement_history", "pass_summary"]
 
 
 def grouping_from_config(config: Any) -> GroupingOptions:
@@ -280,6 +281,20 @@ def refine(raw: Any, *, model: Any = None, initial: Any = None, options: Any = N
     return result.obj, result
 
 
+def refinement_history(result: Any) -> dict:
+    """The JSON history of a :class:`~pinn_jax.refine.RefineResult`: ``loss`` and ``seconds``
+    per pass and, when tracked, ``metrics`` per pass."""
+    hist = {"loss": [float(v) for v in result.history], "seconds": [float(v) for v in result.seconds]}
+    if result.pass_metrics:
+        hist["metrics"] = result.pass_metrics
+    return hist
+
+
+def pass_summary(entry: dict) -> dict:
+    """One ``pass_metrics`` entry as a metrics summary (without its ``pass`` and ``seconds``)."""
+    return {k: v for k, v in entry.items() if k not in ("pass", "seconds")}
+
+
 def write_refinement(out_dir: str | os.PathLike, result: Any, *, network: dict | None = None,
                      phase_vmin: float | None = None, phase_vmax: float | None = None) -> list[Path]:
     """The refinement's files in ``out_dir`` (created): ``reconstructed_amplitude.png``,
@@ -307,15 +322,12 @@ def write_refinement(out_dir: str | os.PathLike, result: Any, *, network: dict |
         written += report.save_amplitude_phase(np.abs(net), np.angle(net), out, phase_vmin=phase_vmin,
                                                phase_vmax=phase_vmax, title="Network {label}", stem="network")
     written.append(report.write_npz(out / "reconstruction.npz", **arrays))
-    hist = {"loss": [float(v) for v in result.history], "seconds": [float(v) for v in result.seconds]}
-    if result.pass_metrics:
-        hist["metrics"] = result.pass_metrics
-    written.append(report.write_json(hist, out / "history.json"))
+    written.append(report.write_json(refinement_history(result), out / "history.json"))
     written.append(report.save_convergence(result.history, out / "convergence.png",
                                            pass_metrics=result.pass_metrics or None))
     if result.pass_metrics:
-        final = {k: v for k, v in result.pass_metrics[-1].items() if k not in ("pass", "seconds")}
-        final["start"] = {k: v for k, v in result.pass_metrics[0].items() if k not in ("pass", "seconds")}
+        final = pass_summary(result.pass_metrics[-1])
+        final["start"] = pass_summary(result.pass_metrics[0])
         final["passes"] = int(result.pass_metrics[-1]["pass"])
         written.append(report.write_json(final, out / "metrics.json"))
     return written
