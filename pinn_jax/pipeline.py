@@ -28,7 +28,7 @@ from backend_api.grouping import GroupingOptions, default_n_groups
 
 __all__ = ["GroupingOptions", "group_for_inference", "reconstruct", "evaluate", "write_reconstruction",
            "train", "grouping_from_config", "write_test_stitch", "refine", "refine_start", "network_start",
-           "object_grid", "write_refinement",
+           "object_grid", "write_refinement", "score_on_grid",
            "refinement_history", "pass_summary"]
 
 
@@ -114,15 +114,18 @@ def reconstruct(
     return amp, phase, results
 
 
-def evaluate(results: dict, ground_truth: Any, *, M: int = STITCH_CROP) -> dict:
-    """Score ``results['object_on_grid']`` against the ``(H, W)`` complex ground truth on its
-    grid (:func:`pinn_jax.metrics.eval_reconstruction`, corrected protocol); returns the
-    JSON-ready summary (:func:`pinn_jax.report.metrics_summary`)."""
+def score_on_grid(obj: Any, ground_truth: Any, positions: Any, *, M: int = STITCH_CROP) -> dict:
+    """Score an ``(H, W)`` complex object against the ground truth on the same grid inside the
+    region the scan ``positions`` ``(n, 2)`` cover (:func:`pinn_jax.metrics.eval_reconstruction`,
+    corrected protocol); returns the JSON-ready summary (:func:`pinn_jax.report.metrics_summary`)."""
     from pinn_jax import metrics, report
 
-    m = metrics.eval_reconstruction(results["object_on_grid"], ground_truth,
-                                    positions=results["global_offsets"][:, 0, :, 0], M=M)
-    return report.metrics_summary(m)
+    return report.metrics_summary(metrics.eval_reconstruction(obj, ground_truth, positions=positions, M=M))
+
+
+def evaluate(results: dict, ground_truth: Any, *, M: int = STITCH_CROP) -> dict:
+    """:func:`score_on_grid` of ``results['object_on_grid']`` at the groups' positions."""
+    return score_on_grid(results["object_on_grid"], ground_truth, results["global_offsets"][:, 0, :, 0], M=M)
 
 
 def write_reconstruction(out_dir: str | os.PathLike, amplitude: Any, phase: Any, results: dict, *,
@@ -249,7 +252,7 @@ def refine(raw: Any, *, model: Any = None, initial: Any = None, options: Any = N
     (:func:`evaluate`'s) of the start and after every pass, each with its ``"pass"`` (0 = the
     start) and ``"seconds"``. Returns ``(object (H, W) complex64, RefineResult)``.
     """
-    from pinn_jax import metrics, report
+    from pinn_jax import report
     from pinn_jax.refine import RefineOptions, refine_object
 
     if object_shape is None:
@@ -263,7 +266,7 @@ def refine(raw: Any, *, model: Any = None, initial: Any = None, options: Any = N
     tracked: list[dict] = []
 
     def score(obj) -> dict:
-        return report.metrics_summary(metrics.eval_reconstruction(obj, truth, positions=positions, M=STITCH_CROP))
+        return score_on_grid(obj, truth, positions)
 
     def after_pass(it, loss, obj):
         if truth is not None:
