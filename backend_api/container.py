@@ -122,8 +122,11 @@ class PtychoDataContainer:
 
     # -----------------------------------------------------------------------------------------
     @classmethod
-    def from_grouped(cls, dset: dict, probe, nphotons: float = 1e9) -> "PtychoDataContainer":
-        """Build from a :func:`~backend_api.grouping.generate_grouped_data` dict and a probe."""
+    def from_grouped(cls, dset: dict, probe, nphotons: float = 1e9, *,
+                     norm_Y_I: float | None = None) -> "PtychoDataContainer":
+        """Build from a :func:`~backend_api.grouping.generate_grouped_data` dict and a probe.
+        ``norm_Y_I``: the dataset's value when ``dset`` holds only some of its groups (default:
+        computed from ``dset``'s ``X_full``)."""
         for key in ("X_full", "coords_offsets", "coords_relative", "coords_start_relative",
                     "nn_indices"):
             if key not in dset:
@@ -148,7 +151,8 @@ class PtychoDataContainer:
                 raise ValueError(f"Channel mismatch between X and Y: X has {X.shape[-1]} channels "
                                  f"{X.shape}, Y has {Y_I.shape[-1]} {Y_I.shape}")
         coords = dset["coords_start_relative"]
-        return cls(X, Y_I, Y_phi, _norm_Y_I(X, nphotons), None, coords, coords,
+        norm = _norm_Y_I(X, nphotons) if norm_Y_I is None else float(norm_Y_I)
+        return cls(X, Y_I, Y_phi, norm, None, coords, coords,
                    dset["nn_indices"], dset["coords_offsets"], dset["coords_relative"], probe,
                    has_ground_truth=has_gt, sample_indices=dset.get("sample_indices"))
 

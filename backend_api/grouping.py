@@ -54,6 +54,8 @@ __all__ = [
     "generate_grouped_data",
     "group_indices",
     "normalize_data",
+    "group_energy",
+    "grouped_rows",
     "normalization_factor",
     "normalization_from_energy",
     "mean_pattern_energy",
@@ -570,7 +572,28 @@ def _stack_coords(x: np.ndarray, y: np.ndarray, nn: np.ndarray) -> np.ndarray:
     return np.stack([x[nn], y[nn]], axis=1)[:, None, :, :]  # (B,1,2,C)
 
 
-def _dataset_from_groups(raw, nn: np.ndarray, N: int) -> dict:
+def group_energy(diff3d: Any, nn: np.ndarray, chunk: int = 1024) -> float:
+    """``sum_{b,c} sum_{h,w} diff3d[nn[b, c]]**2`` (float64) for groups ``nn`` ``(B, C)``: the
+    numerator of the ``X_full`` normalisation, read ``chunk`` groups and one channel at a time
+    (a memory-mapped ``diff3d`` is read only where the groups point). Sums of disjoint row
+    sets add up to the sum of their union, which is how processes holding different groups
+    agree on one normalisation."""
+    nn = np.asarray(nn)
+    total = 0.0
+    for s in range(0, len(nn), chunk):
+        for c in range(nn.shape[1]):
+            total += sum_of_squares(np.asarray(diff3d[np.sort(nn[s:s + chunk, c])]), chunk)
+    return total
+
+
+def grouped_rows(raw, nn: np.ndarray, N: int, normalization: float) -> dict:
+    """:func:`generate_grouped_data`'s dict for the given groups ``nn`` ``(B, C)`` (rows of a
+    larger grouping), scaled by a ``normalization`` computed over the whole grouping (see
+    :func:`group_energy`, :func:`normalization_from_energy`) instead of over these rows."""
+    return _dataset_from_groups(raw, np.asarray(nn), int(N), normalization=np.float32(normalization))
+
+
+def _dataset_from_groups(raw, nn: np.ndarray, N: int, normalization: np.float32 | None = None) -> dict:
     B, C = nn.shape
     diff3d = raw.diff3d
     H, W = diff3d.shape[1:3]
@@ -607,5 +630,9 @@ def _dataset_from_groups(raw, nn: np.ndarray, N: int) -> dict:
     }
     if getattr(raw, "sample_indices", None) is not None:
         dset["sample_indices"] = raw.sample_indices
-    dset["X_full"] = normalize_data(diffraction, N)
+    if normalization is None:
+        dset["X_full"] = normalize_data(diffraction, N)
+    else:
+        dset["X_full"] = diffraction.astype(np.float32)
+        dset["X_full"] *= normalization
     return dset

@@ -115,6 +115,58 @@ def read_npz_member(path, npz, key: str) -> np.ndarray:
                             f"({exc})") from None
 
 
+def map_npz_member(path, key: str) -> np.ndarray | None:
+    """A read-only ``np.memmap`` of NPZ member ``key`` when it can be mapped, else None.
+
+    ``np.savez`` stores each array uncompressed as a ``.npy`` file inside the zip, so its bytes
+    lie contiguously in the archive: the map starts after the zip local header and the ``.npy``
+    header, and only the pages a caller touches are read (a 16 GB scan costs no private memory).
+    Compressed members (``np.savez_compressed``), object arrays and members that are not there
+    give None (read them with :func:`read_npz_member`). Damaged headers raise
+    :class:`DataFileError` naming the file and the member.
+    """
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            try:
+                info = zf.getinfo(f"{key}.npy")
+            except KeyError:
+                return None
+            if info.compress_type != zipfile.ZIP_STORED:
+                return None
+            with open(path, "rb") as fh:
+                fh.seek(info.header_offset)
+                local = fh.read(30)
+                if len(local) != 30 or local[:4] != b"PK\x03\x04":
+                    raise DataFileError(f"{path}: truncated or corrupt NPZ: array '{key}' has no zip "
+                                        "local header where the directory says")
+                name_len, extra_len = struct.unpack("<HH", local[26:30])
+                data_start = info.header_offset + 30 + name_len + extra_len
+                fh.seek(data_start)
+                version = np.lib.format.read_magic(fh)
+                reader = {(1, 0): np.lib.format.read_array_header_1_0,
+                          (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if reader is None:
+                    return None
+                shape, fortran, dtype = reader(fh)
+                offset = fh.tell()
+    except DataFileError:
+        raise
+    except (ValueError, *_CORRUPT_ERRORS) as exc:
+        raise DataFileError(f"{path}: truncated or corrupt NPZ: array '{key}' cannot be mapped "
+                            f"({type(exc).__name__}: {exc})") from None
+    if dtype.hasobject:
+        return None
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if offset + nbytes > data_start + info.file_size:
+        raise DataFileError(f"{path}: truncated or corrupt NPZ: array '{key}' ({shape}, {dtype}) does not "
+                            "fit in its zip member")
+    if nbytes == 0:
+        return np.zeros(shape, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(shape),
+                     order="F" if fortran else "C")
+
+
 # ---------------------------------------------------------------------------------------------
 # NPZ members that upstream stores as pickles
 # ---------------------------------------------------------------------------------------------

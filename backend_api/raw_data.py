@@ -60,7 +60,7 @@ from . import grouping as _grouping
 from .fileio import atomic_write
 from .diffraction import check_diffraction_kind, classify_diffraction, override_hint
 # reading NPZ files safely (what a path is, pickled members): their own module, re-exported
-from .npz_files import DataFileError, _load_member, check_npz_file, open_npz, read_npz_member
+from .npz_files import DataFileError, _load_member, check_npz_file, map_npz_member, open_npz, read_npz_member
 
 __all__ = ["RawData", "DataFileError", "check_npz_file", "open_npz", "read_npz_member"]
 
@@ -388,7 +388,7 @@ class RawData:
 
     @classmethod
     def from_file(cls, path, *, bad_pixels=None, allow_pickle: bool = False,
-                  diffraction_kind: str = "auto") -> "RawData":
+                  diffraction_kind: str = "auto", mmap: bool = False) -> "RawData":
         """Load and validate an NPZ in the contract above.
 
         ``diffraction`` is accepted for ``diff3d``; a rank-4 ``(M, H, H, 1)`` array is squeezed
@@ -399,6 +399,10 @@ class RawData:
         ``bad_pixels`` given here overrides a ``bad_pixels`` key in the file.
         ``diffraction_kind``: ``'auto'`` (classify; ``_metadata['nphotons']`` is used as
         evidence), ``'amplitude'`` or ``'intensity'`` (see the module docstring).
+        ``mmap``: memory-map ``diff3d`` when the archive stores it uncompressed (``np.savez``,
+        as :meth:`to_file` writes) and it needs no conversion (amplitude, float): the patterns
+        are then read from disk only where they are used (validation reads them once, in
+        chunks); a compressed member, or intensities that are converted, are loaded.
 
         Raises ``FileNotFoundError`` for a missing path and :class:`DataFileError` (a
         ``ValueError`` whose message starts with the path) for anything else wrong with the file
@@ -408,7 +412,7 @@ class RawData:
         path = check_npz_file(path)
         try:
             with open_npz(path, allow_pickle=allow_pickle) as npz:
-                parts = _read_contract(path, npz, allow_pickle, bad_pixels)
+                parts = _read_contract(path, npz, allow_pickle, bad_pixels, mmap=mmap)
             return cls(*parts["args"], **parts["kwargs"], diffraction_kind=kind)
         except DataFileError:
             raise
@@ -469,7 +473,7 @@ class RawData:
 # ---------------------------------------------------------------------------------------------
 # Reading the contract's members from an open NPZ
 # ---------------------------------------------------------------------------------------------
-def _read_contract(path: Path, npz, allow_pickle: bool, bad_pixels) -> dict:
+def _read_contract(path: Path, npz, allow_pickle: bool, bad_pixels, mmap: bool = False) -> dict:
     """The RawData constructor arguments from an open NPZ (``{'args': ..., 'kwargs': ...}``)."""
     keys = set(npz.files)
 
@@ -495,7 +499,8 @@ def _read_contract(path: Path, npz, allow_pickle: bool, bad_pixels) -> dict:
                          f"(M, H, H) diffraction amplitudes (present: {sorted(keys)})")
     x = get("xcoords")
     y = get("ycoords")
-    d = get(dkey)
+    d = map_npz_member(path, dkey) if mmap else None
+    d = get(dkey) if d is None else d
     M = np.asarray(x).reshape(-1).shape[0] if np.ndim(x) == 1 else None
     if d.ndim == 4 and d.shape[-1] == 1:
         d = d[..., 0]

@@ -71,13 +71,17 @@ def _unwrap(model: Any):
 
 class JaxBackend:
     """The JAX backend (see module docstring). ``seed`` fixes grouping, weights and shuffling;
-    ``checkpoint_dir``/``resume`` enable run checkpoints; ``progress`` shows the tqdm bar."""
+    ``checkpoint_dir``/``resume`` enable run checkpoints; ``progress`` shows the tqdm bar;
+    ``shard_data``: split the training groups over the devices (None: in a multi-process run;
+    each process then assembles only its own shard from RawData, see
+    :mod:`pinn_jax.sharded_grouping`, and ``results['train_container']`` holds those rows)."""
 
     name = "jax"
 
     def __init__(self, *, seed: int = 0, checkpoint_dir: str | os.PathLike | None = None,
-                 resume: bool = False, progress: bool = True):
+                 resume: bool = False, progress: bool = True, shard_data: bool | None = None):
         self.seed = int(seed)
+        self.shard_data = shard_data
         self.checkpoint_dir = checkpoint_dir
         self.resume = bool(resume)
         self.progress = bool(progress)
@@ -133,6 +137,13 @@ class JaxBackend:
         return result.obj, footprint, info
 
     # -- training -----------------------------------------------------------------------------
+    def _shards(self, train_data: Any) -> bool:
+        if self.shard_data is not None:
+            return bool(self.shard_data)
+        import jax
+
+        return jax.process_count() > 1
+
     def train_cdi_model(self, train_data: Any, test_data: Any, config: Any, *, seed: int | None = None,
                         checkpoint_dir: str | os.PathLike | None = None, resume: bool | None = None,
                         history_path: str | os.PathLike | None = None,
@@ -147,7 +158,14 @@ class JaxBackend:
             raise ValueError("train_data: expected RawData or a PtychoDataContainer, got None")
         config.validate()
         seed = self.seed if seed is None else int(seed)
-        train_c = as_container(train_data, config, seed=seed)
+        shard = self._shards(train_data)
+        n_global = None
+        if shard and not _is_container(train_data):
+            from pinn_jax.sharded_grouping import local_training_container
+
+            train_c, n_global = local_training_container(train_data, config, seed=seed)
+        else:
+            train_c = as_container(train_data, config, seed=seed)
         test_c = as_container(test_data, config, seed=seed)
         outcome = train_model(
             train_c,
@@ -158,6 +176,8 @@ class JaxBackend:
             progress=self.progress,
             history_path=history_path,
             on_epoch_end=on_epoch_end,
+            shard_data=shard,
+            n_samples=n_global,
         )
         # As the reference: cfg carries the training scale and the normalised probe.
         legacy.cfg["intensity_scale"] = outcome.intensity_scale

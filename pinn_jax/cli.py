@@ -80,7 +80,8 @@ def _load_raw(path: Path, what: str, diffraction_kind: str = "auto"):
     from backend_api.raw_data import RawData
 
     try:
-        return RawData.from_file(path, diffraction_kind=diffraction_kind)
+        # mapped, not loaded: a large scan costs memory only where it is used
+        return RawData.from_file(path, diffraction_kind=diffraction_kind, mmap=True)
     except FileNotFoundError as exc:
         raise CLIError(f"{what}: file not found: {path}") from exc
     except _read_errors() as exc:
@@ -312,7 +313,8 @@ def cmd_train(args) -> int:
         results, archive = pipeline.train(
             train_raw, test_raw if args.do_stitching else None, cfg, seed=args.seed, checkpoint_dir=ckpt_dir,
             resume=args.resume, progress=primary and not (args.no_progress or args.quiet),
-            history_path=out / "history.json" if primary else None, save_to=out if primary else None)
+            history_path=out / "history.json" if primary else None, save_to=out if primary else None,
+            shard_data=args.shard_data)
     except TrainingDivergedError as exc:
         print(f"{PROG} train: error: {exc}", file=sys.stderr)
         return 1
@@ -368,18 +370,27 @@ def cmd_infer(args) -> int:
     grouping = dataclasses.replace(grouping, n_groups=grouping.resolve_n_groups(len(raw.xcoords), model.gridsize))
     refine = args.refine_iterations > 0
     options = _refine_options(args, args.refine_iterations) if refine else None
+    if args.stream and model.gridsize != 1:
+        raise CLIError(f"--stream is for gridsize-1 models; this model has gridsize {model.gridsize}")
+    if args.stream and (args.n_groups is not None or args.n_subsample):
+        raise CLIError("--stream reconstructs every position once, in file order: drop --n_groups/--n_subsample")
     try:
-        obj_shape = pipeline.object_grid(raw) if refine else (
+        obj_shape = pipeline.object_grid(raw) if refine or args.stream else (
             None if raw.objectGuess is None else tuple(np.shape(raw.objectGuess)))
         t0 = time.perf_counter()
-        amp, phase, res = pipeline.reconstruct(model, raw, grouping=grouping, M=args.M, object_shape=obj_shape,
-                                               seed=args.seed, nphotons=cfg.get("nphotons", 1e9),
-                                               max_canvas_pixels=args.max_canvas_pixels)
+        if args.stream:
+            amp, phase, res = pipeline.reconstruct_streaming(model, raw, M=args.M, chunk=args.chunk,
+                                                             object_shape=obj_shape)
+        else:
+            amp, phase, res = pipeline.reconstruct(model, raw, grouping=grouping, M=args.M, object_shape=obj_shape,
+                                                   seed=args.seed, nphotons=cfg.get("nphotons", 1e9),
+                                                   max_canvas_pixels=args.max_canvas_pixels)
     except ValueError as exc:
         raise CLIError(f"--test_data: {exc}") from exc
     elapsed = time.perf_counter() - t0
     out = args.output_dir
-    print(f"reconstructed {len(res['global_offsets'])} groups in {elapsed:.2f} s -> object {amp.shape}")
+    what = "positions (streamed)" if args.stream else "groups"
+    print(f"reconstructed {len(res['global_offsets'])} {what} in {elapsed:.2f} s -> object {amp.shape}")
     if refine:
         try:
             t0 = time.perf_counter()

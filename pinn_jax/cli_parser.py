@@ -268,6 +268,10 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--do_stitching", action="store_true",
                    help="reconstruct the test data after training and write the PNGs")
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
+    g.add_argument("--shard_data", type=_bool, default=None, metavar="{true,false}",
+                   help="split the training groups over all devices (each device, and each process, holds "
+                        "only its shard; --batch_size must be a multiple of the device count) instead of "
+                        "replicating them (default: true in a multi-process run, false otherwise)")
     _canvas_flag(g)
     p.set_defaults(_tnames=tnames, _mnames=mnames)
     _distributed_flags(p)
@@ -307,6 +311,12 @@ def _add_infer_parser(sub) -> None:
     p.add_argument("--refine_iterations", type=_nonnegative_int, default=0,
                    help="then refine the network's object with the physics model for K passes over the "
                         "positions (pinn_jax.refine; default: 0 = the network's object as it is)")
+    p.add_argument("--stream", action="store_true",
+                   help="gridsize-1 models: read, predict and stitch --chunk patterns at a time straight onto the "
+                        "object grid (bounded memory for scans of 10^5-10^6 positions; the NPZ is memory-mapped); "
+                        "every position once, no grouping; 'object' in reconstruction.npz is then the grid object")
+    p.add_argument("--chunk", type=_positive_int, default=4096,
+                   help="patterns per chunk with --stream (the memory knob, default: 4096)")
     _refinement_flags(p)
     _canvas_flag(p)
     _distributed_flags(p)

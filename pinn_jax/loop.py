@@ -34,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from backend_api.fileio import write_json
 from pinn_jax.checkpoint import _RunCheckpoints
+from pinn_jax.data_shards import LocalSamples, ShardLayout, local_shard_indices, process_rows, shard_layout
 from pinn_jax.optim import make_optimizer, set_learning_rate
 from pinn_jax.schedules import (
     STREAMING_THRESHOLD,
@@ -118,6 +119,23 @@ def _gather_batch(data: Mapping[str, jax.Array], idx: jax.Array, mesh: Mesh):
     return batch, mask.astype(jnp.float32)
 
 
+def _gather_sharded_batch(data: Mapping[str, jax.Array], idx: jax.Array, mesh: Mesh):
+    """Sharded data (:mod:`pinn_jax.data_shards`): ``data`` arrays ``(D, S, ...)`` and ``idx``
+    ``(D, b)`` shard-local rows (-1 padding), both split over the mesh on axis 0. Every device
+    takes its rows from its own shard (no communication); the batch is ``(D * b, ...)``, device
+    ``d`` holding rows ``[d b, (d + 1) b)``, exactly the layout :func:`_gather_batch` gives."""
+    from jax import shard_map
+
+    def take(block, rows):
+        safe = jnp.where(rows[0] >= 0, rows[0], 0)
+        return {k: jnp.take(v[0], safe, axis=0) for k, v in block.items()}
+
+    spec = P("data")
+    batch = shard_map(take, mesh=mesh, in_specs=(spec, spec), out_specs=spec)(data, idx)
+    mask = jax.lax.with_sharding_constraint((idx >= 0).reshape(-1), NamedSharding(mesh, spec))
+    return batch, mask.astype(jnp.float32)
+
+
 def _masked_sums(per_sample: jax.Array, aux: Mapping[str, jax.Array], mask: jax.Array) -> dict:
     sums = {"loss": jnp.sum(per_sample * mask)}
     for k, v in aux.items():
@@ -131,6 +149,7 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     *,
     mesh: Mesh | None = None,
+    sharded_data: bool = False,
 ) -> Callable[[TrainState, Mapping[str, jax.Array], jax.Array], tuple[TrainState, dict]]:
     """The jitted ``train_step(state, data, idx) -> (state, sums)``; ``state`` is donated.
 
@@ -140,12 +159,16 @@ def make_train_step(
     averages a partial batch over its true size. ``sums`` holds on-device float32 scalars:
     masked sums of the loss and aux terms before the update, and ``count``.
     The per-step RNG key is ``fold_in(key(state.rng), state.step)`` (no key threading).
+    ``sharded_data``: ``data`` is split over the devices instead (``(D, S, ...)`` arrays,
+    ``idx`` ``(D, b)`` shard-local rows; see :mod:`pinn_jax.data_shards`); the rest of the step
+    is the same.
     """
     mesh = make_mesh() if mesh is None else mesh
     replicated = NamedSharding(mesh, P())
+    gather = _gather_sharded_batch if sharded_data else _gather_batch
 
     def step(state: TrainState, data, idx):
-        batch, mask = _gather_batch(data, idx, mesh)
+        batch, mask = gather(data, idx, mesh)
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
         def objective(params):
@@ -194,7 +217,7 @@ _STEP_CACHE_SIZE = 8
 
 
 @functools.lru_cache(maxsize=_STEP_CACHE_SIZE)
-def _cached_steps(loss_fn: LossFn, adam: tuple[float, float, float], mesh: Mesh):
+def _cached_steps(loss_fn: LossFn, adam: tuple[float, float, float], mesh: Mesh, sharded_data: bool = False):
     """Memo of jitted (train_step, eval_step) pairs keyed by (loss_fn, adam betas/eps, mesh).
 
     A hashable loss (e.g. :class:`pinn_jax.objective.PtychoLoss`, which hashes its graphdef and
@@ -202,23 +225,24 @@ def _cached_steps(loss_fn: LossFn, adam: tuple[float, float, float], mesh: Mesh)
     beyond ``_STEP_CACHE_SIZE`` are dropped (their executables with them). The learning rate is
     not part of the key: it lives in the optimiser state.
     """
-    return _build_steps(loss_fn, adam, mesh)
+    return _build_steps(loss_fn, adam, mesh, sharded_data)
 
 
-def _build_steps(loss_fn: LossFn, adam: tuple[float, float, float], mesh: Mesh):
+def _build_steps(loss_fn: LossFn, adam: tuple[float, float, float], mesh: Mesh, sharded_data: bool = False):
     optimizer = make_optimizer(1e-3, *adam)
-    return make_train_step(loss_fn, optimizer, mesh=mesh), make_eval_step(loss_fn, mesh=mesh)
+    return (make_train_step(loss_fn, optimizer, mesh=mesh, sharded_data=sharded_data),
+            make_eval_step(loss_fn, mesh=mesh))
 
 
-def _compiled_steps(loss_fn: LossFn, adam: tuple, mesh: Mesh):
+def _compiled_steps(loss_fn: LossFn, adam: tuple, mesh: Mesh, sharded_data: bool = False):
     """The (train_step, eval_step) pair for ``loss_fn``: memoised when the key is hashable,
     built afresh otherwise (e.g. a closure over a dict)."""
     adam = tuple(float(a) for a in adam)
     try:
         hash((loss_fn, adam, mesh))
     except TypeError:
-        return _build_steps(loss_fn, adam, mesh)
-    return _cached_steps(loss_fn, adam, mesh)
+        return _build_steps(loss_fn, adam, mesh, sharded_data)
+    return _cached_steps(loss_fn, adam, mesh, bool(sharded_data))
 
 
 def _epoch_batches(key: jax.Array, n_train: int, n_steps: int, batch: int, width: int) -> jax.Array:
@@ -227,6 +251,23 @@ def _epoch_batches(key: jax.Array, n_train: int, n_steps: int, batch: int, width
     perm = jax.random.permutation(key, n_train).astype(jnp.int32)
     perm = jnp.concatenate([perm, jnp.full((n_steps * batch - n_train,), -1, jnp.int32)])
     return _rows(_pad_columns(perm.reshape(n_steps, batch), width))
+
+
+def _sharded_epoch_batches(key: jax.Array, sizes: tuple[int, ...], n_steps: int, batch: int,
+                           shuffle: bool = True) -> tuple[jax.Array, ...]:
+    """n_steps ``(D, batch)`` int32 rows for sharded data: shard ``d`` (``sizes[d]`` samples)
+    permuted with ``fold_in(key, d)`` (``key`` itself for one shard, so one device gives
+    :func:`_epoch_batches`' table) or in order, cut into ``batch``-sized pieces, -1 padded."""
+    rows = []
+    for d, size in enumerate(sizes):
+        if shuffle:
+            k = key if len(sizes) == 1 else jax.random.fold_in(key, d)
+            perm = jax.random.permutation(k, size).astype(jnp.int32)
+        else:
+            perm = jnp.arange(size, dtype=jnp.int32)
+        perm = jnp.concatenate([perm, jnp.full((n_steps * batch - size,), -1, jnp.int32)])
+        rows.append(perm.reshape(n_steps, batch))
+    return _rows(jnp.stack(rows, axis=1))
 
 
 def _fixed_batches(start: int, stop: int, batch: int, width: int) -> np.ndarray:
@@ -252,6 +293,9 @@ class FitOptions:
     ``checkpoint_dir``: Orbax run checkpoints are written there after every epoch (None: no
     checkpoints). ``resume``: continue from the latest checkpoint in ``checkpoint_dir`` (a fresh
     start when there is none). ``devices``: data-parallel devices (default all).
+    ``shard_data``: split the training samples over the devices instead of replicating them
+    (:mod:`pinn_jax.data_shards`; ``batch_size`` must then be a multiple of the device count);
+    None: on in a multi-process run, off otherwise.
     """
 
     nepochs: int = 50
@@ -275,6 +319,9 @@ class FitOptions:
     max_checkpoints: int = 2
     progress: bool = True
     devices: Sequence[Any] | None = None
+    # None: shard in a multi-process run (each process holds only its devices' shards), replicate
+    # otherwise. See pinn_jax.data_shards.
+    shard_data: bool | None = None
     # e.g. "disallow": jax.transfer_guard around the steps of each epoch (a debugging aid
     # that proves the loop makes no implicit host<->device copies).
     transfer_guard: str | None = None
@@ -348,7 +395,9 @@ class _Placed:
     ``n``: samples; the first ``n_train`` train, in ``n_steps`` batches of ``batch_size`` each
     padded with -1 to ``width`` (a multiple of the device count). ``val_batches`` /
     ``fixed_train``: lists of (width,) int32 device rows (None: no validation samples);
-    ``epoch_batches(key, n_train, n_steps, batch_size, width)``: the jitted shuffled table.
+    ``epoch_batches(key)``: the jitted shuffled table of the epoch's key. With sharded data the
+    rows are ``(D, batch_size / D)`` shard-local indices and ``val_data`` holds the (replicated)
+    validation samples.
     """
 
     n: int
@@ -364,6 +413,8 @@ class _Placed:
     fixed_train: list
     shuffle_key: jax.Array
     epoch_batches: Callable
+    # sharded data: the replicated validation arrays (device_data holds the training shards)
+    val_data: dict | None = None
 
 
 @dataclasses.dataclass
@@ -388,7 +439,10 @@ class _LoopState:
 
 
 def _sample_count(data: Mapping[str, Any]) -> int:
-    """The common leading (sample) axis of ``data``'s arrays."""
+    """The common leading (sample) axis of ``data``'s arrays (the global count of a
+    :class:`~pinn_jax.data_shards.LocalSamples`)."""
+    if isinstance(data, LocalSamples):
+        return int(data.n)
     if not data:
         raise ValueError("data must contain at least one array")
     sizes = {k: int(np.shape(v)[0]) for k, v in data.items()}
@@ -398,32 +452,105 @@ def _sample_count(data: Mapping[str, Any]) -> int:
     return n
 
 
+def _shard_data_wanted(options: FitOptions, data) -> bool:
+    if isinstance(data, LocalSamples):
+        if options.shard_data is False:
+            raise ValueError("data: a LocalSamples holds only this process's shards; it needs shard_data")
+        return True
+    return jax.process_count() > 1 if options.shard_data is None else bool(options.shard_data)
+
+
+def _sharded_blocks(data, layout: ShardLayout, mesh: Mesh) -> tuple[dict, dict]:
+    """``data``'s training rows as ``(D, S, ...)`` global arrays split over the mesh (each
+    device given only its shard, zero-padded to ``S``) and its validation rows (numpy)."""
+    shards = local_shard_indices(mesh)
+    if isinstance(data, LocalSamples):
+        want = len(process_rows(layout, shards))
+        if data.local_count != want:
+            raise ValueError(f"data: this process holds {data.local_count} rows, but its shards {shards} "
+                             f"and the {layout.n - layout.n_train} validation samples are {want} rows")
+        arrays = dict(data.arrays)
+        starts, at = {}, 0
+        for d in shards:
+            starts[d] = at
+            at += layout.sizes[d]
+        val_start = at
+    else:
+        arrays = dict(data)
+        starts = {d: int(layout.bounds[d]) for d in shards}
+        val_start = layout.n_train
+    sharding = NamedSharding(mesh, P("data"))
+    train, val = {}, {}
+    cap = layout.shard_capacity
+    for key, value in arrays.items():
+        shape = (layout.n_shards, cap) + tuple(np.shape(value)[1:])
+        singles = []
+        for dev, index in sharding.addressable_devices_indices_map(shape).items():
+            d = int(index[0].start or 0)
+            block = np.zeros((1,) + shape[1:], np.asarray(value[:0]).dtype)
+            block[0, : layout.sizes[d]] = np.asarray(value[starts[d]: starts[d] + layout.sizes[d]])
+            singles.append(jax.device_put(block, dev))
+        train[key] = jax.make_array_from_single_device_arrays(shape, sharding, singles)
+        val[key] = np.asarray(value[val_start: val_start + layout.n - layout.n_train])
+    return train, val
+
+
 def _place_on_mesh(loss_fn: LossFn, params, rest, data, n: int, options: FitOptions) -> tuple[_Placed, TrainState]:
-    """Put the data (replicated), a fresh TrainState (copies: the step donates it) and the
-    fixed index tables on the devices; fetch the compiled steps from the memo."""
+    """Put the data (replicated, or split over the devices with ``shard_data``), a fresh
+    TrainState (copies: the step donates it) and the fixed index tables on the devices; fetch
+    the compiled steps from the memo."""
     vsplit = options.validation_split if n <= STREAMING_THRESHOLD else 0.0
     n_train = validation_split_index(n, vsplit)
     devices = list(jax.devices() if options.devices is None else options.devices)
     mesh = make_mesh(devices)
     replicated = NamedSharding(mesh, P())
-    # Pad the global batch to a multiple of the device count; padding rows are masked out.
-    width = -(-options.batch_size // len(devices)) * len(devices)
-    n_steps = -(-n_train // options.batch_size)
+    sharded = _shard_data_wanted(options, data)
+    if sharded:
+        layout = shard_layout(n, n_train, len(devices), options.batch_size)
+        width, n_steps = options.batch_size, layout.n_steps
+    else:
+        # Pad the global batch to a multiple of the device count; padding rows are masked out.
+        width = -(-options.batch_size // len(devices)) * len(devices)
+        n_steps = -(-n_train // options.batch_size)
 
     optimizer = make_optimizer(options.learning_rate, options.adam_beta1, options.adam_beta2, options.adam_epsilon)
-    device_data = jax.device_put(
-        {k: v if isinstance(v, jax.Array) else np.asarray(v) for k, v in data.items()}, replicated
-    )
+    val_data = None
+    if sharded:
+        device_data, val_host = _sharded_blocks(data, layout, mesh)
+        if n_train < n:
+            val_data = jax.device_put(val_host, replicated)
+    else:
+        device_data = jax.device_put(
+            {k: v if isinstance(v, jax.Array) else np.asarray(v) for k, v in data.items()}, replicated
+        )
     params = _put_copy(params, replicated)
     rest = _put_copy(rest, replicated)
     state = jax.device_put(init_train_state(params, rest, optimizer, options.seed), replicated)
 
     train_step, eval_step = _compiled_steps(
-        loss_fn, (options.adam_beta1, options.adam_beta2, options.adam_epsilon), mesh
+        loss_fn, (options.adam_beta1, options.adam_beta2, options.adam_epsilon), mesh, sharded
     )
     val_batches = None
     if n_train < n:
-        val_batches = jax.device_put(list(_fixed_batches(n_train, n, options.batch_size, width)), replicated)
+        first, last = (0, n - n_train) if sharded else (n_train, n)
+        val_batches = jax.device_put(list(_fixed_batches(first, last, options.batch_size, width)), replicated)
+    shuffle_key = jax.random.fold_in(jax.random.key(options.seed), 0x5EED)
+    if sharded:
+        table = jax.jit(_sharded_epoch_batches, static_argnums=(1, 2, 3, 4), out_shardings=replicated)
+        sizes, per_device = layout.sizes, layout.per_device_batch
+
+        def epoch_batches(key):
+            return table(key, sizes, n_steps, per_device, True)
+
+        fixed_train = table(shuffle_key, sizes, n_steps, per_device, False)
+    else:
+        table = jax.jit(_epoch_batches, static_argnums=(1, 2, 3, 4), out_shardings=replicated)
+        bs = options.batch_size
+
+        def epoch_batches(key):
+            return table(key, n_train, n_steps, bs, width)
+
+        fixed_train = jax.device_put(list(_fixed_batches(0, n_train, bs, width)), replicated)
     placed = _Placed(
         n=n,
         n_train=n_train,
@@ -435,9 +562,10 @@ def _place_on_mesh(loss_fn: LossFn, params, rest, data, n: int, options: FitOpti
         train_step=train_step,
         eval_step=eval_step,
         val_batches=val_batches,
-        fixed_train=jax.device_put(list(_fixed_batches(0, n_train, options.batch_size, width)), replicated),
-        shuffle_key=jax.random.fold_in(jax.random.key(options.seed), 0x5EED),
-        epoch_batches=jax.jit(_epoch_batches, static_argnums=(1, 2, 3, 4), out_shardings=replicated),
+        fixed_train=list(fixed_train),
+        shuffle_key=shuffle_key,
+        epoch_batches=epoch_batches,
+        val_data=val_data,
     )
     return placed, state
 
@@ -475,8 +603,7 @@ def _run_epoch(run: _Placed, state: TrainState, epoch: int, options: FitOptions)
     Returns the new state and the epoch logs (``loss``, aux terms, ``val_*``; python floats).
     """
     if options.shuffle:
-        key = jax.random.fold_in(run.shuffle_key, epoch)
-        batches = run.epoch_batches(key, run.n_train, run.n_steps, run.batch_size, run.width)
+        batches = run.epoch_batches(jax.random.fold_in(run.shuffle_key, epoch))
     else:
         batches = run.fixed_train
     sums = []
@@ -485,8 +612,9 @@ def _run_epoch(run: _Placed, state: TrainState, epoch: int, options: FitOptions)
         for idx in batches:
             state, s = run.train_step(state, run.device_data, idx)
             sums.append(s)
+        val_data = run.device_data if run.val_data is None else run.val_data
         for idx in run.val_batches or ():
-            val_sums.append(run.eval_step(state.params, state.rest, run.device_data, idx))
+            val_sums.append(run.eval_step(state.params, state.rest, val_data, idx))
     # The only host synchronisation of the epoch.
     sums, val_sums = jax.device_get((sums, val_sums))
     logs = _reduce(sums)
@@ -546,7 +674,9 @@ def fit(
     """Train ``params`` to minimise ``loss_fn`` over ``data`` with the reference's Keras loop.
 
     ``data``: dict of arrays (numpy or jax) sharing the leading sample axis ``n``; the last
-    ``n - validation_split_index(n)`` samples validate. Everything is put on the devices once;
+    ``n - validation_split_index(n)`` samples validate. With sharded data
+    (``options.shard_data``) it may instead be a :class:`~pinn_jax.data_shards.LocalSamples`:
+    only this process's rows. Everything is put on the devices once;
     per epoch the host only dispatches steps and fetches the metrics at the end.
     ``on_epoch_end(epoch, logs)`` runs after the epoch's checkpoint is written (0-based epoch).
     Raises :class:`TrainingDivergedError` when the epoch loss is not finite (the checkpoint of

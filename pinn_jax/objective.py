@@ -24,6 +24,7 @@ from pinn_jax import geometry, physics
 # import did): tests replace them on pinn_jax.model.
 from pinn_jax import model as model_mod
 from pinn_jax import probe as probe_mod
+from pinn_jax.data_shards import LocalSamples
 from pinn_jax.loop import FitOptions, LossFn, fit, save_history
 
 __all__ = [
@@ -246,12 +247,16 @@ def train_model(
     devices: Sequence[Any] | None = None,
     history_path: str | os.PathLike | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
+    shard_data: bool | None = None,
+    n_samples: int | None = None,
 ) -> TrainOutcome:
     """Train a PtychoPINN on a data container with the reference's loop (see :func:`fit`).
 
     ``seed`` fixes both the weight initialisation and the shuffling. With ``checkpoint_dir``,
     an Orbax run checkpoint is written after every epoch and ``resume=True`` continues from
-    the latest one. ``history_path`` (JSON) is written at the end.
+    the latest one. ``history_path`` (JSON) is written at the end. ``shard_data``: see
+    :class:`FitOptions`; ``n_samples``: the container holds only this process's rows of an
+    ``n_samples``-group dataset (:func:`pinn_jax.sharded_grouping.local_training_container`).
     """
     setup = prepare_training(container, config, seed=seed, model=model)
     options = fit_options_from_config(
@@ -261,8 +266,10 @@ def train_model(
         resume=bool(resume),
         progress=bool(progress),
         devices=devices,
+        shard_data=True if n_samples is not None else shard_data,
     )
-    result = fit(setup.loss_fn, setup.params, setup.rest, setup.data, options, on_epoch_end=on_epoch_end)
+    data = setup.data if n_samples is None else LocalSamples(setup.data, int(n_samples))
+    result = fit(setup.loss_fn, setup.params, setup.rest, data, options, on_epoch_end=on_epoch_end)
     trained = nnx.merge(setup.graphdef, result.params, result.rest)
     if history_path is not None:
         save_history(result.history, history_path)

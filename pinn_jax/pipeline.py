@@ -114,6 +114,33 @@ def reconstruct(
     return amp, phase, results
 
 
+def reconstruct_streaming(model: Any, raw: Any, *, M: int = STITCH_CROP, chunk: int | None = None,
+                          object_shape: Sequence[int] | None = None, batch_size: int = 64,
+                          on_chunk: Any = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """:func:`reconstruct` of a gridsize-1 model on the object grid, in bounded memory
+    (:func:`pinn_jax.streaming.reconstruct_on_grid_streaming`): ``raw.diff3d`` (best
+    memory-mapped, ``RawData.from_file(..., mmap=True)``) is read ``chunk`` patterns at a time,
+    every position once, in file order, and no patch array is kept.
+
+    ``object_shape``: the grid (default :func:`object_grid`). Returns ``(amplitude (H, W),
+    phase (H, W), results)`` with ``object_on_grid``, ``object_weights``, ``amplitude_on_grid``,
+    ``phase_on_grid``, ``global_offsets`` ``(n, 1, 2, 1)`` (the positions) and
+    ``stitched_obj`` (the grid object: there is no separate canvas), so
+    :func:`write_reconstruction` and :func:`evaluate` take it as they take :func:`reconstruct`'s.
+    """
+    from pinn_jax.streaming import DEFAULT_CHUNK, reconstruct_on_grid_streaming
+
+    shape = object_grid(raw) if object_shape is None else tuple(int(v) for v in object_shape)
+    pos = np.column_stack([np.asarray(raw.xcoords, np.float64), np.asarray(raw.ycoords, np.float64)])
+    obj, weights = reconstruct_on_grid_streaming(model, raw.diff3d, pos, shape, M=M,
+                                                 chunk=DEFAULT_CHUNK if chunk is None else int(chunk),
+                                                 batch_size=batch_size, on_chunk=on_chunk)
+    amp, phase = np.abs(obj).astype(np.float32), np.angle(obj).astype(np.float32)
+    results = {"object_on_grid": obj, "object_weights": weights, "amplitude_on_grid": amp, "phase_on_grid": phase,
+               "global_offsets": pos.reshape(-1, 1, 2, 1), "stitched_obj": obj}
+    return amp, phase, results
+
+
 def score_on_grid(obj: Any, ground_truth: Any, positions: Any, *, M: int = STITCH_CROP) -> dict:
     """Score an ``(H, W)`` complex object against the ground truth on the same grid inside the
     region the scan ``positions`` ``(n, 2)`` cover (:func:`pinn_jax.metrics.eval_reconstruction`,
@@ -161,13 +188,14 @@ def write_test_stitch(results: dict, out_dir: str | os.PathLike, *, M: int = STI
 def train(train_data: Any, test_data: Any, config: Any, *, seed: int = 0,
           checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
           history_path: str | os.PathLike | None = None, save_to: str | os.PathLike | None = None,
-          on_epoch_end: Any = None) -> tuple[dict, Path | None]:
+          on_epoch_end: Any = None, shard_data: bool | None = None) -> tuple[dict, Path | None]:
     """Train a PtychoPINN with ``config`` (a validated TrainingConfig, ``backend='jax'``).
 
     Fills the legacy ``params.cfg`` from the config first (CONFIG-001, as
     ``backend_api.workflows`` does), trains with :class:`~pinn_jax.backend.JaxBackend`
     (``checkpoint_dir``/``resume``: run checkpoints; ``history_path``: ``history.json``
-    written each epoch), and, with ``save_to``, writes ``save_to/wts.h5.zip``. Returns
+    written each epoch; ``shard_data``: see :class:`~pinn_jax.backend.JaxBackend`), and, with
+    ``save_to``, writes ``save_to/wts.h5.zip``. Returns
     ``(results, archive path or None)``; ``results`` as ``JaxBackend.train_cdi_model``.
     Raises ``pinn_jax.train.TrainingDivergedError`` on a non-finite loss and lets
     ``KeyboardInterrupt`` through (checkpoints stay).
@@ -177,7 +205,8 @@ def train(train_data: Any, test_data: Any, config: Any, *, seed: int = 0,
     from pinn_jax.backend import JaxBackend
 
     update_legacy_dict(legacy.cfg, config)
-    backend = JaxBackend(seed=seed, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
+    backend = JaxBackend(seed=seed, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
+                         shard_data=shard_data)
     results = backend.train_cdi_model(train_data, test_data, config, history_path=history_path,
                                       on_epoch_end=on_epoch_end)
     archive = None

@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -280,14 +280,26 @@ def precondition(g: jax.Array, probe: jax.Array, positions: jax.Array, noise: st
     return g * (c / denom)
 
 
+def _jit_update(step: Callable, donate: tuple[int, ...], mesh: Any) -> Callable:
+    """``step`` jitted with its state donated; over a ``mesh`` its outputs stay replicated
+    (the batch is split over the devices, the gradient summed by the compiler)."""
+    if mesh is None:
+        return jax.jit(step, donate_argnums=donate)
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return jax.jit(step, donate_argnums=donate, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
 def make_refine_step(optimizer: optax.GradientTransformation, noise: str, *,
-                     tv: tuple[float, float] = (0.0, 0.0), pie_alpha: float | None = None) -> Callable:
+                     tv: tuple[float, float] = (0.0, 0.0), pie_alpha: float | None = None,
+                     mesh: Any = None) -> Callable:
     """One jitted minibatch update of the object ``(x, opt_state, probe, positions_b,
     measured_b) -> (x, opt_state, misfit)`` with the state donated (``misfit``: the batch's data
     misfit before the update); ``x`` is the ``(2, H, W)``
     real object, ``probe`` ``(N, N)`` complex; ``tv = (weight, eps)`` adds ``weight *``
     :func:`total_variation` to the misfit (absolute units); with ``pie_alpha`` the gradient
-    is :func:`precondition`-ed before the optimizer sees it."""
+    is :func:`precondition`-ed before the optimizer sees it. ``mesh``: a 1-D device mesh the
+    minibatch is split over (outputs replicated)."""
 
     def step(x, opt_state, probe, positions, measured):
         (_, loss), g = jax.value_and_grad(_objective, has_aux=True)(x, probe, positions, measured, noise, tv)
@@ -296,12 +308,13 @@ def make_refine_step(optimizer: optax.GradientTransformation, noise: str, *,
         updates, opt_state = optimizer.update(g, opt_state, x)
         return optax.apply_updates(x, updates), opt_state, loss
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return _jit_update(step, (0, 1), mesh)
 
 
 def make_object_probe_step(object_optimizer: optax.GradientTransformation,
                            probe_optimizer: optax.GradientTransformation, noise: str, *,
-                           tv: tuple[float, float] = (0.0, 0.0), pie_alpha: float | None = None) -> Callable:
+                           tv: tuple[float, float] = (0.0, 0.0), pie_alpha: float | None = None,
+                           mesh: Any = None) -> Callable:
     """One jitted minibatch update of object and probe together ``(x, x_state, p, p_state,
     positions_b, measured_b) -> (x, x_state, p, p_state, loss)`` (state donated); ``x``
     ``(2, H, W)`` and ``p`` ``(2, N, N)`` are real/imaginary stacks."""
@@ -317,7 +330,7 @@ def make_object_probe_step(object_optimizer: optax.GradientTransformation,
         up, p_state = probe_optimizer.update(gp, p_state, p)
         return optax.apply_updates(x, ux), x_state, optax.apply_updates(p, up), p_state, value
 
-    return jax.jit(step, donate_argnums=(0, 1, 2, 3))
+    return _jit_update(step, (0, 1, 2, 3), mesh)
 
 
 def position_corrections(obj: Any, probe: Any, positions: Any, measured: Any, *,
@@ -463,10 +476,43 @@ def _position_bounds(N: int, shape: tuple[int, int]) -> tuple[np.ndarray, np.nda
     return lo, hi
 
 
+def _refine_mesh(devices: Sequence[Any], batch: int):
+    from jax.sharding import Mesh
+
+    devs = list(devices)
+    if not devs:
+        raise ValueError("devices: expected at least one device")
+    if batch % len(devs):
+        raise ValueError(f"batch_size {batch}: split over {len(devs)} devices it must be a multiple of {len(devs)}")
+    return Mesh(np.array(devs), ("data",))
+
+
+def _placers(mesh: Any):
+    """``(put, put_batch)``: ``put(tree)`` replicates host values over ``mesh``;
+    ``put_batch(rows)`` / ``put_batch(array, idx)`` splits a minibatch (``array[idx]``) over
+    it, each process reading only the rows its devices take. Without a mesh both hand the
+    values through (one device, as before)."""
+    if mesh is None:
+        return (lambda tree: tree), (lambda a, idx=None: a if idx is None else a[idx])
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    rep, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
+
+    def put(tree):
+        return jax.device_put(jax.device_get(tree), rep)
+
+    def put_batch(a, idx=None):
+        rows = np.arange(len(a)) if idx is None else np.asarray(idx)
+        shape = (len(rows),) + tuple(np.shape(a)[1:])
+        return jax.make_array_from_callback(shape, split, lambda index: np.asarray(a[rows[index[0]]]))
+
+    return put, put_batch
+
+
 def refine_object(amplitudes: Any, positions: Any, probe: Any, initial: Any,
                   options: RefineOptions = RefineOptions(), *,
                   on_pass_end: Callable[[int, float, np.ndarray], None] | None = None,
-                  progress: bool = False) -> RefineResult:
+                  progress: bool = False, devices: Sequence[Any] | None = None) -> RefineResult:
     """Refine ``initial`` ``(H, W)`` complex to fit ``amplitudes`` ``(n, N, N)`` measured at
     ``positions`` ``(n, 2)`` ``[x, y]`` with ``probe`` ``(N, N)`` (see the module docstring;
     probe and positions too where ``options`` ask).
@@ -478,9 +524,17 @@ def refine_object(amplitudes: Any, positions: Any, probe: Any, initial: Any,
     object, e.g. for metrics; ``progress`` shows a tqdm bar over the passes.
     Returns :class:`RefineResult`. Bad shapes, non-finite values and patches off the grid
     raise ``ValueError`` before any work.
+
+    ``devices``: split every minibatch over these devices (a 1-D mesh; ``batch_size`` must be
+    a multiple of their number), the object replicated; default: every device of every process
+    in a multi-process run, one device otherwise. Each process then reads only its part of each
+    minibatch, and every process returns the same result.
     """
     amp, pos, pr, obj0 = _check_inputs(amplitudes, positions, probe, initial)
     opts = options
+    if devices is None and jax.process_count() > 1:
+        devices = jax.devices()
+    mesh = None if devices is None else _refine_mesh(devices, min(int(opts.batch_size), len(pos)))
     t_start = time.perf_counter()
     in_callbacks = 0.0
     n, N = len(pos), pr.shape[0]
@@ -495,19 +549,21 @@ def refine_object(amplitudes: Any, positions: Any, probe: Any, initial: Any,
     else:
         pie_alpha = None
         object_optimizer = optax.adam(_schedule(opts.step_size * scale, opts.final_learning_rate, steps))
-    x = _as_real(obj0)
-    x_state = object_optimizer.init(x)
-    probe_j = jnp.asarray(pr)
+    put, put_batch = _placers(mesh)
+    x = put(_as_real(obj0))
+    x_state = put(object_optimizer.init(x))
+    probe_j = put(jnp.asarray(pr))
     # the TV weight is relative: misfit per pixel scales with the counts, the object's gradients
     # with its mean amplitude
     tv = (float(opts.tv_weight) * float(np.mean(np.square(amp))) / scale, 1e-3 * scale) if opts.tv_weight else (0.0, 0.0)
-    step_object = make_refine_step(object_optimizer, opts.noise, tv=tv, pie_alpha=pie_alpha)
+    step_object = make_refine_step(object_optimizer, opts.noise, tv=tv, pie_alpha=pie_alpha, mesh=mesh)
     if opts.refine_probe:
         probe_optimizer = optax.adam(_schedule(opts.probe_learning_rate * (float(np.mean(np.abs(pr))) or 1.0),
                                                opts.final_learning_rate, steps))
-        p = _as_real(pr)
-        p_state = probe_optimizer.init(p)
-        step_both = make_object_probe_step(object_optimizer, probe_optimizer, opts.noise, tv=tv, pie_alpha=pie_alpha)
+        p = put(_as_real(pr))
+        p_state = put(probe_optimizer.init(p))
+        step_both = make_object_probe_step(object_optimizer, probe_optimizer, opts.noise, tv=tv, pie_alpha=pie_alpha,
+                                           mesh=mesh)
     pos0 = pos.astype(np.float64)
     cur = pos0.copy()
     lo, hi = _position_bounds(N, obj0.shape)
@@ -520,7 +576,7 @@ def refine_object(amplitudes: Any, positions: Any, probe: Any, initial: Any,
         total, probe_now = 0.0, current_probe()
         for s in range(0, n, 256):
             chunk = slice(s, s + 256)
-            total += float(full_loss(x, probe_now, cur[chunk].astype(np.float32), amp[chunk])) * len(amp[chunk])
+            total += float(full_loss(x, probe_now, put(cur[chunk].astype(np.float32)), put(amp[chunk]))) * len(amp[chunk])
         return total / n
 
     def outputs():
@@ -547,16 +603,18 @@ def refine_object(amplitudes: Any, positions: Any, probe: Any, initial: Any,
             batch_misfits = []
             for s in range(0, n - B + 1, B):
                 idx = order[s:s + B]
-                pb = cur[idx].astype(np.float32)
+                pb_host = cur[idx].astype(np.float32)
+                pb = put_batch(pb_host)
+                mb = put_batch(amp, idx)
                 if fit_probe:
-                    x, x_state, p, p_state, m = step_both(x, x_state, p, p_state, pb, amp[idx])
+                    x, x_state, p, p_state, m = step_both(x, x_state, p, p_state, pb, mb)
                 elif opts.refine_probe:
-                    x, x_state, m = step_object(x, x_state, _as_complex(p), pb, amp[idx])
+                    x, x_state, m = step_object(x, x_state, _as_complex(p), pb, mb)
                 else:
-                    x, x_state, m = step_object(x, x_state, probe_j, pb, amp[idx])
+                    x, x_state, m = step_object(x, x_state, probe_j, pb, mb)
                 batch_misfits.append(m)
                 if fit_positions:
-                    d = np.asarray(_position_corrections_jit(_as_complex(x), current_probe(), pb, amp[idx],
+                    d = np.asarray(_position_corrections_jit(_as_complex(x), current_probe(), put(pb_host), put(amp[idx]),
                                                              max_step=float(opts.max_position_step)), np.float64)
                     cur[idx] = cur[idx] + d
             if fit_positions:

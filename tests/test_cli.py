@@ -244,6 +244,23 @@ def test_train_interrupt_resume_infer(capsys, tmp_path):
     assert rec["object_on_grid"].shape == (128, 128)
     assert json.loads((inf / "metrics.json").read_text())["ssim"]["amplitude"] <= 1.0
 
+    # --stream: chunks of 17 patterns straight onto the grid, every position once; the same
+    # object as the grouped path at gridsize 1 (sums in another order: 1e-5 of the peak)
+    streamed = tmp_path / "inf_stream"
+    rc, stdout, err = run_main(capsys, "infer", "--model_path", str(out), "--test_data", str(test_npz),
+                               "--output_dir", str(streamed), "--stream", "--chunk", "17", "--quiet")
+    assert rc == 0, err
+    assert "positions (streamed)" in stdout
+    with np.load(streamed / "reconstruction.npz") as s:
+        ref = rec["object_on_grid"]
+        np.testing.assert_allclose(s["object_on_grid"], ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+        np.testing.assert_array_equal(s["object"], s["object_on_grid"])
+    assert (streamed / "metrics.json").is_file() and (streamed / "reconstructed_amplitude.png").is_file()
+    rc, _, err = run_main(capsys, "infer", "--model_path", str(out), "--test_data", str(test_npz),
+                          "--output_dir", str(tmp_path / "never"), "--stream", "--n_groups", "10")
+    assert rc == 2 and "--stream reconstructs every position once" in err
+    assert not (tmp_path / "never").exists()
+
 
 def _png_shape(path: Path) -> tuple[int, int]:
     import matplotlib.image as mpimg
