@@ -11,13 +11,21 @@ Each measurement runs in its own subprocess (so its peak RSS is its own):
   just large enough; time, patterns/s, peak RSS, and the private memory the run itself adds
   (peak ``RssAnon`` during the run minus before it: the mapped input's pages are not in it).
 
+* ``devices`` (``--train-devices``): ``pinn-jax train`` (gridsize 1, the data sharded over the
+  devices) on a simulated scan with 1, 2, 4 ... devices of one process (fake CPU devices
+  via ``--xla_force_host_platform_device_count`` here: the shape of the curve, not a speed-up,
+  as they share the same cores; real devices where present), and with 2 processes of
+  ``D/2`` devices each (``jax.distributed`` on 127.0.0.1): the last epoch's groups/s and the
+  scaling efficiency ``rate / (rate of 1 device x devices)``; 2 processes against 1 process
+  with as many devices gives the cost of the cross-process collectives.
+
 A log-log fit of time against size gives the slope (1.0 = linear). Prints a Markdown table,
 writes JSON (``--out``) and a PNG of the curves (``--plot``).
 
 Usage::
 
     python benchmarks/scale.py [--group-sizes 10000 100000 1000000] [--infer-sizes 1000 4000 16000]
-        [--N 64] [--chunk 4096] [--out scale.json] [--plot scale.png]
+        [--N 64] [--chunk 4096] [--train-devices 1 2 4] [--out scale.json] [--plot scale.png]
 """
 
 from __future__ import annotations
@@ -123,6 +131,46 @@ def child_infer(n: int, N: int, chunk: int, path: str) -> dict:
             "finite": bool(np.isfinite(obj).all() and np.isfinite(w).all())}
 
 
+def _train_rate(data: Path, out: Path, devices: int, processes: int, epochs: int, n_groups: int) -> dict:
+    """``pinn-jax train`` on ``data`` with ``devices`` devices in all (``processes`` processes of
+    ``devices // processes`` fake CPU devices each, or the real ones); the last epoch's rate."""
+    import socket
+
+    per = devices // processes
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PINN_JAX_COMPILE_CACHE="0")
+    if os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
+        env["JAX_PLATFORMS"] = "cpu"
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={per}").strip()
+    args = [sys.executable, "-m", "pinn_jax.cli", "train", "--train_data_file", str(data), "--n_groups", str(n_groups),
+            "--gridsize", "1", "--n_filters_scale", "1", "--batch_size", "16", "--nepochs", str(epochs),
+            "--no_progress", "--shard_data", "true", "--output_dir", str(out), "--quiet"]
+    t0 = time.perf_counter()
+    if processes == 1:
+        proc = subprocess.run(args, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"train on {devices} devices failed:\n{proc.stderr[-3000:]}")
+    else:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        procs = [subprocess.Popen(args + ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes",
+                                          str(processes), "--process_id", str(i)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for i in range(processes)]
+        for p in procs:
+            _, err = p.communicate()
+            if p.returncode != 0:
+                raise RuntimeError(f"train in {processes} processes failed:\n{err[-3000:]}")
+    wall = time.perf_counter() - t0
+    hist = json.loads((out / "history.json").read_text())
+    from pinn_jax.schedules import validation_split_index
+
+    n_train = validation_split_index(n_groups, 0.05)
+    epoch_s = float(hist["epoch_time_s"][-1])
+    return {"kind": "devices", "devices": devices, "processes": processes, "epoch_s": epoch_s,
+            "groups_per_s": n_train / epoch_s, "wall_s": wall, "n_groups": n_groups}
+
+
 def _spawn(args: list[str]) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -156,6 +204,10 @@ def main(argv=None) -> int:
     ap.add_argument("--infer-sizes", type=int, nargs="*", default=[1000, 4000, 16000])
     ap.add_argument("--N", type=int, default=64)
     ap.add_argument("--chunk", type=int, default=4096)
+    ap.add_argument("--train-devices", type=int, nargs="*", default=[],
+                    help="device counts for the training curve (e.g. 1 2 4); 2-process runs for the even ones")
+    ap.add_argument("--train-groups", type=int, default=256)
+    ap.add_argument("--train-epochs", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
@@ -185,6 +237,27 @@ def main(argv=None) -> int:
                   f"peak RSS {r['peak_rss_mib']:.0f} MiB, private memory of the run "
                   f"{r['run_anon_mib']:.0f} MiB", flush=True)
 
+    if args.train_devices:
+        from pinn_jax import simulate
+
+        with tempfile.TemporaryDirectory(prefix="pinn_jax_scale_train_") as tmp:
+            train, _ = simulate.simulate_dataset(N=args.N, object_size=2 * args.N + 64, n_images=2 * args.train_groups,
+                                                 seed=args.seed)
+            data = Path(tmp) / "train.npz"
+            train.to_file(data)
+            for D in args.train_devices:
+                layouts = [1] + ([2] if D % 2 == 0 else [])
+                for P in layouts:
+                    rows.append(_train_rate(data, Path(tmp) / f"run_{D}_{P}", D, P, args.train_epochs,
+                                            args.train_groups))
+                    r = rows[-1]
+                    print(f"train {D} devices in {P} process(es): {r['groups_per_s']:.1f} groups/s "
+                          f"(epoch {r['epoch_s']:.2f} s)", flush=True)
+        base = next((r["groups_per_s"] for r in rows if r["kind"] == "devices" and r["devices"] == 1), None)
+        for r in rows:
+            if r["kind"] == "devices" and base:
+                r["efficiency"] = r["groups_per_s"] / (base * r["devices"])
+
     slopes = {}
     for gs in (1, 2):
         slopes[f"group_gs{gs}"] = _slope([r for r in rows if r["kind"] == "group" and r["gridsize"] == gs])
@@ -192,10 +265,18 @@ def main(argv=None) -> int:
     print("\n| step | n | seconds | rate | peak RSS (MiB) | private memory of the run (MiB) |\n"
           "|---|---|---|---|---|---|")
     for r in rows:
+        if r["kind"] == "devices":
+            continue
         label = f"group gs{r['gridsize']}" if r["kind"] == "group" else f"infer+stitch N={r['N']}"
         rate = f"{r['n'] / r['seconds']:.0f}/s"
         run = f"{r['run_anon_mib']:.0f}" if "run_anon_mib" in r else "-"
         print(f"| {label} | {r['n']:,} | {r['seconds']:.2f} | {rate} | {r['peak_rss_mib']:.0f} | {run} |")
+    dev_rows = [r for r in rows if r["kind"] == "devices"]
+    if dev_rows:
+        print("\n| devices | processes | epoch (s) | groups/s | efficiency vs 1 device |\n|---|---|---|---|---|")
+        for r in dev_rows:
+            print(f"| {r['devices']} | {r['processes']} | {r['epoch_s']:.2f} | {r['groups_per_s']:.1f} | "
+                  f"{r.get('efficiency', float('nan')):.2f} |")
     print("\nfitted log-log slopes (1.0 = linear): "
           + ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} -" for k, v in slopes.items()))
     doc = {"rows": rows, "slopes": slopes, "N": args.N, "chunk": args.chunk, "cpu_count": os.cpu_count()}

@@ -172,6 +172,13 @@ def test_two_process_inference_equals_one_process(two_runs, data, tmp_path):
         ref = a["object_on_grid"]
         np.testing.assert_allclose(b["object_on_grid"], ref, rtol=0, atol=1e-5 * np.abs(ref).max())
     assert "reconstructed" in outs[0][1] and _ours(outs[1][1]) == ""
+    # --stream: the chunks (of 20 patterns) dealt out round-robin, the grid sums added across
+    # processes: the same object again
+    outs = _run_processes((*args, "--stream", "--chunk", 20, "--output_dir", tmp_path / "streamed"))
+    for rc, out, err in outs:
+        assert rc == 0, err[-3000:]
+    with np.load(tmp_path / "streamed" / "reconstruction.npz") as b:
+        np.testing.assert_allclose(b["object_on_grid"], ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
 @pytest.mark.slow
