@@ -437,7 +437,8 @@ def _refine_options(args, iterations: int, **overrides):
 
     kw = dict(iterations=iterations, noise=args.noise, refine_probe=args.refine_probe,
               probe_learning_rate=args.probe_learning_rate, refine_positions=args.refine_positions,
-              gauge=args.gauge, tv_weight=args.tv_weight, final_learning_rate=args.final_learning_rate)
+              gauge=args.gauge, tv_weight=args.tv_weight, final_learning_rate=args.final_learning_rate,
+              full_batch_from=args.full_batch_from, full_batch_momentum=args.full_batch_momentum)
     kw.update(overrides)
     try:
         return RefineOptions(**kw)
@@ -572,17 +573,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _run(args)
 
 
-def _default_compile_cache() -> None:
-    """Cache compiled XLA programs across runs (the train step takes tens of seconds to compile
-    on a laptop CPU): ``$XDG_CACHE_HOME/pinn_jax/xla`` (default ``~/.cache/pinn_jax/xla``) unless
-    ``JAX_COMPILATION_CACHE_DIR`` is set; ``PINN_JAX_COMPILE_CACHE=0`` turns it off. Only
-    effective before jax is first imported (it reads the variable then)."""
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.environ.get("PINN_JAX_COMPILE_CACHE", "1") == "0":
-        return
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(base / "pinn_jax" / "xla")
-
-
 def _dispatch(args) -> int:
     validate = _VALIDATORS.get(args.command)
     if validate is not None:
@@ -616,11 +606,11 @@ def _primary() -> bool:
 def _run(args) -> int:
     _setup_logging(args)
     if args.command != "ptychodus":
-        _default_compile_cache()
-        # The CLI is an entry point: it applies the CPU XLA settings before jax computes
-        # (`import pinn_jax` does not; the ptychodus child applies them itself).
-        from pinn_jax.runtime import configure_cpu_runtime
+        # The CLI is an entry point: it applies the CPU XLA settings and the compilation cache
+        # before jax computes (`import pinn_jax` does not; the ptychodus child applies them itself).
+        from pinn_jax.runtime import configure_compile_cache, configure_cpu_runtime
 
+        configure_compile_cache()
         configure_cpu_runtime()
     try:
         if hasattr(args, "coordinator_address") and _start_distributed(args):

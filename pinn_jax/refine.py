@@ -37,19 +37,25 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
+
+from pinn_jax.refine_steps import (NOISE_MODELS, as_complex, as_real, cached_builder, data_misfit, full_misfit,
+                                   hyper, illumination, make_refine_step, model_amplitudes, object_transform, photon_gain,
+                                   position_corrections, position_corrections_jit, precondition, total_variation,
+                                   zero_sums)
 
 __all__ = ["RefineOptions", "RefineResult", "refine_object", "model_amplitudes", "data_misfit",
-           "position_corrections", "fix_phase_gauge", "illumination_footprint", "inside_grid"]
-
-NOISE_MODELS = ("gaussian", "poisson")
-_POISSON_EPS = 1e-6
-_AMPLITUDE_EPS = 1e-10
+           "position_corrections", "fix_phase_gauge", "illumination_footprint", "inside_grid",
+           # the jitted pieces live in pinn_jax.refine_steps; these names stay importable from here
+           "illumination", "precondition", "total_variation", "make_refine_step"]
 
 
 GAUGES = ("none", "offset", "ramp")
+# the TV prior's smoothing, relative to the object's mean amplitude: quadratic (a smoothness
+# prior) for pixel differences below ~10 % of the mean amplitude, where noise lives, linear (TV,
+# edges kept) above. Measured at 1e4 photons per pattern: the same SSIM as 1e-3 (which
+# approximates plain TV), but full-batch steps settle instead of oscillating ~1 % per pass
+_TV_EPS = 0.1
 OPTIMIZERS = ("pie", "adam")
 # default steps, measured on the reference test scan (512 positions, 1e9 photons, flat start):
 # the preconditioned step at 1.0 reaches amplitude SSIM 0.98 in 2 passes; Adam at 0.01-0.02
@@ -85,8 +91,10 @@ class RefineOptions:
     ``seed``: the minibatch order (deterministic for a seed); ``final_learning_rate``: the
     fraction of the steps reached by the last update through a cosine decay (1 = constant; a
     decay averages out the minibatch noise at low dose); ``tv_weight``: a total-variation prior
-    on the object, relative to the mean counts per pixel and the object's mean amplitude (0 =
-    none; at ~1e4 photons per pattern ~0.03 lifts SSIM, at high dose it only blurs).
+    on the object (smoothed: quadratic below pixel differences of ~10 % of the mean amplitude),
+    relative to the mean counts per pixel and the object's mean amplitude (0 = none; at ~1e4
+    photons per pattern ~0.05 lifts SSIM, at high dose it only blurs). The low-dose recipe:
+    ``noise="poisson", full_batch_from=3, tv_weight=0.05``.
 
     Optional, each off by default:
 
@@ -97,6 +105,13 @@ class RefineOptions:
       ``max_position_step`` pixels per update and ``max_position_shift`` pixels from where it
       started; the mean correction is removed (a common shift of all positions only
       translates the object);
+    - ``full_batch_from``: from this pass (0-based) on, each pass is one update along the
+      gradient over every position (accumulated ``batch_size`` positions at a time, so memory
+      stays that of one minibatch; the pie step is preconditioned by the illumination of all
+      positions) with Nesterov momentum ``full_batch_momentum``. Minibatch steps hover around
+      the solution with a noise that the data's noise sets; full-batch steps converge to it: at
+      low dose, the maximum-likelihood (with ``tv_weight``, maximum a posteriori) object. The
+      history of those passes is the exact misfit over every position before the update;
     - ``exact_misfit``: the history re-evaluates the misfit over every position after each pass
       (else it is the pass's mean minibatch misfit, each taken before its update);
     - ``gauge``: ``"offset"`` removes the object's mean phase, ``"ramp"`` also its linear phase
@@ -122,6 +137,8 @@ class RefineOptions:
     max_position_shift: float = 4.0
     gauge: str = "none"
     exact_misfit: bool = False
+    full_batch_from: int | None = None
+    full_batch_momentum: float = 0.9
 
     @property
     def step_size(self) -> float:
@@ -153,6 +170,12 @@ class RefineOptions:
             raise ValueError(f"RefineOptions.noise: expected one of {NOISE_MODELS}, got {self.noise!r}")
         if self.gauge not in GAUGES:
             raise ValueError(f"RefineOptions.gauge: expected one of {GAUGES}, got {self.gauge!r}")
+        if self.full_batch_from is not None:
+            _check_int("full_batch_from", self.full_batch_from, 0)
+        _check_number("full_batch_momentum", self.full_batch_momentum, minimum=0, strict=False)
+        if self.full_batch_momentum >= 1:
+            raise ValueError(f"RefineOptions.full_batch_momentum: expected a number in [0, 1), "
+                             f"got {self.full_batch_momentum!r}")
         for name in ("refine_probe", "refine_positions", "exact_misfit"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"RefineOptions.{name}: expected True or False, got {getattr(self, name)!r}")
@@ -177,188 +200,6 @@ class RefineResult:
     positions: np.ndarray
     pass_metrics: list[dict] = dataclasses.field(default_factory=list)
     seconds: list[float] = dataclasses.field(default_factory=list)
-
-
-# --------------------------------------------------------------------------------------------
-# the forward model, for one position, vmapped
-
-
-def _extract(obj: jax.Array, position: jax.Array, N: int) -> jax.Array:
-    from pinn_jax.simulate import _extract_one
-
-    obj_pad = jnp.pad(obj, ((0, 1), (0, 1)))
-    return _extract_one(obj_pad, position, N)
-
-
-def _amplitude(obj: jax.Array, probe: jax.Array, position: jax.Array) -> jax.Array:
-    from pinn_jax.physics import diffraction_intensity, illuminate
-
-    # sqrt(I + eps): the far-field intensity of a flat start has exact zeros, where the plain
-    # square root's gradient is infinite; eps (model units, where the mean intensity is ~1e-3)
-    # changes amplitudes by < 1e-5
-    field = illuminate(probe, _extract(obj, position, probe.shape[0]))
-    return jnp.sqrt(diffraction_intensity(field) + _AMPLITUDE_EPS)
-
-
-def model_amplitudes(obj: Any, probe: Any, positions: Any) -> jax.Array:
-    """``sqrt(|F(P * O_i)|**2 / N**2 + 1e-10)`` ``(n, N, N)`` float32 for ``obj (H, W)`` complex, ``probe (N, N)``
-    complex and ``positions (n, 2)`` ``[x, y]`` object pixels (the simulator's forward model)."""
-    obj = jnp.asarray(obj, jnp.complex64)
-    probe = jnp.asarray(probe, jnp.complex64)
-    return jax.vmap(lambda p: _amplitude(obj, probe, p))(jnp.asarray(positions, jnp.float32))
-
-
-def data_misfit(model_amp: jax.Array, measured_amp: jax.Array, noise: str) -> jax.Array:
-    """Mean misfit over the batch and pixels: amplitude least squares (``"gaussian"``) or the
-    Poisson NLL of the counts ``k = measured_amp**2`` less its value at a perfect fit
-    (``"poisson"``: ``lam - k - k log((lam + eps) / (k + eps))``, half the Poisson deviance: 0
-    when ``lam = k``, so values compare across subsets of positions; same gradient as the NLL)."""
-    if noise == "gaussian":
-        return jnp.mean(jnp.square(model_amp - measured_amp))
-    lam = jnp.square(model_amp)
-    k = jnp.square(measured_amp)
-    return jnp.mean(lam - k - k * jnp.log((lam + _POISSON_EPS) / (k + _POISSON_EPS)))
-
-
-def _as_complex(x: jax.Array) -> jax.Array:
-    return jax.lax.complex(x[0], x[1])
-
-
-def _as_real(z: Any) -> jax.Array:
-    z = jnp.asarray(z, jnp.complex64)
-    return jnp.stack([z.real, z.imag]).astype(jnp.float32)
-
-
-def _loss(x: jax.Array, probe, positions, measured, noise: str) -> jax.Array:
-    return data_misfit(model_amplitudes(_as_complex(x), probe, positions), measured, noise)
-
-
-def total_variation(x: jax.Array, eps: float) -> jax.Array:
-    """Mean isotropic total variation ``mean sqrt(|dO/dx|**2 + |dO/dy|**2 + eps**2)`` of the
-    complex object given as its ``(2, H, W)`` real/imaginary stack (forward differences)."""
-    dx = x[:, :, 1:] - x[:, :, :-1]
-    dy = x[:, 1:, :] - x[:, :-1, :]
-    g2 = jnp.sum(jnp.square(dx[:, :-1, :]), axis=0) + jnp.sum(jnp.square(dy[:, :, :-1]), axis=0)
-    return jnp.mean(jnp.sqrt(g2 + eps * eps))
-
-
-def _objective(x, probe, positions, measured, noise: str, tv: tuple[float, float]) -> tuple[jax.Array, jax.Array]:
-    """``(misfit + prior, misfit)``: what the step minimises, and the data misfit it reports."""
-    misfit = _loss(x, probe, positions, measured, noise)
-    value = misfit + tv[0] * total_variation(x, tv[1]) if tv[0] > 0 else misfit
-    return value, misfit
-
-
-def illumination(probe: jax.Array, positions: jax.Array, shape: tuple[int, int]) -> jax.Array:
-    """``sum_i |P(r - x_i)|**2`` ``(H, W)`` float32 on the object grid: the adjoint of the
-    bilinear patch extraction applied to the probe intensity, for patch centres ``positions``
-    ``(n, 2)``."""
-    from pinn_jax.simulate import _extract_one
-
-    N = probe.shape[0]
-    intensity = jnp.square(jnp.abs(probe)).astype(jnp.float32)
-
-    def extract_all(o):
-        o_pad = jnp.pad(o, ((0, 1), (0, 1)))
-        return jax.vmap(lambda p: _extract_one(o_pad, p, N))(positions)
-
-    _, adjoint = jax.vjp(extract_all, jnp.zeros(shape, jnp.float32))
-    (w,) = adjoint(jnp.broadcast_to(intensity, (positions.shape[0], N, N)))
-    return w
-
-
-def precondition(g: jax.Array, probe: jax.Array, positions: jax.Array, noise: str, alpha: float) -> jax.Array:
-    """The gradient ``g`` ``(2, H, W)`` of the mean misfit turned into a PIE-like projection
-    step: times ``B N**2 / 2`` (``/ 4`` for the Poisson NLL, whose gradient is twice the
-    amplitude misfit's near the data), divided by ``(1 - alpha) w + alpha max(w)`` with
-    ``w`` the batch's :func:`illumination`. For one position and ``alpha = 0`` a unit step
-    puts the exit wave on its Fourier-magnitude projection (ePIE: ``alpha = 1``; rPIE mixes)."""
-    B, N = positions.shape[0], probe.shape[0]
-    w = illumination(probe, positions, g.shape[1:])
-    denom = (1.0 - alpha) * w + alpha * jnp.max(w) + 1e-12 * jnp.max(w)
-    c = B * N * N / (4.0 if noise == "poisson" else 2.0)
-    return g * (c / denom)
-
-
-def _jit_update(step: Callable, donate: tuple[int, ...], mesh: Any) -> Callable:
-    """``step`` jitted with its state donated; over a ``mesh`` its outputs stay replicated
-    (the batch is split over the devices, the gradient summed by the compiler)."""
-    if mesh is None:
-        return jax.jit(step, donate_argnums=donate)
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    return jax.jit(step, donate_argnums=donate, out_shardings=NamedSharding(mesh, PartitionSpec()))
-
-
-def make_refine_step(optimizer: optax.GradientTransformation, noise: str, *,
-                     tv: tuple[float, float] = (0.0, 0.0), pie_alpha: float | None = None,
-                     mesh: Any = None) -> Callable:
-    """One jitted minibatch update of the object ``(x, opt_state, probe, positions_b,
-    measured_b) -> (x, opt_state, misfit)`` with the state donated (``misfit``: the batch's data
-    misfit before the update); ``x`` is the ``(2, H, W)``
-    real object, ``probe`` ``(N, N)`` complex; ``tv = (weight, eps)`` adds ``weight *``
-    :func:`total_variation` to the misfit (absolute units); with ``pie_alpha`` the gradient
-    is :func:`precondition`-ed before the optimizer sees it. ``mesh``: a 1-D device mesh the
-    minibatch is split over (outputs replicated)."""
-
-    def step(x, opt_state, probe, positions, measured):
-        (_, loss), g = jax.value_and_grad(_objective, has_aux=True)(x, probe, positions, measured, noise, tv)
-        if pie_alpha is not None:
-            g = precondition(g, probe, positions, noise, pie_alpha)
-        updates, opt_state = optimizer.update(g, opt_state, x)
-        return optax.apply_updates(x, updates), opt_state, loss
-
-    return _jit_update(step, (0, 1), mesh)
-
-
-def make_object_probe_step(object_optimizer: optax.GradientTransformation,
-                           probe_optimizer: optax.GradientTransformation, noise: str, *,
-                           tv: tuple[float, float] = (0.0, 0.0), pie_alpha: float | None = None,
-                           mesh: Any = None) -> Callable:
-    """One jitted minibatch update of object and probe together ``(x, x_state, p, p_state,
-    positions_b, measured_b) -> (x, x_state, p, p_state, loss)`` (state donated); ``x``
-    ``(2, H, W)`` and ``p`` ``(2, N, N)`` are real/imaginary stacks."""
-
-    def loss(params, positions, measured):
-        return _objective(params[0], _as_complex(params[1]), positions, measured, noise, tv)
-
-    def step(x, x_state, p, p_state, positions, measured):
-        (_, value), (gx, gp) = jax.value_and_grad(loss, has_aux=True)((x, p), positions, measured)
-        if pie_alpha is not None:
-            gx = precondition(gx, _as_complex(p), positions, noise, pie_alpha)
-        ux, x_state = object_optimizer.update(gx, x_state, x)
-        up, p_state = probe_optimizer.update(gp, p_state, p)
-        return optax.apply_updates(x, ux), x_state, optax.apply_updates(p, up), p_state, value
-
-    return _jit_update(step, (0, 1, 2, 3), mesh)
-
-
-def position_corrections(obj: Any, probe: Any, positions: Any, measured: Any, *,
-                         max_step: float = 0.5, damping: float = 0.1) -> jax.Array:
-    """Damped Gauss-Newton position updates ``(n, 2)`` ``[dx, dy]`` pixels for ``positions``
-    ``(n, 2)``: for each pattern, the step minimising the amplitude least squares
-    ``|A(pos + d) - measured|**2`` linearised in ``d`` (the 2x2 normal equations, damped by
-    ``damping`` times their mean diagonal), its length capped at ``max_step``. ``obj`` ``(H, W)``
-    and ``probe`` ``(N, N)`` complex, ``measured`` ``(n, N, N)`` amplitudes in the model's units."""
-    obj = jnp.asarray(obj, jnp.complex64)
-    probe = jnp.asarray(probe, jnp.complex64)
-
-    def one(pos, meas):
-        amp = _amplitude(obj, probe, pos)
-        jac = jax.jacfwd(lambda q: _amplitude(obj, probe, q))(pos)           # (N, N, 2)
-        r = (amp - meas).reshape(-1)
-        J = jac.reshape(-1, 2)
-        h = J.T @ J
-        g = J.T @ r
-        h = h + (damping * 0.5 * jnp.trace(h) + 1e-12) * jnp.eye(2, dtype=h.dtype)
-        d = -jnp.linalg.solve(h, g)
-        norm = jnp.sqrt(jnp.sum(d * d))
-        return d * jnp.minimum(1.0, max_step / jnp.maximum(norm, 1e-12))
-
-    return jax.vmap(one)(jnp.asarray(positions, jnp.float32), jnp.asarray(measured, jnp.float32))
-
-
-_position_corrections_jit = jax.jit(position_corrections, static_argnames=("max_step", "damping"))
 
 
 def fix_phase_gauge(obj: Any, probe: Any, mask: Any, mode: str) -> tuple[np.ndarray, np.ndarray]:
@@ -449,23 +290,14 @@ def inside_grid(positions: Any, N: int, shape: tuple[int, int]) -> np.ndarray:
     return (lo[:, 0] >= 0) & (lo[:, 1] >= 0) & (lo[:, 0] + N <= W) & (lo[:, 1] + N <= H)
 
 
-_model_amplitudes_jit = jax.jit(model_amplitudes)
-
-
-def _photon_gain(obj, probe, positions, amp) -> float:
-    """Least-squares gain g with ``g * A_model(obj) ~ A_measured`` (on up to 256 positions)."""
-    k = min(len(positions), 256)
-    model = np.asarray(_model_amplitudes_jit(obj, probe, positions[:k]), np.float64)
-    num = float(np.sum(model * amp[:k]))
-    den = float(np.sum(model * model))
-    return num / den if den > 0 and num > 0 else 1.0
-
-
-def _schedule(lr: float, final_fraction: float, steps: int):
-    """Constant ``lr``, or a cosine decay to ``lr * final_fraction`` over ``steps`` updates."""
+def _step_sizes(lr: float, final_fraction: float, steps: int) -> np.ndarray:
+    """``steps`` step sizes: constant ``lr``, or a cosine decay to ``lr * final_fraction``
+    (``optax.cosine_decay_schedule``'s curve, computed on the host: the step is a traced
+    argument of the compiled update, so changing it never recompiles)."""
     if final_fraction >= 1.0:
-        return lr
-    return optax.cosine_decay_schedule(lr, steps, alpha=final_fraction)
+        return np.full(steps, lr, np.float64)
+    t = np.minimum(np.arange(steps), steps) / max(steps, 1)
+    return lr * ((1.0 - final_fraction) * 0.5 * (1.0 + np.cos(np.pi * t)) + final_fraction)
 
 
 def _position_bounds(N: int, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -539,53 +371,113 @@ def refine_object(amplitudes: Any, positions: Any, probe: Any, initial: Any,
     in_callbacks = 0.0
     n, N = len(pos), pr.shape[0]
     B = min(int(opts.batch_size), n)
-    gain = _photon_gain(obj0, pr, pos, amp)
+    gain = photon_gain(obj0, pr, pos, amp)
     obj0 = obj0 * np.complex64(gain)
     scale = float(np.mean(np.abs(obj0))) or 1.0
-    steps = max(1, int(opts.iterations) * (n // B))
-    if opts.optimizer == "pie":
-        pie_alpha = float(opts.pie_alpha)
-        object_optimizer = optax.sgd(_schedule(opts.step_size, opts.final_learning_rate, steps))
-    else:
-        pie_alpha = None
-        object_optimizer = optax.adam(_schedule(opts.step_size * scale, opts.final_learning_rate, steps))
-    put, put_batch = _placers(mesh)
-    x = put(_as_real(obj0))
-    x_state = put(object_optimizer.init(x))
-    probe_j = put(jnp.asarray(pr))
+    iterations = int(opts.iterations)
+    full_from = iterations if opts.full_batch_from is None else min(int(opts.full_batch_from), iterations)
+    # step sizes, one per minibatch update (the decay spans the minibatch passes; full-batch
+    # passes take constant steps): Adam's step is relative to the object's mean amplitude
+    pie = opts.optimizer == "pie"
+    object_steps = _step_sizes(opts.step_size * (1.0 if pie else scale), opts.final_learning_rate,
+                               max(1, full_from * (n // B)))
+    probe_scale = float(np.mean(np.abs(pr))) or 1.0
+    probe_steps = _step_sizes(opts.probe_learning_rate * probe_scale, opts.final_learning_rate, len(object_steps))
     # the TV weight is relative: misfit per pixel scales with the counts, the object's gradients
     # with its mean amplitude
-    tv = (float(opts.tv_weight) * float(np.mean(np.square(amp))) / scale, 1e-3 * scale) if opts.tv_weight else (0.0, 0.0)
-    step_object = make_refine_step(object_optimizer, opts.noise, tv=tv, pie_alpha=pie_alpha, mesh=mesh)
+    with_tv = bool(opts.tv_weight)
+    hp = hyper(alpha=float(opts.pie_alpha), tv_weight=float(opts.tv_weight) * float(np.mean(np.square(amp))) / scale,
+               tv_eps=_TV_EPS * scale, n=n)
+    structure = dict(with_tv=with_tv, preconditioned=pie, mesh=mesh)
+    minibatch_spec = ("sgd",) if pie else ("adam",)
+    put, put_batch = _placers(mesh)
+    x = put(as_real(obj0))
+    x_state = put(object_transform(*minibatch_spec).init(x))
+    probe_j = put(np.asarray(pr))
     if opts.refine_probe:
-        probe_optimizer = optax.adam(_schedule(opts.probe_learning_rate * (float(np.mean(np.abs(pr))) or 1.0),
-                                               opts.final_learning_rate, steps))
-        p = put(_as_real(pr))
-        p_state = put(probe_optimizer.init(p))
-        step_both = make_object_probe_step(object_optimizer, probe_optimizer, opts.noise, tv=tv, pie_alpha=pie_alpha,
-                                           mesh=mesh)
+        p = put(as_real(pr))
+        p_state = put(object_transform("adam").init(p))  # the probe always takes Adam steps
     pos0 = pos.astype(np.float64)
     cur = pos0.copy()
     lo, hi = _position_bounds(N, obj0.shape)
-    full_loss = jax.jit(lambda x, pr_, p_, m_: _loss(x, pr_, p_, m_, opts.noise))
+    update_count = 0
 
     def current_probe():
-        return _as_complex(p) if opts.refine_probe else probe_j
+        return as_complex(p) if opts.refine_probe else probe_j
 
     def mean_loss() -> float:
         total, probe_now = 0.0, current_probe()
         for s in range(0, n, 256):
             chunk = slice(s, s + 256)
-            total += float(full_loss(x, probe_now, put(cur[chunk].astype(np.float32)), put(amp[chunk]))) * len(amp[chunk])
+            total += float(full_misfit(x, probe_now, put(cur[chunk].astype(np.float32)), put(amp[chunk]),
+                                       noise=opts.noise)) * len(amp[chunk])
         return total / n
 
     def outputs():
-        obj, probe_out = np.asarray(_as_complex(x)) / np.complex64(gain), np.asarray(current_probe())
+        obj, probe_out = np.asarray(as_complex(x)) / np.complex64(gain), np.asarray(current_probe())
         if opts.gauge != "none":
             from pinn_jax.metrics import scan_region_mask
 
             obj, probe_out = fix_phase_gauge(obj, probe_out, scan_region_mask(cur, obj.shape, 20), opts.gauge)
         return obj, probe_out
+
+    def correct_positions(idx, pb_host) -> None:
+        d = np.asarray(position_corrections_jit(as_complex(x), current_probe(), put(pb_host), put(amp[idx]),
+                                                max_step=float(opts.max_position_step)), np.float64)
+        cur[idx] = cur[idx] + d
+
+    def minibatch_pass(order, fit_probe: bool, fit_positions: bool) -> float:
+        nonlocal x, x_state, p, p_state, update_count
+        step = cached_builder("minibatch", minibatch_spec, opts.noise, probe=fit_probe, **structure)
+        batch_misfits = []
+        for s in range(0, n - B + 1, B):
+            idx = order[s:s + B]
+            pb_host = cur[idx].astype(np.float32)
+            pb = put_batch(pb_host)
+            mb = put_batch(amp, idx)
+            k = min(update_count, len(object_steps) - 1)
+            h = {**hp, "step": np.float32(object_steps[k]), "probe_step": np.float32(probe_steps[k])}
+            update_count += 1
+            if fit_probe:
+                x, x_state, p, p_state, m = step(x, x_state, p, p_state, pb, mb, h)
+            else:
+                x, x_state, m = step(x, x_state, current_probe(), pb, mb, h)
+            batch_misfits.append(m)
+            if fit_positions:
+                correct_positions(idx, pb_host)
+        # the pass's mean minibatch misfit (each before its update, as Keras reports an epoch's loss)
+        return float(np.mean(jax.device_get(batch_misfits)))
+
+    if full_from < iterations:
+        # every chunk has B rows (one compilation): the last is padded with weight-0 rows
+        n_pad = -(-n // B) * B
+        chunk_rows = np.concatenate([np.arange(n), np.arange(n_pad - n) % n])
+        chunk_weights = np.concatenate([np.ones(n, np.float32), np.zeros(n_pad - n, np.float32)])
+        m = float(opts.full_batch_momentum)
+        # the pie step goes on with momentum; Adam with its state and its final step size
+        full_spec = (("nesterov", m) if m > 0 else ("sgd",)) if pie else minibatch_spec
+        full_hp = {**hp, "step": np.float32(opts.step_size if pie else object_steps[-1]),
+                   "probe_step": np.float32(probe_steps[-1])}
+
+    def full_batch_pass(fit_probe: bool, fit_positions: bool) -> float:
+        nonlocal x, x_state, p, p_state
+        accumulate = cached_builder("accumulate", (), opts.noise, probe=fit_probe, mesh=mesh)
+        update = cached_builder("full", full_spec, opts.noise, probe=fit_probe, N=N, **structure)
+        sums = put(zero_sums(obj0.shape, N, with_probe=fit_probe))
+        p_arg = p if fit_probe else current_probe()
+        for s in range(0, n_pad, B):
+            idx, weights = chunk_rows[s:s + B], chunk_weights[s:s + B]
+            pb_host = cur[idx].astype(np.float32)
+            sums = accumulate(sums, x, p_arg, put_batch(pb_host), put_batch(amp, idx), put_batch(weights))
+            if fit_positions:
+                real = weights > 0
+                correct_positions(idx[real], pb_host[real])
+        misfit = float(sums["misfit"]) / n
+        if fit_probe:
+            x, x_state, p, p_state = update(x, x_state, p, p_state, sums, full_hp)
+        else:
+            x, x_state = update(x, x_state, sums, full_hp)
+        return misfit
 
     history = [mean_loss()]
     seconds = [time.perf_counter() - t_start]
@@ -594,38 +486,25 @@ def refine_object(amplitudes: Any, positions: Any, probe: Any, initial: Any,
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=int(opts.iterations), desc="refine", unit="pass", leave=True)
+        bar = tqdm(total=iterations, desc="refine", unit="pass", leave=True)
     try:
-        for it in range(int(opts.iterations)):
-            order = rng.permutation(n)
+        for it in range(iterations):
             fit_probe = opts.refine_probe and it >= opts.probe_start_pass
             fit_positions = opts.refine_positions and it >= opts.position_start_pass
-            batch_misfits = []
-            for s in range(0, n - B + 1, B):
-                idx = order[s:s + B]
-                pb_host = cur[idx].astype(np.float32)
-                pb = put_batch(pb_host)
-                mb = put_batch(amp, idx)
-                if fit_probe:
-                    x, x_state, p, p_state, m = step_both(x, x_state, p, p_state, pb, mb)
-                elif opts.refine_probe:
-                    x, x_state, m = step_object(x, x_state, _as_complex(p), pb, mb)
-                else:
-                    x, x_state, m = step_object(x, x_state, probe_j, pb, mb)
-                batch_misfits.append(m)
-                if fit_positions:
-                    d = np.asarray(_position_corrections_jit(_as_complex(x), current_probe(), put(pb_host), put(amp[idx]),
-                                                             max_step=float(opts.max_position_step)), np.float64)
-                    cur[idx] = cur[idx] + d
+            if it < full_from:
+                misfit = minibatch_pass(rng.permutation(n), fit_probe, fit_positions)
+            else:
+                if it == full_from and full_spec != minibatch_spec:
+                    x_state = put(object_transform(*full_spec).init(x))
+                misfit = full_batch_pass(fit_probe, fit_positions)
             if fit_positions:
                 shift = cur - pos0
                 shift -= shift.mean(axis=0)
                 length = np.linalg.norm(shift, axis=1, keepdims=True)
                 shift *= np.minimum(1.0, opts.max_position_shift / np.maximum(length, 1e-12))
                 cur = np.clip(pos0 + shift, lo, hi)
-            # the pass's mean minibatch misfit (each before its update, as Keras reports an epoch's
-            # loss); exact_misfit re-evaluates every position after the pass instead (+~45 % time)
-            history.append(mean_loss() if opts.exact_misfit else float(np.mean(jax.device_get(batch_misfits))))
+            # exact_misfit re-evaluates every position after the pass (+~45 % time on minibatch passes)
+            history.append(mean_loss() if opts.exact_misfit else misfit)
             seconds.append(time.perf_counter() - t_start - in_callbacks)
             if bar is not None:
                 bar.update(1)

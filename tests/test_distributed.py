@@ -228,11 +228,13 @@ def test_model_archive_state_is_written_by_one_process_alone(tmp_path):
 
 @pytest.mark.slow
 def test_two_process_refinement_equals_one_process(data, tmp_path):
-    """reconstruct (flat start, 3 passes): every minibatch split over the 4 devices of 2
-    processes, the object replicated, gradients summed across processes; the same object as one
-    process on one device (the same arithmetic, summed in another order: float32 round-off
-    over 3 passes of 16-position steps, 1e-4 of the peak), written once, by process 0."""
-    args = ("reconstruct", "--test_data", data / "test.npz", "--iterations", 3, "--batch_size", 16)
+    """reconstruct (flat start, 2 minibatch passes, then 1 full-batch pass): every minibatch and
+    every chunk of the full-batch gradient split over the 4 devices of 2 processes, the object
+    replicated, gradients summed across processes; the same object as one process on one
+    device (the same arithmetic, summed in another order: float32 round-off over 3 passes of
+    16-position steps, 1e-4 of the peak), written once, by process 0."""
+    args = ("reconstruct", "--test_data", data / "test.npz", "--iterations", 3, "--batch_size", 16,
+            "--full_batch_from", 2)
     one = subprocess.run(_cli(*args, "--output_dir", tmp_path / "one"), env=_env(1), capture_output=True,
                          text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]

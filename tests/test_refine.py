@@ -10,6 +10,7 @@ import pytest
 
 from pinn_jax import metrics, simulate
 from pinn_jax.refine import RefineOptions, data_misfit, make_refine_step, model_amplitudes, refine_object
+from pinn_jax.refine_steps import hyper
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +81,11 @@ def test_step_with_and_without_jit_agree(scan):
     """One update jitted and eagerly: the gradients are float32 sums of 8 x 64 x 64 terms in
     another order; Adam's first step is lr * g / (|g| + 1e-8), so where g is tiny the step's
     size (<= lr) is ill-conditioned: atol 1e-3 * lr on the object, rtol 1e-4 on the loss."""
-    opt = optax.adam(0.01)
+    opt = optax.scale_by_adam()   # the step size is the traced hp["step"]: optax.adam(0.01)
     H, W = scan["obj"].shape
     x0 = jnp.stack([jnp.ones((H, W)), jnp.zeros((H, W))]).astype(jnp.float32)
     args = (jnp.asarray(scan["probe"], jnp.complex64), jnp.asarray(scan["pos"][:8], jnp.float32),
-            jnp.asarray(scan["amp"][:8]))
+            jnp.asarray(scan["amp"][:8]), hyper(0.01))
     step = make_refine_step(opt, "gaussian")
     xj, _, lj = step(jnp.array(x0), opt.init(x0), *args)
     with jax.disable_jit():
@@ -97,12 +98,12 @@ def test_preconditioned_step_with_and_without_jit_agree(scan):
     """The PIE step (SGD on the illumination-preconditioned gradient): its size is proportional
     to the gradient, so jit and eager agree to float32 reduction-order round-off (the sums over
     8 x 64 x 64 terms: rtol 1e-4 of the step's largest element)."""
-    opt = optax.sgd(1.0)
+    opt = optax.identity()
     H, W = scan["obj"].shape
     x0 = jnp.stack([jnp.ones((H, W)), jnp.zeros((H, W))]).astype(jnp.float32)
     args = (jnp.asarray(scan["probe"], jnp.complex64), jnp.asarray(scan["pos"][:8], jnp.float32),
-            jnp.asarray(scan["amp"][:8]))
-    step = make_refine_step(opt, "gaussian", pie_alpha=0.1)
+            jnp.asarray(scan["amp"][:8]), hyper(1.0, alpha=0.1))
+    step = make_refine_step(opt, "gaussian", preconditioned=True)
     xj, _, _ = step(jnp.array(x0), opt.init(x0), *args)
     with jax.disable_jit():
         xe, _, _ = step(jnp.array(x0), opt.init(x0), *args)
@@ -463,12 +464,14 @@ def test_backend_refine_on_grid_leaves_out_patches_off_the_grid(scan):
 
 
 def test_learning_rate_decay_schedule():
-    from pinn_jax.refine import _schedule
+    """The host-side step sizes follow optax's cosine decay (float64 here, float32 there: rtol 1e-6)."""
+    from pinn_jax.refine import _step_sizes
 
-    assert _schedule(0.5, 1.0, 100) == 0.5
-    sched = _schedule(0.5, 0.1, 100)
-    assert float(sched(0)) == pytest.approx(0.5) and float(sched(100)) == pytest.approx(0.05)
-    assert float(sched(50)) == pytest.approx(0.5 * (0.1 + 0.9 * 0.5))
+    np.testing.assert_array_equal(_step_sizes(0.5, 1.0, 100), np.full(100, 0.5))
+    steps = _step_sizes(0.5, 0.1, 100)
+    assert steps[0] == pytest.approx(0.5) and steps[50] == pytest.approx(0.5 * (0.1 + 0.9 * 0.5))
+    sched = optax.cosine_decay_schedule(0.5, 100, alpha=0.1)
+    np.testing.assert_allclose(steps, [float(sched(i)) for i in range(100)], rtol=1e-6)
 
 
 def test_total_variation_prior_helps_at_low_dose():
@@ -502,3 +505,112 @@ def test_exact_misfit_only_changes_the_history(scan):
     assert a.history[0] == b.history[0] and a.history[0] > 0  # the deviance: 0 only at a perfect fit
     assert a.history[-1] < a.history[0] and b.history[-1] < b.history[0]
     assert all(x >= y for x, y in zip(a.history[1:], b.history[1:]))  # minibatch misfits lag
+
+
+def test_full_batch_sums_equal_one_batch_of_every_position(scan):
+    """The chunked full-batch accumulation (48 positions a chunk, the last padded with weight-0
+    rows) equals one chunk holding every position: misfit, object gradient and illumination
+    are float32 sums of 200 x 64 x 64 terms in another order (rtol 1e-5 of the largest value),
+    and a weight-0 row adds nothing."""
+    from pinn_jax.refine_steps import as_real, make_gradient_accumulator, zero_sums
+
+    n, B = 200, 48
+    pos = scan["pos"][:n].astype(np.float32)
+    amp = scan["amp"][:n]
+    probe = jnp.asarray(scan["probe"], jnp.complex64)
+    x = as_real(np.ones_like(scan["obj"]) * 0.9)
+    acc = make_gradient_accumulator("poisson")
+    shape = scan["obj"].shape
+    whole = acc(zero_sums(shape, 64), x, probe, jnp.asarray(pos), jnp.asarray(amp), jnp.ones(n, jnp.float32))
+    rows = np.concatenate([np.arange(n), np.arange(-n % B)])
+    weights = np.concatenate([np.ones(n, np.float32), np.zeros(-n % B, np.float32)])
+    sums = zero_sums(shape, 64)
+    for s in range(0, len(rows), B):
+        idx = rows[s:s + B]
+        sums = acc(sums, x, probe, jnp.asarray(pos[idx]), jnp.asarray(amp[idx]), jnp.asarray(weights[s:s + B]))
+    for key in ("misfit", "gx", "w"):
+        a, b = np.asarray(sums[key]), np.asarray(whole[key])
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max(), err_msg=key)
+
+
+def _low_dose_scan():
+    _, low = simulate.simulate_dataset(N=64, object_size=128, n_images=400, kind="lines", nphotons=1e4, seed=3)
+    return low, np.column_stack([low.xcoords, low.ycoords])
+
+
+def test_full_batch_passes_converge_where_minibatches_hover():
+    """At 1e4 photons per pattern, Poisson misfit with a TV prior: after 3 minibatch passes,
+    full-batch passes (gradient over every position, Nesterov momentum) settle at the
+    maximum-a-posteriori object -- the exact misfit they report levels off and the object
+    stops moving -- while constant-step minibatch passes keep jumping around it; the settled
+    object is the better one (measured on the 512-position `pinn-jax simulate --nphotons 1e4
+    --seed 3` scan: amplitude SSIM 0.914 -> 0.949; here 200 positions, 20 passes)."""
+    low, pos = _low_dose_scan()
+    flat = np.ones_like(low.objectGuess)
+    kw = dict(iterations=20, noise="poisson", tv_weight=0.03)
+    seen = {}
+
+    def keep(tag):
+        def cb(i, loss, obj):
+            seen.setdefault(tag, []).append(obj)
+        return cb
+
+    mini = refine_object(low.diff3d, pos, low.probeGuess, flat, RefineOptions(**kw), on_pass_end=keep("mini"))
+    full = refine_object(low.diff3d, pos, low.probeGuess, flat, RefineOptions(full_batch_from=3, **kw),
+                         on_pass_end=keep("full"))
+    region = metrics.scan_region_mask(pos, flat.shape, 20)
+
+    def last_move(objs):
+        return np.linalg.norm((objs[-1] - objs[-2])[region]) / np.linalg.norm(objs[-1][region])
+
+    assert last_move(seen["full"]) < 0.1 * last_move(seen["mini"]), (last_move(seen["full"]), last_move(seen["mini"]))
+    h = np.asarray(full.history)
+    assert abs(h[-1] - h[-2]) < 1e-3 * h[-1]  # levelled off
+    score = [metrics.eval_reconstruction(r.obj, low.objectGuess, positions=pos, M=20)["ssim"] for r in (mini, full)]
+    assert score[1][0] > score[0][0] and score[1][1] > score[0][1], score
+
+
+def test_full_batch_with_probe_and_position_refinement_runs():
+    """The full-batch passes carry probe (Adam on the mean probe gradient) and position
+    corrections (per chunk) too: finite results, the probe changes, positions move by at most
+    max_position_shift."""
+    low, pos = _low_dose_scan()
+    r = refine_object(low.diff3d[:96], pos[:96], low.probeGuess, np.ones_like(low.objectGuess),
+                      RefineOptions(iterations=4, batch_size=40, noise="poisson", full_batch_from=2, refine_probe=True,
+                                    probe_start_pass=1, refine_positions=True, position_start_pass=1))
+    assert np.isfinite(r.obj).all() and np.isfinite(r.probe).all() and np.isfinite(r.history).all()
+    assert not np.array_equal(r.probe, np.asarray(low.probeGuess, np.complex64))
+    assert np.linalg.norm(r.positions - pos[:96], axis=1).max() <= RefineOptions().max_position_shift + 1e-9
+
+
+def test_a_second_refinement_compiles_nothing(scan):
+    """Every jitted piece is built once per structure and takes its numbers (step sizes, TV
+    weight, PIE alpha, positions count) as traced arguments: refining another scan of the same
+    shapes with other numbers reuses the compiled steps."""
+    from pinn_jax.refine_steps import cached_builder
+
+    kw = dict(iterations=2, noise="poisson", full_batch_from=1, tv_weight=0.03)
+    flat = np.ones_like(scan["obj"])
+    refine_object(scan["amp"], scan["pos"], scan["probe"], flat, RefineOptions(**kw))
+    builders_before = cached_builder.cache_info().currsize
+    compiled = [cached_builder(kind, spec, "poisson", **extra)._cache_size()
+                for kind, spec, extra in (("minibatch", ("sgd",), dict(with_tv=True, preconditioned=True)),
+                                          ("accumulate", (), {}),
+                                          ("full", ("nesterov", 0.9), dict(with_tv=True, preconditioned=True, N=64)))]
+    assert all(c == 1 for c in compiled), compiled
+    refine_object(scan["amp"][::-1], scan["pos"][::-1], scan["probe"], flat * 2,
+                  RefineOptions(learning_rate=0.7, pie_alpha=0.2, final_learning_rate=0.5, **{**kw, "tv_weight": 0.05}))
+    assert cached_builder.cache_info().currsize == builders_before
+    again = [cached_builder(kind, spec, "poisson", **extra)._cache_size()
+             for kind, spec, extra in (("minibatch", ("sgd",), dict(with_tv=True, preconditioned=True)),
+                                       ("accumulate", (), {}),
+                                       ("full", ("nesterov", 0.9), dict(with_tv=True, preconditioned=True, N=64)))]
+    assert again == compiled
+
+
+def test_full_batch_options_are_checked():
+    with pytest.raises(ValueError, match="full_batch_from"):
+        RefineOptions(full_batch_from=-1)
+    with pytest.raises(ValueError, match="full_batch_momentum"):
+        RefineOptions(full_batch_momentum=1.0)
+    assert RefineOptions(full_batch_from=0, full_batch_momentum=0.0).full_batch_from == 0

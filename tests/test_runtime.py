@@ -199,3 +199,40 @@ def test_public_call_after_jax_started_warns_and_changes_nothing():
     out = _probe("late", None)
     assert out["added"] == [] and out["after_call"] is None
     assert len(out["warnings"]) == 1 and "configure_cpu_runtime()" in out["warnings"][0]
+
+
+def test_compile_cache_folder_threshold_and_opt_out(tmp_path):
+    """The cache goes under XDG_CACHE_HOME with a 0.1 s threshold (jax's 1 s default would skip
+    the ~0.8 s refinement step); a folder or threshold the user set wins; the opt-out leaves the
+    environment alone."""
+    env = {"XDG_CACHE_HOME": str(tmp_path)}
+    assert runtime.configure_compile_cache(env) == str(tmp_path / "pinn_jax" / "xla")
+    assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "pinn_jax" / "xla")
+    assert env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == "0.1"
+    mine = {"JAX_COMPILATION_CACHE_DIR": "/elsewhere", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "2"}
+    assert runtime.configure_compile_cache(mine) == "/elsewhere"
+    assert mine == {"JAX_COMPILATION_CACHE_DIR": "/elsewhere", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "2"}
+    off = {"PINN_JAX_COMPILE_CACHE": "0"}
+    assert runtime.configure_compile_cache(off) is None and off == {"PINN_JAX_COMPILE_CACHE": "0"}
+
+
+@pytest.mark.slow
+def test_cli_reuses_the_refinement_it_compiled(tmp_path):
+    """Two `pinn-jax reconstruct` runs in fresh processes: the first writes the refinement's
+    compiled programs to the cache folder, the second finds them (no new entries)."""
+    from pinn_jax import simulate
+
+    data = tmp_path / "data"
+    simulate.simulate_to_npz(data, N=64, object_size=128, n_images=64, seed=0)
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    env.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", None)
+    entries = []
+    for k in range(2):
+        r = subprocess.run([sys.executable, "-m", "pinn_jax", "reconstruct", "--test_data", str(data / "test_data.npz"),
+                            "--iterations", "1", "--output_dir", str(tmp_path / f"out{k}"), "--quiet"],
+                           env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        entries.append(sorted(p.name for p in (tmp_path / "cache" / "pinn_jax" / "xla").iterdir()))
+    assert any(name.startswith("jit_step") for name in entries[0]), entries[0]
+    assert entries[1] == entries[0]
