@@ -88,10 +88,11 @@ class Backend(Protocol):
       it, ``backend_api.ptychodus.convert.stitch_on_grid`` (numpy, the same bilinear
       placement) is used.
     - ``refine_on_grid(amplitudes, positions, probe, initial, *, iterations, noise,
-      refine_probe, refine_positions, seed)``: physics refinement of ``initial (H, W)`` complex
+      refine_probe, refine_positions, seed[, tv_weight, full_batch_from])``: physics refinement of ``initial (H, W)`` complex
       on the object grid against ``amplitudes (n, N, N)`` at ``positions (n, 2)`` ``[x, y]``
       -> ``(object (H, W) complex, footprint (H, W) float, info dict)``; the ptychodus child
-      calls it when ``RefineIterations > 0`` and refuses that setting for a backend without it.
+      calls it when ``RefineIterations > 0`` and refuses that setting for a backend without it
+      (``tv_weight``/``full_batch_from``, the low-dose options, only when they are set).
     """
 
     name: str

@@ -62,6 +62,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 THRESHOLDS = (0.95, 0.98)
+EQUAL_TIMES = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
 PAD = 16  # pty-chi's object buffer margin (px)
 
 
@@ -84,17 +85,37 @@ class Scan:
 
 
 def load_reference(path: Path, n_positions: int | None = None) -> Scan:
-    d = np.load(path)
+    """A scan NPZ with ``objectGuess``. Amplitudes in photon units (``sqrt(counts)``, as
+    ``pinn-jax simulate`` writes them: metadata ``diff_units`` "counts") are taken as they are,
+    with ``s`` fitted (the least-squares gain of the solver's model on the ground truth);
+    amplitudes in model units (the TF reference run's files) are scaled to 1e9 counts per
+    pattern as ``ptychi_baseline.md`` §1 does."""
+    d = np.load(path, allow_pickle=False)
     diff = np.asarray(d["diff3d"], np.float64)
-    # ptychi_baseline.md §1: the stored amplitudes are in model units; s sets 1e9 counts per pattern
-    s = math.sqrt(1e9 / np.mean(np.sum(diff ** 2, axis=(1, 2))))
     pos = np.column_stack([d["xcoords"], d["ycoords"]]).astype(np.float64)
-    amp = (diff * s).astype(np.float32)
+    probe = np.asarray(d["probeGuess"], np.complex64)
+    gt = np.asarray(d["objectGuess"], np.complex64)
+    meta = {}
+    if "_metadata" in d.files:
+        try:
+            meta = json.loads(str(d["_metadata"]))
+        except (TypeError, ValueError):
+            meta = {}
+    if meta.get("diff_units") == "counts":
+        from pinn_jax.refine_steps import photon_gain
+
+        amp = diff.astype(np.float32)
+        s = photon_gain(gt, probe, pos, amp)
+        nphotons = float(np.mean(np.sum(diff ** 2, axis=(1, 2))))
+        name = f"{Path(path).stem} ({nphotons:.0e} photons)"
+    else:
+        s = math.sqrt(1e9 / np.mean(np.sum(diff ** 2, axis=(1, 2))))
+        amp = (diff * s).astype(np.float32)
+        nphotons, name = 1e9, "reference"
     if n_positions:
         keep = np.sort(np.random.default_rng(0).choice(len(pos), n_positions, replace=False))
         amp, pos = amp[keep], pos[keep]
-    return Scan("reference", amp, pos, np.asarray(d["probeGuess"], np.complex64),
-                np.asarray(d["objectGuess"], np.complex64), s, nphotons=1e9, source=str(path))
+    return Scan(name, amp, pos, probe, gt, s, nphotons=nphotons, source=str(path))
 
 
 def synthetic_scan(N: int, size: int, n: int, seed: int = 0, nphotons: float = 1e9) -> Scan:
@@ -253,11 +274,26 @@ def summarize(curve: list[dict], first_pass_has_setup: bool = True) -> dict:
 def run_pinnjax(scan: Scan, passes: int, *, noise="gaussian", batch_size=None, learning_rate=None,
                 seed=0, model=None, label=None, extra: dict | None = None) -> dict:
     """One pinn-jax row; ``batch_size``/``learning_rate`` None keep RefineOptions' defaults
-    (whatever the installed pinn_jax defines); the row records the values used."""
+    (whatever the installed pinn_jax defines); the row records the values used. The row is
+    *warm*: the same refinement (2 passes, full-batch ones included when asked) runs once
+    before the measured one, so the compilation is not in its wall time; its wall time
+    (``warmup_s``) is recorded. The cold start is the ``cold`` scenario's."""
     from pinn_jax.refine import RefineOptions, refine_object
 
     kw = {k: v for k, v in (("batch_size", batch_size), ("learning_rate", learning_rate)) if v is not None}
     opts = RefineOptions(iterations=passes, noise=noise, seed=seed, **kw, **(extra or {}))
+    warm_kw = dict(vars(opts))
+    fb = warm_kw.get("full_batch_from")
+    warm_kw.update(iterations=2, full_batch_from=None if fb is None else min(fb, 1))
+    t = time.perf_counter()
+    if model is None:
+        refine_object(scan.amp, scan.positions, scan.probe, np.ones(scan.gt.shape, np.complex64),
+                      RefineOptions(**warm_kw))
+    else:
+        from pinn_jax import pipeline
+
+        pipeline.refine(_raw(scan), model=model, options=RefineOptions(**warm_kw), track_metrics=False)
+    warmup_s = time.perf_counter() - t
     rec = Recorder(scan)
     start_kind = "network" if model is not None else "flat"
     row = {"method": label or f"pinn-jax {noise} ({start_kind})", "solver": "pinn-jax", "start": start_kind,
@@ -286,7 +322,8 @@ def run_pinnjax(scan: Scan, passes: int, *, noise="gaussian", batch_size=None, l
         rec.curve.insert(0, {"pass": 0, "wall_s": 0.0, **score(seed_obj, scan)})
     steady = _steady(rec.curve)
     row.update(curve=rec.curve, history=[float(h) for h in res.history], gain=float(res.scale),
-               steady_pass_s=steady, setup_s=(rec.curve[1]["wall_s"] - steady) if len(rec.curve) > 1 else None)
+               steady_pass_s=steady, setup_s=(rec.curve[1]["wall_s"] - steady) if len(rec.curve) > 1 else None,
+               warmup_s=warmup_s)
     return row
 
 
@@ -372,8 +409,20 @@ def run_ptychi(scan: Scan, algo: str, epochs: int, *, noise="gaussian", seed=0) 
 # scenarios
 
 
-def methods_for(scan: Scan, args, model, *, noises=("gaussian",), lsqml_noises=("gaussian",), rpie=True) -> list:
+# the low-dose recipe (RefineOptions docstring): minibatch passes, then full-batch passes to the
+# maximum-a-posteriori object under a smoothed TV prior
+LOW_DOSE_RECIPE = {"full_batch_from": 3, "tv_weight": 0.05}
+
+
+def methods_for(scan: Scan, args, model, *, noises=("gaussian",), lsqml_noises=("gaussian",), rpie=True,
+                low_dose: bool = False) -> list:
     rows = []
+    if low_dose:
+        tag = ", ".join(f"{k} {v:g}" for k, v in LOW_DOSE_RECIPE.items())
+        for m in ([None, model] if model is not None else [None]):
+            start = "network" if m is not None else "flat"
+            rows.append(run_pinnjax(scan, args.passes, noise="poisson", seed=args.seed, model=m,
+                                    extra=LOW_DOSE_RECIPE, label=f"pinn-jax poisson, {tag} ({start})"))
     for noise in noises:
         rows.append(run_pinnjax(scan, args.passes, noise=noise, seed=args.seed))
         if model is not None:
@@ -397,6 +446,9 @@ def methods_for(scan: Scan, args, model, *, noises=("gaussian",), lsqml_noises=(
                 rows.append(run_pinnjax(scan, args.passes, noise=noise, seed=args.seed, model=m, extra=extra,
                                         label=f"pinn-jax {noise} {tag} ({start})"))
     why = ptychi_available() if not args.no_ptychi else "disabled (--no-ptychi)"
+    if not why and not getattr(args, "_ptychi_warm", False):
+        run_ptychi(scan, "lsqml", 1)  # torch's one-time start-up out of the measured rows
+        args._ptychi_warm = True
     algos = [("lsqml", n) for n in lsqml_noises] + ([("rpie", "gaussian")] if rpie else [])
     for algo, noise in algos:
         label = {"lsqml": "pty-chi LSQML", "rpie": "pty-chi rPIE"}[algo] + (f" ({noise})" if algo == "lsqml" else "")
@@ -409,6 +461,65 @@ def methods_for(scan: Scan, args, model, *, noises=("gaussian",), lsqml_noises=(
         if "curve" in r:
             r["summary"] = summarize(r["curve"], r.get("solver") != "pty-chi")
     return rows
+
+
+def cold_start_child(args) -> dict:
+    """One cold refinement in this fresh process: flat start, default options (pinn-jax) or
+    LSQML with the baseline's settings; wall time per pass from just before the solver is
+    called (compilation / task building and torch's start-up included; imports and data loading
+    not), then the SSIM of every pass."""
+    scan = load_reference(args.test, args.n_positions)
+    flat = np.ones(scan.gt.shape, np.complex64)
+    objs: list = []
+    if args.cold_child == "pinn-jax":
+        from pinn_jax.refine import RefineOptions, refine_object
+
+        t = time.perf_counter()
+        res = refine_object(scan.amp, scan.positions, scan.probe, flat, RefineOptions(iterations=args.cold_passes),
+                            on_pass_end=lambda i, loss, o: objs.append(o))
+        # seconds[k] is the wall at the end of pass k since refine_object started (callbacks excluded)
+        walls = [float(w) for w in res.seconds[1:]]
+        del t
+    else:
+        row = run_ptychi(scan, "lsqml", args.cold_passes)
+        walls = [c["wall_s"] + row["build_s"] for c in row["curve"] if c["pass"] > 0]
+        return {"solver": "pty-chi LSQML", "build_s": row["build_s"],
+                "curve": [{"pass": c["pass"], "wall_s": w, "ssim": c["ssim"]}
+                          for c, w in zip([c for c in row["curve"] if c["pass"] > 0], walls)]}
+    return {"solver": "pinn-jax", "curve": [{"pass": k + 1, "wall_s": w, "ssim": score(o, scan)["ssim"]}
+                                           for k, (w, o) in enumerate(zip(walls, objs))]}
+
+
+def cold_scenario(args) -> dict:
+    """Fresh processes, so compilation and start-up count: pinn-jax without a compilation cache,
+    pinn-jax again with the cache the first one wrote (what a second ``pinn-jax reconstruct``
+    sees), and LSQML (task building and torch's start-up included)."""
+    import subprocess
+    import tempfile
+
+    out: dict[str, Any] = {"passes": args.cold_passes, "runs": []}
+    with tempfile.TemporaryDirectory(prefix="refine_cold_") as tmp:
+        cache = Path(tmp) / "xla"
+        runs = [("pinn-jax", "pinn-jax, no compilation cache", {"PINN_JAX_COMPILE_CACHE": "0"}),
+                ("pinn-jax", "pinn-jax, fresh process, compilation cache written", {"JAX_COMPILATION_CACHE_DIR": str(cache)}),
+                ("pinn-jax", "pinn-jax, fresh process, compilation cache read", {"JAX_COMPILATION_CACHE_DIR": str(cache)})]
+        if not args.no_ptychi and ptychi_available() is None:
+            runs.append(("lsqml", "pty-chi LSQML, fresh process (task building included)", {}))
+        for solver, label, extra_env in runs:
+            env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR",)}
+            env.update(extra_env)
+            env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+            res_path = Path(tmp) / "cold.json"
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--cold-child", solver, "--cold-passes",
+                   str(args.cold_passes), "--out", str(res_path)] + (["--test", str(args.test)] if args.test else []) \
+                + (["--n-positions", str(args.n_positions)] if args.n_positions else [])
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
+            run = json.loads(res_path.read_text())
+            run["label"] = label
+            run["summary"] = summarize(run["curve"])
+            out["runs"].append(run)
+            print(f"  {label}: {_fmt_summary(run)}", flush=True)
+    return out
 
 
 def sweep(scan: Scan, args, noise: str) -> list:
@@ -561,6 +672,18 @@ def tables(result: dict, record: list[int]) -> str:
                          f"{_fmt_hit(s['amp0.95'], True)} | {_fmt_hit(s['amp0.98'], True)} | "
                          f"{_fmt_hit(s['both0.98'], True)} | "
                          f"{s['best_amp']['ssim'][0]:.3f} (pass {s['best_amp']['pass']}) |")
+        lines.append("\nBest amplitude / phase SSIM reached by a wall time (each row's own clock: pinn-jax warm, "
+                     "pty-chi without its task building):\n")
+        lines.append("| method | " + " | ".join(f"{t:g} s" for t in EQUAL_TIMES) + " |")
+        lines.append("|---|" + "---|" * len(EQUAL_TIMES))
+        for r in sc["rows"]:
+            if "curve" not in r:
+                continue
+            cells = []
+            for t in EQUAL_TIMES:
+                got = [c for c in r["curve"] if 0 < c["pass"] and c["wall_s"] <= t]
+                cells.append("-" if not got else "{:.3f} / {:.3f}".format(*max(got, key=lambda c: c["ssim"][0])["ssim"]))
+            lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
         if sc.get("sweep"):
             lines.append(f"\nSweep ({sc['sweep_noise']} path, flat start, {args_passes(sc)} passes):\n")
             lines.append("| lr | batch | amp 0.95 | amp 0.98 | amp >= 0.95 & phase >= 0.93 | best amp SSIM (pass) | final SSIM amp / phase |")
@@ -572,6 +695,17 @@ def tables(result: dict, record: list[int]) -> str:
                 lines.append(f"| {o['learning_rate']:g} | {o['batch_size']} | {_fmt_hit(s['amp0.95'])} | "
                              f"{_fmt_hit(s['amp0.98'])} | {_fmt_hit(hit)} | {s['best_amp']['ssim'][0]:.3f} "
                              f"({s['best_amp']['pass']}) | {f['ssim'][0]:.3f} / {f['ssim'][1]:.3f} |")
+    if result.get("cold"):
+        c = result["cold"]
+        lines.append(f"\n### cold start (fresh processes, flat start, default options, {c['passes']} passes)\n")
+        lines.append("| run | wall s at pass 1 · 2 · 5 | amp SSIM 0.95 (pass / s) | 0.98 | final SSIM amp / phase |")
+        lines.append("|---|---|---|---|---|")
+        for run in c["runs"]:
+            by = {x["pass"]: x for x in run["curve"]}
+            walls = " · ".join(f"{by[k]['wall_s']:.2f}" if k in by else "-" for k in (1, 2, 5))
+            f = run["curve"][-1]["ssim"]
+            lines.append(f"| {run['label']} | {walls} | {_fmt_hit(run['summary']['amp0.95'])} | "
+                         f"{_fmt_hit(run['summary']['amp0.98'])} | {f[0]:.3f} / {f[1]:.3f} |")
     if result.get("memory"):
         m = result["memory"]
         lines.append("\n### memory\n")
@@ -658,7 +792,9 @@ def main(argv=None) -> int:
     p.add_argument("--test", type=Path, default=None, help="scan NPZ with objectGuess (reference: test.npz)")
     p.add_argument("--model_path", type=Path, default=None, help="trained model folder (wts.h5.zip) for seeded rows")
     p.add_argument("--scenario", nargs="+", default=["reference"],
-                   choices=["reference", "no-inverse-crime", "lowdose", "memory"])
+                   choices=["reference", "no-inverse-crime", "lowdose", "memory", "cold"])
+    p.add_argument("--cold-passes", type=int, default=5, help="passes of each cold-start run")
+    p.add_argument("--cold-child", choices=["pinn-jax", "lsqml"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--nphotons", type=float, nargs="+", default=[1e4, 1e5])
     p.add_argument("--passes", type=int, default=50, help="passes/epochs per method")
     p.add_argument("--record", type=int, nargs="+", default=[1, 2, 5, 10, 20, 50], help="passes shown in the table")
@@ -706,6 +842,9 @@ def main(argv=None) -> int:
     from pinn_jax.runtime import configure_cpu_runtime
 
     configure_cpu_runtime()
+    if args.cold_child:
+        args.out.write_text(json.dumps(cold_start_child(args)))
+        return 0
     model = None
     if args.model_path is not None:
         from pinn_jax.inference import load_inference_bundle
@@ -728,6 +867,10 @@ def main(argv=None) -> int:
             print("memory scenario ...", flush=True)
             result["memory"] = memory_scenario(args) if args.scenario == ["memory"] else memory_subprocess(args)
             continue
+        if name == "cold":
+            print("cold start ...", flush=True)
+            result["cold"] = cold_scenario(args)
+            continue
         if name == "reference":
             scans = [base]
         elif name == "no-inverse-crime":
@@ -736,9 +879,11 @@ def main(argv=None) -> int:
             scans = [lowdose_scan(base, n, args.seed) for n in sorted(args.nphotons)]
         for scan in scans:
             print(f"{scan.name}: {len(scan.positions)} positions ...", flush=True)
-            low = name == "lowdose"
+            # low dose: the scenario's re-simulations, or a given scan of few photons per pattern
+            low = name == "lowdose" or float(scan.info.get("nphotons", 1e9)) <= 1e6
             rows = methods_for(scan, args, model, noises=("gaussian", "poisson") if low else ("gaussian",),
-                               lsqml_noises=("gaussian", "poisson") if low else ("gaussian",), rpie=not low)
+                               lsqml_noises=("gaussian", "poisson") if low else ("gaussian",), rpie=not low,
+                               low_dose=low)
             for r in rows:
                 print(f"  {r['method']}: {_fmt_summary(r) if 'summary' in r else r.get('status')}", flush=True)
             sc = {"name": scan.name, "nphotons": scan.info.get("nphotons"), "rows": rows,

@@ -111,7 +111,8 @@ class JaxBackend:
     @staticmethod
     def refine_on_grid(amplitudes: Any, positions: Any, probe: Any, initial: Any, *, iterations: int,
                        noise: str = "gaussian", refine_probe: bool = False, refine_positions: bool = False,
-                       seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
+                       seed: int = 0, tv_weight: float = 0.0,
+                       full_batch_from: int | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
         """The Backend protocol's optional physics refinement (:mod:`pinn_jax.refine`) of
         ``initial`` ``(H, W)`` complex against ``amplitudes`` ``(n, N, N)`` float32 measured at
         ``positions`` ``(n, 2)`` ``[x, y]`` object pixels with ``probe`` ``(N, N)`` complex.
@@ -121,7 +122,8 @@ class JaxBackend:
         from pinn_jax.refine import RefineOptions, illumination_footprint, inside_grid, refine_object
 
         options = RefineOptions(iterations=int(iterations), noise=str(noise), refine_probe=bool(refine_probe),
-                                refine_positions=bool(refine_positions), seed=int(seed))
+                                refine_positions=bool(refine_positions), seed=int(seed), tv_weight=float(tv_weight),
+                                full_batch_from=None if full_batch_from is None else int(full_batch_from))
         amp = np.asarray(amplitudes, np.float32)
         pos = np.asarray(positions, np.float64).reshape(-1, 2)
         shape = tuple(int(v) for v in np.shape(initial))

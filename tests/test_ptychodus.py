@@ -233,6 +233,13 @@ def test_refinement_settings():
     lib.settings.parameter("own", "RefineNoise").set_value("laplace")
     with pytest.raises(ValueError, match="RefineNoise"):
         lib.settings.snapshot_inference()
+    lib.settings.parameter("own", "RefineNoise").set_value("poisson")
+    # the low-dose options: off by default (no prior, minibatch passes only)
+    assert (snap.refine_tv_weight, snap.refine_full_batch_from) == (0.0, -1)
+    lib.settings.parameter("own", "RefineTVWeight").set_value(0.05)
+    lib.settings.parameter("own", "RefineFullBatchFrom").set_value(3)
+    snap = lib.settings.snapshot_inference()
+    assert (snap.refine_tv_weight, snap.refine_full_batch_from) == (0.05, 3)
 
     old = SettingsRegistry()
     group = old.create_group("PtychoPINNJax")
@@ -253,6 +260,42 @@ def test_reconstruct_job_carries_the_refinement_settings(scan):
     job = pinn._make_reconstruct_job(build_input(scan))
     assert (job.refine_iterations, job.refine_probe, job.refine_positions, job.refine_noise) == \
         (7, True, False, "gaussian")
+    assert (job.refine_tv_weight, job.refine_full_batch_from) == (0.0, -1)
+    lib.settings.parameter("own", "RefineTVWeight").set_value(0.05)
+    lib.settings.parameter("own", "RefineFullBatchFrom").set_value(3)
+    job = pinn._make_reconstruct_job(build_input(scan))
+    assert (job.refine_tv_weight, job.refine_full_batch_from) == (0.05, 3)
+
+
+def test_child_passes_the_low_dose_options_only_when_set():
+    """A backend's own refine_on_grid from before the low-dose options still serves the default
+    settings; set, they reach it as tv_weight / full_batch_from."""
+    from backend_api.ptychodus.child import ReconstructJob, _refine
+
+    calls = []
+
+    class Old:
+        name = "other"
+
+        @staticmethod
+        def refine_on_grid(amplitudes, positions, probe, initial, *, iterations, noise, refine_probe,
+                           refine_positions, seed):
+            calls.append("old")
+            return initial, np.ones(initial.shape), {}
+
+    class New(Old):
+        @staticmethod
+        def refine_on_grid(amplitudes, positions, probe, initial, **kw):
+            calls.append(kw)
+            return initial, np.ones(initial.shape), {}
+
+    base = dict(model_file=Path("m.zip"), backend="other", amplitude=np.ones((2, 8, 8), np.float32),
+                xcoords=np.array([4.0, 5.0]), ycoords=np.array([4.0, 5.0]), probe=np.ones((8, 8), np.complex64),
+                object_shape=(16, 16), n_nearest_neighbors=4, n_samples=1, stitch_crop_size=4, refine_iterations=2)
+    obj, weight = np.ones((16, 16), np.complex64), np.ones((16, 16))
+    _refine(Old(), "other", ReconstructJob(**base), obj, weight)
+    _refine(New(), "other", ReconstructJob(**base, refine_tv_weight=0.05, refine_full_batch_from=3), obj, weight)
+    assert calls[0] == "old" and calls[1]["tv_weight"] == 0.05 and calls[1]["full_batch_from"] == 3
 
 
 def test_child_refuses_refinement_for_a_backend_without_one():

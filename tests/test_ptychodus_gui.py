@@ -122,6 +122,7 @@ def test_the_panel_of_both_algorithms_is_ours(gui):
                 ("inference", "NumNearestNeighbors"), ("inference", "NumSamples"),
                 ("own", "StitchMode"), ("own", "StitchCropSize"), ("own", "RefineIterations"),
                 ("own", "RefineNoise"), ("own", "RefineProbe"), ("own", "RefinePositions"),
+                ("own", "RefineTVWeight"), ("own", "RefineFullBatchFrom"),
                 ("own", "Backend"), ("own", "DiffractionKind")}
     assert expected <= set(pinn), expected - set(pinn)
     # the panel edits ptychodus's own PtychoPINN groups (one settings.ini section each)

@@ -461,6 +461,12 @@ def test_backend_refine_on_grid_leaves_out_patches_off_the_grid(scan):
     with pytest.raises(ValueError, match="none of the 2 patches"):
         JaxBackend.refine_on_grid(scan["amp"][:2], pos[:2] * 0, scan["probe"], np.ones_like(scan["obj"]),
                                   iterations=1)
+    # the low-dose options (ptychodus RefineTVWeight / RefineFullBatchFrom): the same as refine_object's
+    low, _, info = JaxBackend.refine_on_grid(scan["amp"][3:], scan["pos"][3:], scan["probe"], np.ones_like(scan["obj"]),
+                                             iterations=3, noise="poisson", tv_weight=0.05, full_batch_from=2)
+    want = refine_object(scan["amp"][3:], scan["pos"][3:], scan["probe"], np.ones_like(scan["obj"]),
+                         RefineOptions(iterations=3, noise="poisson", tv_weight=0.05, full_batch_from=2))
+    np.testing.assert_array_equal(low, want.obj)
 
 
 def test_learning_rate_decay_schedule():

@@ -99,6 +99,8 @@ class ReconstructJob:
     refine_noise: str = "gaussian"
     refine_probe: bool = False
     refine_positions: bool = False
+    refine_tv_weight: float = 0.0
+    refine_full_batch_from: int = -1  # -1: never
     backend_registrations: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -327,10 +329,13 @@ def _refine(backend: Any, backend_name: str, job: ReconstructJob, obj: np.ndarra
             + "; set RefineIterations to 0")
     start = fill_uncovered(obj, weight)
     positions = np.column_stack([np.asarray(job.xcoords, np.float64), np.asarray(job.ycoords, np.float64)])
+    # the low-dose options only when set, so a backend's own refine_on_grid without them still serves
+    low_dose = {k: v for k, v in (("tv_weight", float(job.refine_tv_weight)),
+                                  ("full_batch_from", int(job.refine_full_batch_from))) if v not in (0.0, -1)}
     refined, footprint, info = helper(job.amplitude, positions, job.probe, start,
                                       iterations=int(job.refine_iterations), noise=job.refine_noise,
                                       refine_probe=job.refine_probe, refine_positions=job.refine_positions,
-                                      seed=int(job.seed))
+                                      seed=int(job.seed), **low_dose)
     return np.asarray(refined).reshape(start.shape), np.asarray(footprint, np.float64).reshape(start.shape), info
 
 

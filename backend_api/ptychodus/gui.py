@@ -242,6 +242,11 @@ class PtychoPINNJaxViewControllerFactory(ReconstructorViewControllerFactory):
         add("combo", "own", "RefineNoise", "Refinement Noise Model:", items=REFINE_NOISE_MODELS)
         add("check", "own", "RefineProbe", "Refine Probe")
         add("check", "own", "RefinePositions", "Refine Positions")
+        add("decimal", "own", "RefineTVWeight", "Refinement TV Weight:",
+            tip="Total-variation prior of the refinement (0 = none; ~0.05 at ~1e4 photons per pattern).")
+        add("spin", "own", "RefineFullBatchFrom", "Full-Batch Passes From:",
+            tip="From this pass on, one update per pass over every position: converges at low dose "
+                "(-1 = never; ~3 with the poisson noise model and a TV weight).")
 
         from backend_api.backends import available_backends
 
@@ -267,7 +272,8 @@ _SECTIONS = {"model": "Model", "training": "Training", "inference": "Inference",
 _OWN_SECTION = {"NumGroups": "Training", "Seed": "Training", "StitchMode": "Inference",
                 "StitchCropSize": "Inference", "RefineIterations": "Inference",
                 "RefineNoise": "Inference", "RefineProbe": "Inference",
-                "RefinePositions": "Inference", "Backend": "PtychoPINN-JAX",
+                "RefinePositions": "Inference", "RefineTVWeight": "Inference",
+                "RefineFullBatchFrom": "Inference", "Backend": "PtychoPINN-JAX",
                 "DiffractionKind": "PtychoPINN-JAX"}
 
 

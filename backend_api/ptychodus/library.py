@@ -192,6 +192,8 @@ class PtychoPINNJaxReconstructor(TrainableReconstructor):
             refine_noise=inference.refine_noise,
             refine_probe=inference.refine_probe,
             refine_positions=inference.refine_positions,
+            refine_tv_weight=inference.refine_tv_weight,
+            refine_full_batch_from=inference.refine_full_batch_from,
             gridsize=model.gridsize,
             seed=self._settings.seed(),
             backend_registrations=self._registrations,

@@ -95,6 +95,8 @@ class InferenceSnapshot:
     refine_noise: str = "gaussian"
     refine_probe: bool = False
     refine_positions: bool = False
+    refine_tv_weight: float = 0.0
+    refine_full_batch_from: int = -1  # -1: never (minibatch passes only)
 
 
 def _create_model_group(registry: Any, name: str) -> Any:
@@ -182,6 +184,12 @@ def _add_refinement(group: Any) -> None:
         group.create_boolean_parameter("RefineProbe", False)
     if "RefinePositions" not in params:
         group.create_boolean_parameter("RefinePositions", False)
+    # the low-dose recipe (pinn_jax.refine.RefineOptions): RefineNoise poisson, RefineTVWeight
+    # 0.05, RefineFullBatchFrom 3; -1 = minibatch passes only
+    if "RefineTVWeight" not in params:
+        group.create_real_parameter("RefineTVWeight", 0.0, minimum=0.0)
+    if "RefineFullBatchFrom" not in params:
+        group.create_integer_parameter("RefineFullBatchFrom", -1, minimum=-1)
 
 
 def _add_diffraction_kind(group: Any) -> None:
@@ -320,9 +328,16 @@ class PtychoPINNJaxSettings:
         noise = str(self._get(g, "RefineNoise")).strip().lower()
         if noise not in REFINE_NOISE_MODELS:
             raise ValueError(f"{OWN_GROUP}.RefineNoise is {noise!r}; expected one of {REFINE_NOISE_MODELS}")
+        tv_weight = float(self._get(g, "RefineTVWeight"))
+        if not (tv_weight >= 0.0 and tv_weight < float("inf")):
+            raise ValueError(f"{OWN_GROUP}.RefineTVWeight is {tv_weight!r}; expected a finite number >= 0")
+        full_from = int(self._get(g, "RefineFullBatchFrom"))
+        if full_from < -1:
+            raise ValueError(f"{OWN_GROUP}.RefineFullBatchFrom is {full_from}; expected -1 (never) or a pass >= 0")
         return {"refine_iterations": iterations, "refine_noise": noise,
                 "refine_probe": bool(self._get(g, "RefineProbe")),
-                "refine_positions": bool(self._get(g, "RefinePositions"))}
+                "refine_positions": bool(self._get(g, "RefinePositions")),
+                "refine_tv_weight": tv_weight, "refine_full_batch_from": full_from}
 
 
 def _lookup(registry: Any, name: str) -> Any:
