@@ -32,6 +32,7 @@ from backend_api.canvas import check_canvas_size
 
 __all__ = [
     "translate",
+    "extract_patch",
     "pad_to",
     "center_crop",
     "padded_size",
@@ -113,6 +114,29 @@ def translate(img: jax.Array, shift: jax.Array) -> jax.Array:
     out = _interp_along(img, shift[0], axis=1)
     out = _interp_along(out, shift[1], axis=0)
     return out.astype(img.dtype)
+
+
+def extract_patch(obj_pad: jax.Array, position: jax.Array, N: int) -> jax.Array:
+    """One patch of the object: pixels ``[pos - N/2, pos + N/2)`` (bilinear, sub-pixel), the
+    simulator's and the refinement's patch extraction; ``position`` ``(2,)`` ``[x, y]`` object
+    pixels (patch pixel ``N/2`` on it).
+
+    ``obj_pad`` is the object with one extra zero row/column at the far end, so the
+    ``(N + 1)``-pixel window below never runs off the array for an in-range position.
+
+    This is :func:`translate` of the window by ``-frac`` (output pixel ``j``
+    samples ``window[j + frac]``), written for ``frac`` in ``[0, 1)``: the two taps of every
+    output pixel are then the static slices ``[:N]`` and ``[1:]``, which XLA vectorises (and
+    differentiates into pads) instead of the per-pixel gathers of the general translate: 4x
+    faster forward, 3x faster adjoint on a CPU, equal to float32 rounding.
+    """
+    corner = position - N / 2                      # object coordinate of patch pixel 0, [x, y]
+    start = jnp.floor(corner)
+    fx, fy = (corner - start).astype(jnp.float32)
+    s = start.astype(jnp.int32)
+    window = jax.lax.dynamic_slice(obj_pad, (s[1], s[0]), (N + 1, N + 1))
+    rows = (1 - fy) * window[:N] + fy * window[1:]
+    return ((1 - fx) * rows[:, :N] + fx * rows[:, 1:]).astype(obj_pad.dtype)
 
 
 # --------------------------------------------------------------------------------------------

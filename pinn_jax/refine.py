@@ -39,10 +39,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from pinn_jax.refine_steps import (NOISE_MODELS, as_complex, as_real, cached_builder, data_misfit, full_misfit,
-                                   hyper, illumination, make_refine_step, model_amplitudes, object_transform, photon_gain,
-                                   position_corrections, position_corrections_jit, precondition, total_variation,
-                                   zero_sums)
+from pinn_jax.refine_steps import (GAIN_POSITIONS, NOISE_MODELS, as_complex, cached_builder, chunk_statistics,
+                                   data_misfit, host_real, hyper, illumination, make_refine_step, model_amplitudes,
+                                   object_transform, padded_chunks, position_corrections, position_corrections_jit,
+                                   precondition, total_variation, zero_sums)
 
 __all__ = ["RefineOptions", "RefineResult", "refine_object", "model_amplitudes", "data_misfit",
            "position_corrections", "fix_phase_gauge", "illumination_footprint", "inside_grid",
@@ -322,10 +322,11 @@ def _refine_mesh(devices: Sequence[Any], batch: int):
 def _placers(mesh: Any):
     """``(put, put_batch)``: ``put(tree)`` replicates host values over ``mesh``;
     ``put_batch(rows)`` / ``put_batch(array, idx)`` splits a minibatch (``array[idx]``) over
-    it, each process reading only the rows its devices take. Without a mesh both hand the
-    values through (one device, as before)."""
+    it, each process reading only the rows its devices take. Without a mesh ``put`` puts the
+    values on the default device (so a step sees one kind of argument from its first call on)
+    and ``put_batch`` hands the rows through."""
     if mesh is None:
-        return (lambda tree: tree), (lambda a, idx=None: a if idx is None else a[idx])
+        return jax.device_put, (lambda a, idx=None: a if idx is None else a[idx])
     from jax.sharding import NamedSharding, PartitionSpec
 
     rep, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
@@ -371,7 +372,13 @@ def refine_object(amplitudes: Any, positions: Any, probe: Any, initial: Any,
     in_callbacks = 0.0
     n, N = len(pos), pr.shape[0]
     B = min(int(opts.batch_size), n)
-    gain = photon_gain(obj0, pr, pos, amp)
+    # the photon gain (on the first 256 positions) and, later, every exact misfit: one compiled
+    # chunk program (padded chunks of one shape)
+    chunks = padded_chunks(n, min(n, GAIN_POSITIONS))
+    rows, weights = chunks[0]
+    am, aa, _ = chunk_statistics(host_real(obj0), pr, pos[rows].astype(np.float32), amp[rows], weights,
+                                 noise=opts.noise)
+    gain = float(am) / float(aa) if float(aa) > 0 and float(am) > 0 else 1.0
     obj0 = obj0 * np.complex64(gain)
     scale = float(np.mean(np.abs(obj0))) or 1.0
     iterations = int(opts.iterations)
@@ -391,11 +398,11 @@ def refine_object(amplitudes: Any, positions: Any, probe: Any, initial: Any,
     structure = dict(with_tv=with_tv, preconditioned=pie, mesh=mesh)
     minibatch_spec = ("sgd",) if pie else ("adam",)
     put, put_batch = _placers(mesh)
-    x = put(as_real(obj0))
+    x = put(host_real(obj0))
     x_state = put(object_transform(*minibatch_spec).init(x))
     probe_j = put(np.asarray(pr))
     if opts.refine_probe:
-        p = put(as_real(pr))
+        p = put(host_real(pr))
         p_state = put(object_transform("adam").init(p))  # the probe always takes Adam steps
     pos0 = pos.astype(np.float64)
     cur = pos0.copy()
@@ -407,14 +414,19 @@ def refine_object(amplitudes: Any, positions: Any, probe: Any, initial: Any,
 
     def mean_loss() -> float:
         total, probe_now = 0.0, current_probe()
-        for s in range(0, n, 256):
-            chunk = slice(s, s + 256)
-            total += float(full_misfit(x, probe_now, put(cur[chunk].astype(np.float32)), put(amp[chunk]),
-                                       noise=opts.noise)) * len(amp[chunk])
+        for rows, weights in chunks:
+            _, _, misfit = chunk_statistics(x, probe_now, put(cur[rows].astype(np.float32)), put(amp[rows]),
+                                            put(weights), noise=opts.noise)
+            total += float(misfit)
         return total / n
 
+    def host_complex(stack) -> np.ndarray:
+        a = np.asarray(stack)
+        return (a[0] + 1j * a[1]).astype(np.complex64)
+
     def outputs():
-        obj, probe_out = np.asarray(as_complex(x)) / np.complex64(gain), np.asarray(current_probe())
+        obj = host_complex(x) / np.complex64(gain)
+        probe_out = host_complex(p) if opts.refine_probe else pr
         if opts.gauge != "none":
             from pinn_jax.metrics import scan_region_mask
 

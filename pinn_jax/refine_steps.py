@@ -29,10 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from pinn_jax.geometry import extract_patch
+from pinn_jax.physics import diffraction_intensity, illuminate
+
 __all__ = ["model_amplitudes", "data_misfit", "total_variation", "illumination", "precondition",
            "precondition_with", "hyper", "object_transform", "make_refine_step", "make_object_probe_step",
            "make_gradient_accumulator", "zero_sums", "make_full_batch_update", "position_corrections",
-           "full_misfit", "photon_gain", "cached_builder"]
+           "chunk_statistics", "padded_chunks", "photon_gain", "cached_builder", "host_real"]
 
 NOISE_MODELS = ("gaussian", "poisson")
 _POISSON_EPS = 1e-6
@@ -44,15 +47,10 @@ _AMPLITUDE_EPS = 1e-10
 
 
 def _extract(obj: jax.Array, position: jax.Array, N: int) -> jax.Array:
-    from pinn_jax.simulate import _extract_one
-
-    obj_pad = jnp.pad(obj, ((0, 1), (0, 1)))
-    return _extract_one(obj_pad, position, N)
+    return extract_patch(jnp.pad(obj, ((0, 1), (0, 1))), position, N)
 
 
 def _amplitude(obj: jax.Array, probe: jax.Array, position: jax.Array) -> jax.Array:
-    from pinn_jax.physics import diffraction_intensity, illuminate
-
     # sqrt(I + eps): the far-field intensity of a flat start has exact zeros, where the plain
     # square root's gradient is infinite; eps (model units, where the mean intensity is ~1e-3)
     # changes amplitudes by < 1e-5
@@ -100,8 +98,27 @@ def _loss(x: jax.Array, probe, positions, measured, noise: str) -> jax.Array:
     return data_misfit(model_amplitudes(as_complex(x), probe, positions), measured, noise)
 
 
-full_misfit = jax.jit(_loss, static_argnames=("noise",))
-full_misfit.__doc__ = """Jitted mean misfit ``(x (2, H, W), probe (N, N) complex, positions (b, 2), measured (b, N, N), noise)``."""
+@functools.partial(jax.jit, static_argnames=("noise",))
+def chunk_statistics(x: jax.Array, probe: jax.Array, positions: jax.Array, measured: jax.Array, weights: jax.Array,
+                     noise: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """For one chunk of positions, with the model amplitudes ``A_i`` of the object stack ``x``
+    ``(2, H, W)`` and the data ``M_i``, each position weighted by ``weights`` ``(b,)`` (0 for
+    padding): ``(sum_i w_i <A_i, M_i>, sum_i w_i <A_i, A_i>, sum_i w_i misfit_i)`` with
+    ``misfit_i`` the pixel mean of :func:`data_misfit`'s terms. The first two give the
+    least-squares photon gain, the last the exact misfit; one compiled program serves both."""
+    A = model_amplitudes(as_complex(x), probe, positions)
+    w = weights[:, None, None]
+    per_position = jnp.mean(_pixel_misfit(A, measured, noise), axis=(1, 2))
+    return jnp.sum(w * A * measured), jnp.sum(w * A * A), jnp.sum(weights * per_position)
+
+
+def padded_chunks(n: int, size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(rows, weights)`` covering ``range(n)`` in chunks of ``size`` rows, the last padded with
+    weight-0 copies of the first rows, so every chunk has one shape (one compilation)."""
+    n_pad = -(-n // size) * size
+    rows = np.concatenate([np.arange(n), np.arange(n_pad - n) % n])
+    weights = np.concatenate([np.ones(n, np.float32), np.zeros(n_pad - n, np.float32)])
+    return [(rows[s:s + size], weights[s:s + size]) for s in range(0, n_pad, size)]
 
 
 def total_variation(x: jax.Array, eps: Any) -> jax.Array:
@@ -118,14 +135,12 @@ def illumination(probe: jax.Array, positions: jax.Array, shape: tuple[int, int],
     """``sum_i c_i |P(r - x_i)|**2`` ``(H, W)`` float32 on the object grid: the adjoint of the
     bilinear patch extraction applied to the probe intensity, for patch centres ``positions``
     ``(n, 2)``, each weighted by ``weights`` ``(n,)`` (default 1)."""
-    from pinn_jax.simulate import _extract_one
-
     N = probe.shape[0]
     intensity = jnp.square(jnp.abs(probe)).astype(jnp.float32)
 
     def extract_all(o):
         o_pad = jnp.pad(o, ((0, 1), (0, 1)))
-        return jax.vmap(lambda p: _extract_one(o_pad, p, N))(positions)
+        return jax.vmap(lambda p: extract_patch(o_pad, p, N))(positions)
 
     cot = jnp.broadcast_to(intensity, (positions.shape[0], N, N))
     if weights is not None:
@@ -384,13 +399,22 @@ def position_corrections(obj: Any, probe: Any, positions: Any, measured: Any, *,
 
 
 position_corrections_jit = jax.jit(position_corrections, static_argnames=("max_step", "damping"))
-_model_amplitudes_jit = jax.jit(model_amplitudes)
+
+GAIN_POSITIONS = 256
+
+
+def host_real(z: Any) -> np.ndarray:
+    """complex ``(...)`` -> ``(2, ...)`` float32 real/imaginary stack, on the host (numpy: no
+    small device programs to compile at start-up)."""
+    z = np.asarray(z)
+    return np.stack([z.real, z.imag]).astype(np.float32)
 
 
 def photon_gain(obj, probe, positions, amp) -> float:
-    """Least-squares gain g with ``g * A_model(obj) ~ A_measured`` (on up to 256 positions)."""
-    k = min(len(positions), 256)
-    model = np.asarray(_model_amplitudes_jit(obj, probe, positions[:k]), np.float64)
-    num = float(np.sum(model * amp[:k]))
-    den = float(np.sum(model * model))
+    """Least-squares gain g with ``g * A_model(obj) ~ A_measured`` (on the first 256 positions)."""
+    k = min(len(positions), GAIN_POSITIONS)
+    am, aa, _ = chunk_statistics(host_real(obj), jnp.asarray(probe, jnp.complex64),
+                                 np.asarray(positions[:k], np.float32), np.asarray(amp[:k], np.float32),
+                                 np.ones(k, np.float32), noise="gaussian")
+    num, den = float(am), float(aa)
     return num / den if den > 0 and num > 0 else 1.0

@@ -66,6 +66,7 @@ __all__ = [
 ]
 
 # Objects and scan positions: their own module (pinn_jax.synthetic), re-exported here.
+from pinn_jax.geometry import extract_patch as _extract_one  # noqa: E402
 from pinn_jax.synthetic import (  # noqa: E402
     OBJECT_KINDS,
     _as_generator,
@@ -78,27 +79,6 @@ from pinn_jax.synthetic import (  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # patches and diffraction (jitted, vmapped over patterns)
-
-
-def _extract_one(obj_pad: jax.Array, position: jax.Array, N: int) -> jax.Array:
-    """One ground-truth patch: object pixels ``[pos - N/2, pos + N/2)`` (bilinear, sub-pixel).
-
-    ``obj_pad`` is the object with one extra zero row/column at the far end, so the
-    ``(N + 1)``-pixel window below never runs off the array for an in-range position.
-
-    This is :func:`pinn_jax.geometry.translate` of the window by ``-frac`` (output pixel ``j``
-    samples ``window[j + frac]``), written for ``frac`` in ``[0, 1)``: the two taps of every
-    output pixel are then the static slices ``[:N]`` and ``[1:]``, which XLA vectorises (and
-    differentiates into pads) instead of the per-pixel gathers of the general translate: 4x
-    faster forward, 3x faster adjoint on a CPU, equal to float32 rounding.
-    """
-    corner = position - N / 2                      # object coordinate of patch pixel 0, [x, y]
-    start = jnp.floor(corner)
-    fx, fy = (corner - start).astype(jnp.float32)
-    s = start.astype(jnp.int32)
-    window = jax.lax.dynamic_slice(obj_pad, (s[1], s[0]), (N + 1, N + 1))
-    rows = (1 - fy) * window[:N] + fy * window[1:]
-    return ((1 - fx) * rows[:, :N] + fx * rows[:, 1:]).astype(obj_pad.dtype)
 
 
 @partial(jax.jit, static_argnames=("N",))

@@ -403,6 +403,8 @@ def _stitch_pos(rng):
 
 _JIT_CASES = {
     "translate": (g.translate, lambda r: (_rand(r, 12, 14), r.uniform(-4, 4, 2).astype(np.float32))),
+    "extract_patch": (lambda o, pos: g.extract_patch(o, pos, _N),
+                      lambda r: (_rand(r, 41, 41), r.uniform(8, 31.99, 2).astype(np.float32))),
     "pad_to": (lambda x: g.pad_to(x, _P), lambda r: (_rand(r, _N, _N, _C),)),
     "center_crop": (lambda x: g.center_crop(x, _N), lambda r: (_rand(r, _P, _P),)),
     "center_mask": (lambda: g.center_mask(_N, _P), lambda r: ()),

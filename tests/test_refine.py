@@ -115,7 +115,7 @@ def test_illumination_is_the_adjoint_of_the_extraction(scan):
     """<extract(o), |P|^2> = <o, illumination> for a random real o (float32 sums: rtol 1e-5),
     and a single position at an integer centre puts |P|^2 on its patch."""
     from pinn_jax.refine import illumination
-    from pinn_jax.simulate import _extract_one
+    from pinn_jax.geometry import extract_patch as _extract_one
 
     rng = np.random.default_rng(0)
     o = rng.random(scan["obj"].shape).astype(np.float32)

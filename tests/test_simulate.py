@@ -263,7 +263,7 @@ def test_patch_extraction_is_the_bilinear_translate_of_its_window(x, y):
     import jax.numpy as jnp
 
     from pinn_jax.geometry import translate
-    from pinn_jax.simulate import _extract_one
+    from pinn_jax.geometry import extract_patch as _extract_one
 
     rng = np.random.default_rng(7)
     obj = (rng.random((128, 128)) + 1j * rng.random((128, 128))).astype(np.complex64)
