@@ -100,6 +100,49 @@ def _host_rng(rngs: nnx.Rngs) -> np.random.Generator | None:
     return np.random.default_rng([int(v) for v in data.ravel()])
 
 
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_DIMENSION_NUMBERS)
+
+
+@jax.custom_vjp
+def conv3x3_bias(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """A 3x3 'same' stride-1 convolution plus bias, ``x (B, H, W, Ci)``, ``kernel (3, 3, Ci, Co)``,
+    ``bias (Co,)`` -> ``(B, H, W, Co)``: what ``nnx.Conv`` computes, with the bias gradient taken
+    as a matrix-vector product. Autodiff gives ``sum(g, axis=(0, 1, 2))``, which XLA's CPU
+    backend splits into reduce-windows over 16 x 32 x 32 blocks that run at ~1 GB/s: ~10 % of
+    the PtychoPINN CNN's training step (N=64, batch 16); ``ones @ g.reshape(-1, Co)`` is the
+    same sum (another float32 order) as one BLAS call. Input and kernel gradients are XLA's own."""
+    return _conv3x3(x, kernel) + bias
+
+
+def _conv3x3_bias_fwd(x, kernel, bias):
+    return conv3x3_bias(x, kernel, bias), (x, kernel)
+
+
+def _conv3x3_bias_bwd(residuals, g):
+    x, kernel = residuals
+    dx, dk = jax.vjp(_conv3x3, x, kernel)[1](g)
+    co = g.shape[-1]
+    db = jnp.dot(jnp.ones((g.size // co,), g.dtype), g.reshape(-1, co))
+    return dx, dk, db
+
+
+conv3x3_bias.defvjp(_conv3x3_bias_fwd, _conv3x3_bias_bwd)
+
+
+class Conv3x3(nnx.Conv):
+    """``nnx.Conv`` (3x3, 'same', stride 1, bias) applied through :func:`conv3x3_bias`: the same
+    parameters (``kernel`` HWIO, ``bias``) and the same forward values, a faster backward."""
+
+    def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+        if inputs.ndim != 4 or self.kernel_size != (3, 3) or self.bias is None or out_sharding is not None:
+            return super().__call__(inputs, out_sharding=out_sharding)
+        return conv3x3_bias(inputs, self.kernel[...], self.bias[...])
+
+
 def _conv(in_ch: int, out_ch: int, rngs: nnx.Rngs, host_rng: np.random.Generator | None = None) -> nnx.Conv:
     # Keras Conv2D defaults: glorot_uniform kernel (fans include the 3x3 receptive field),
     # zero bias. Flax's default lecun_normal would not reproduce the reference's init.
@@ -109,7 +152,7 @@ def _conv(in_ch: int, out_ch: int, rngs: nnx.Rngs, host_rng: np.random.Generator
         def kernel_init(key, shape, dtype=jnp.float32):
             b = _glorot_bound(shape)
             return jnp.asarray(host_rng.uniform(-b, b, shape), dtype)
-    return nnx.Conv(
+    return Conv3x3(
         in_ch,
         out_ch,
         kernel_size=(3, 3),
