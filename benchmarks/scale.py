@@ -187,6 +187,14 @@ def _slope(rows: list[dict]) -> float | None:
     return float(np.polyfit(n, t, 1)[0])
 
 
+def _cpu_model() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return ""
+
+
 def _write_amplitudes(path: Path, n: int, N: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, N, N))
@@ -202,7 +210,9 @@ def main(argv=None) -> int:
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--group-sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000])
     ap.add_argument("--infer-sizes", type=int, nargs="*", default=[1000, 4000, 16000])
-    ap.add_argument("--N", type=int, default=64)
+    ap.add_argument("--N", type=int, nargs="+", default=[64], help="patch sizes of the inference curves")
+    ap.add_argument("--max-input-gb", type=float, default=20.0,
+                    help="skip an inference size whose synthetic input (n N^2 float32, memory-mapped) exceeds this")
     ap.add_argument("--chunk", type=int, default=4096)
     ap.add_argument("--train-devices", type=int, nargs="*", default=[],
                     help="device counts for the training curve (e.g. 1 2 4); 2-process runs for the even ones")
@@ -227,21 +237,27 @@ def main(argv=None) -> int:
             rows.append(_spawn(["group", str(n), str(gs)]))
             print(f"group gs{gs} n={n}: {rows[-1]['seconds']:.2f} s", flush=True)
     with tempfile.TemporaryDirectory(prefix="pinn_jax_scale_") as tmp:
-        for n in args.infer_sizes:
-            path = Path(tmp) / f"amp_{n}.npy"
-            _write_amplitudes(path, n, args.N, args.seed)
-            rows.append(_spawn(["infer", str(n), str(args.N), str(args.chunk), str(path)]))
-            path.unlink()
-            r = rows[-1]
-            print(f"infer N={args.N} n={n}: {r['seconds']:.1f} s ({r['patterns_per_s']:.0f}/s), "
-                  f"peak RSS {r['peak_rss_mib']:.0f} MiB, private memory of the run "
-                  f"{r['run_anon_mib']:.0f} MiB", flush=True)
+        for N in args.N:
+            for n in args.infer_sizes:
+                if n * N * N * 4 > args.max_input_gb * 1e9:
+                    print(f"infer N={N} n={n}: skipped (input {n * N * N * 4 / 1e9:.0f} GB > --max-input-gb "
+                          f"{args.max_input_gb:g})", flush=True)
+                    continue
+                path = Path(tmp) / f"amp_{N}_{n}.npy"
+                _write_amplitudes(path, n, N, args.seed)
+                rows.append(_spawn(["infer", str(n), str(N), str(args.chunk), str(path)]))
+                path.unlink()
+                r = rows[-1]
+                print(f"infer N={N} n={n}: {r['seconds']:.1f} s ({r['patterns_per_s']:.0f}/s), "
+                      f"peak RSS {r['peak_rss_mib']:.0f} MiB, private memory of the run "
+                      f"{r['run_anon_mib']:.0f} MiB", flush=True)
 
     if args.train_devices:
         from pinn_jax import simulate
 
         with tempfile.TemporaryDirectory(prefix="pinn_jax_scale_train_") as tmp:
-            train, _ = simulate.simulate_dataset(N=args.N, object_size=2 * args.N + 64, n_images=2 * args.train_groups,
+            train, _ = simulate.simulate_dataset(N=args.N[0], object_size=2 * args.N[0] + 64,
+                                                 n_images=2 * args.train_groups,
                                                  seed=args.seed)
             data = Path(tmp) / "train.npz"
             train.to_file(data)
@@ -261,7 +277,8 @@ def main(argv=None) -> int:
     slopes = {}
     for gs in (1, 2):
         slopes[f"group_gs{gs}"] = _slope([r for r in rows if r["kind"] == "group" and r["gridsize"] == gs])
-    slopes["infer"] = _slope([r for r in rows if r["kind"] == "infer"])
+    for N in args.N:
+        slopes[f"infer_N{N}"] = _slope([r for r in rows if r["kind"] == "infer" and r["N"] == N])
     print("\n| step | n | seconds | rate | peak RSS (MiB) | private memory of the run (MiB) |\n"
           "|---|---|---|---|---|---|")
     for r in rows:
@@ -279,7 +296,8 @@ def main(argv=None) -> int:
                   f"{r.get('efficiency', float('nan')):.2f} |")
     print("\nfitted log-log slopes (1.0 = linear): "
           + ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} -" for k, v in slopes.items()))
-    doc = {"rows": rows, "slopes": slopes, "N": args.N, "chunk": args.chunk, "cpu_count": os.cpu_count()}
+    doc = {"rows": rows, "slopes": slopes, "N": args.N, "chunk": args.chunk, "cpu_count": os.cpu_count(),
+           "cpu": _cpu_model(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
     if args.out is not None:
         from backend_api.fileio import write_json
 
@@ -293,12 +311,16 @@ def main(argv=None) -> int:
         fig = Figure(figsize=(6, 4))
         FigureCanvasAgg(fig)
         ax = fig.add_subplot(1, 1, 1)
-        for key, sel in (("group gs1", lambda r: r["kind"] == "group" and r["gridsize"] == 1),
-                         ("group gs2", lambda r: r["kind"] == "group" and r["gridsize"] == 2),
-                         (f"infer+stitch N={args.N}", lambda r: r["kind"] == "infer")):
+        curves = [("group gs1", "group_gs1", lambda r: r["kind"] == "group" and r["gridsize"] == 1),
+                  ("group gs2", "group_gs2", lambda r: r["kind"] == "group" and r["gridsize"] == 2)]
+        curves += [(f"infer+stitch N={N}", f"infer_N{N}", lambda r, N=N: r["kind"] == "infer" and r["N"] == N)
+                   for N in args.N]
+        for label, key, sel in curves:
             pts = [r for r in rows if sel(r)]
             if pts:
-                ax.loglog([r["n"] for r in pts], [r["seconds"] for r in pts], marker="o", label=key)
+                slope = slopes.get(key)
+                tag = f"{label} (slope {slope:.2f})" if slope is not None else label
+                ax.loglog([r["n"] for r in pts], [r["seconds"] for r in pts], marker="o", label=tag)
         ax.set_xlabel("positions")
         ax.set_ylabel("seconds")
         ax.grid(True, which="both", alpha=0.3)
