@@ -747,7 +747,7 @@ def plot(result: dict, path: Path) -> None:
         for th in THRESHOLDS:
             ax.axhline(th, color="0.7", lw=0.8, ls="--")
         ax.set_xscale("log")
-        ax.set_xlabel("wall time (s, compile included)")
+        ax.set_xlabel("wall time (s; pinn-jax warm, pty-chi epochs only)")
         ax.set_ylabel("amplitude SSIM (corrected protocol)")
         ax.set_title(sc["name"])
         lo = min((x["ssim"][0] for r in sc["rows"] if "curve" in r for x in r["curve"] if x["pass"] > 0), default=0)
