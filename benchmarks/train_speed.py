@@ -19,6 +19,20 @@ Variants (all measured in the same run, interleaved ``--rounds`` times):
 * ``tuned``: :func:`pinn_jax.runtime.configure_cpu_runtime` applied (what the entry points -- CLI, ptychodus child -- do);
 * any ``--variant NAME=XLA_FLAGS`` given on the command line.
 
+Same-machine TensorFlow rows (each worker in its own process, in the same interleaved rounds):
+
+* ``--upstream-python PY``: the real upstream PtychoPINN (``upstream_tf_baseline.py``, run by a
+  Python in which TensorFlow and upstream's ``ptycho`` package import): its own model builder,
+  compiled losses and ``train_on_batch``, and its ``diffraction_to_obj`` with
+  ``predict_on_batch`` in batches of 32 (``UPSTREAM_PREDICT_BATCH``; upstream collapses batches
+  of 64 or more into one object, see that script). Row ``upstream-tf``; the table adds a
+  "pinn-jax tuned / upstream TF (same run)" row: training steps/s from the median of
+  individually timed (blocked) steps of both, inference patterns/s at each one's best batch.
+  This is the headline comparison. The worker runs with ``PINN_JAX_XLA_DEFAULTS=0`` and the
+  caller's ``XLA_FLAGS`` less pinn-jax's jaxlib-only flags (TensorFlow aborts on unknown flags).
+* ``--keras-python PY``: the same network rebuilt in Keras (``keras_baseline.py``), row
+  ``keras`` (secondary).
+
 The TF reference figures (reference/tf_reference_run.md §3; TF 2.19 on a 2-core CPU host of the
 development machines' kind, N=64, gridsize 1, n_filters_scale 2, batch 16) are printed beside as
 constants: they were not measured in this run. Each worker also times a 2048^2 float32 matmul
@@ -32,6 +46,7 @@ Usage::
     python benchmarks/train_speed.py                              # N=64 and 128, plain vs tuned
     python benchmarks/train_speed.py --N 64 --rounds 3 --out benchmarks/results/train_speed.json
     python benchmarks/train_speed.py --N 64 --variant ynn_off=--xla_cpu_experimental_ynn_fusion_type=
+    python benchmarks/train_speed.py --N 64 128 --rounds 2 --only tuned --upstream-python /work/refvenv/bin/python
 """
 
 from __future__ import annotations
@@ -40,6 +55,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -64,6 +80,9 @@ REFERENCE_TF_CPU = {
 
 DEFAULT_VARIANTS = ("plain", "tuned")
 KERAS_VARIANT = "keras"  # the same network in TensorFlow/Keras on this host (--keras-python)
+UPSTREAM_VARIANT = "upstream-tf"  # the real upstream PtychoPINN on this host (--upstream-python)
+# upstream's diffraction_to_obj merges a call of >= 64 patterns into one object (upstream_tf_baseline.py)
+UPSTREAM_PREDICT_BATCH = 32
 
 # The caller's XLA_FLAGS before anything here can touch them (importing pinn_jax may add the
 # runtime's flags to os.environ, which must not leak into the 'plain' variant).
@@ -223,12 +242,12 @@ def _variant_env(name: str, flags: str | None) -> dict:
     return env
 
 
-def _timing_flags(N: int, args) -> list[str]:
-    """The measurement flags both workers (jax and ``keras_baseline.py``) take."""
+def _timing_flags(N: int, args, predict_batch: list[int] | None = None) -> list[str]:
+    """The measurement flags all workers (jax, ``keras_baseline.py``, ``upstream_tf_baseline.py``) take."""
     return ["--N", str(N), "--batch-size", str(args.batch_size), "--n-filters-scale", str(args.n_filters_scale),
             "--steps", str(args.steps), "--blocked-steps", str(args.blocked_steps), "--seed", str(args.seed),
             "--predict-patterns", str(args.predict_patterns), "--predict-repeats", str(args.predict_repeats),
-            "--predict-batch", *map(str, args.predict_batch)]
+            "--predict-batch", *map(str, predict_batch or args.predict_batch)]
 
 
 def _run_worker(N: int, name: str, flags: str | None, args) -> dict:
@@ -258,6 +277,43 @@ def _run_keras_worker(N: int, args) -> dict:
     return r
 
 
+def _upstream_env() -> dict:
+    """Environment of the upstream TensorFlow worker: pinn_jax's runtime flags off and removed from
+    the caller's ``XLA_FLAGS`` (TensorFlow's XLA aborts the process on a flag it does not know)."""
+    from pinn_jax.runtime import CPU_XLA_FLAGS, OPT_OUT_ENV, flag_name
+
+    env = dict(os.environ)
+    env[OPT_OUT_ENV] = "0"
+    try:
+        tokens = shlex.split(_CALLER_XLA_FLAGS)
+    except ValueError:
+        tokens = _CALLER_XLA_FLAGS.split()
+    kept = [t for t in tokens if flag_name(t) not in CPU_XLA_FLAGS]
+    if kept:
+        env["XLA_FLAGS"] = " ".join(kept)
+    else:
+        env.pop("XLA_FLAGS", None)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
+
+
+def _run_upstream_worker(N: int, args) -> dict:
+    """The real upstream TensorFlow PtychoPINN (``upstream_tf_baseline.py``) under ``--upstream-python``."""
+    script = Path(__file__).with_name("upstream_tf_baseline.py")
+    cmd = [str(args.upstream_python), str(script), *_timing_flags(N, args, [UPSTREAM_PREDICT_BATCH])]
+    env = _upstream_env()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "upstream.json"
+        proc = subprocess.run(cmd + ["--out", str(out)], env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"upstream TF worker N={N} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
+                               f"\n{proc.stdout[-1000:]}")
+        r = json.loads(out.read_text())
+    r.setdefault("compile_s", 0.0)  # Keras traces inside its first step (counted in first_step_s)
+    r["xla_flags"] = env.get("XLA_FLAGS", "")
+    return r
+
+
 def _print_round(N: int, rnd: int, name: str, r: dict, args) -> None:
     print(f"N={N} gs={args.gridsize} round {rnd + 1}/{args.rounds} {name:>8}: "
           f"{r['train_step_s']:.3f} s/step ({r['train_groups_per_s']:.1f} groups/s, "
@@ -278,34 +334,43 @@ def _median_row(runs: list[dict]) -> dict:
     row["inference"] = {pb: statistics.median(r["inference"][pb]["patterns_per_s"] for r in runs)
                         for pb in runs[0]["inference"]}
     row["xla_flags"] = runs[0].get("xla_flags", "")
-    for k in ("framework", "tensorflow", "keras", "params"):
+    for k in ("framework", "tensorflow", "keras", "params", "jit_compile", "upstream"):
         if k in runs[0]:
             row[k] = runs[0][k]
     return row
 
 
 def _markdown(summary: dict) -> str:
-    lines = ["| N | gs | variant | step s | groups/s | patterns/s | CPU-s/step | x plain | compile s | "
+    # step s: back-to-back steps; blocked s: median of individually synced steps
+    lines = ["| N | gs | variant | step s | blocked s | groups/s | patterns/s | CPU-s/step | x plain | compile s | "
              "infer patterns/s (best batch) | x plain |",  # compile s = lower+compile + first step
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, rows in summary.items():
         N, gs = key.split("/")
         base = rows.get("plain")
         for name, r in rows.items():
             sp = base["train_step_s"] / r["train_step_s"] if base else float("nan")
             si = r["inference_patterns_per_s_best"] / base["inference_patterns_per_s_best"] if base else float("nan")
-            lines.append(f"| {N} | {gs} | {name} | {r['train_step_s']:.3f} | {r['train_groups_per_s']:.1f} | "
+            lines.append(f"| {N} | {gs} | {name} | {r['train_step_s']:.3f} | {r['train_step_s_blocked_median']:.3f} | "
+                         f"{r['train_groups_per_s']:.1f} | "
                          f"{r['train_patterns_per_s']:.1f} | {r['train_step_cpu_s']:.2f} | {sp:.2f} | "
                          f"{r['compile_s'] + r['first_step_s']:.1f} | "
                          f"{r['inference_patterns_per_s_best']:.1f} | {si:.2f} |")
-        tf_here = rows.get(KERAS_VARIANT)
         tuned = rows.get("tuned")
+        upstream = rows.get(UPSTREAM_VARIANT)
+        if upstream and tuned:
+            # training steps/s from the blocked-step medians of both; inference at each one's best batch
+            st = upstream["train_step_s_blocked_median"] / tuned["train_step_s_blocked_median"]
+            si = tuned["inference_patterns_per_s_best"] / upstream["inference_patterns_per_s_best"]
+            lines.append(f"| {N} | {gs} | **pinn-jax tuned / upstream TF (same run)** | | **x{st:.2f} steps/s** | | | "
+                         f"| | | **x{si:.2f} patterns/s** | |")
+        tf_here = rows.get(KERAS_VARIANT)
         if tf_here and tuned:
             lines.append(f"| {N} | {gs} | tuned / keras (same run) | x{tf_here['train_step_s'] / tuned['train_step_s']:.2f} "
-                         f"speed | | | | | | x{tuned['inference_patterns_per_s_best'] / tf_here['inference_patterns_per_s_best']:.2f} "
+                         f"speed | | | | | | | x{tuned['inference_patterns_per_s_best'] / tf_here['inference_patterns_per_s_best']:.2f} "
                          f"speed | |")
     ref = REFERENCE_TF_CPU
-    lines.append(f"| 64 | 1 | TF reference (constant, other run) | {ref['train_step_s']:.3f} | "
+    lines.append(f"| 64 | 1 | TF reference (constant, other run) | {ref['train_step_s']:.3f} | - | "
                  f"{ref['train_groups_per_s']:.1f} | {ref['train_groups_per_s']:.1f} | - | - | "
                  f"{ref['first_step_s']:.1f} | ~150 | - |")
     return "\n".join(lines)
@@ -351,6 +416,10 @@ def main(argv=None) -> int:
     p.add_argument("--keras-python", type=Path, default=None, metavar="PYTHON",
                    help="a Python with TensorFlow: also time the same network in Keras (keras_baseline.py) "
                         "in the same interleaved rounds, as a same-machine baseline")
+    p.add_argument("--upstream-python", type=Path, default=None, metavar="PYTHON",
+                   help="a Python with TensorFlow and upstream's ptycho package: also time the real upstream "
+                        "PtychoPINN (upstream_tf_baseline.py) in the same interleaved rounds, and print "
+                        "pinn-jax tuned / upstream ratios")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("train_speed.json"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -365,6 +434,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"--keras-python: the Keras baseline is built for gridsize 1, got --gridsize {args.gridsize}")
     if args.keras_python and not args.keras_python.is_file():
         raise SystemExit(f"--keras-python {args.keras_python}: no such file (expected a Python with TensorFlow)")
+    if args.upstream_python and args.gridsize != 1:
+        raise SystemExit(f"--upstream-python: the upstream baseline is timed at gridsize 1, got --gridsize {args.gridsize}")
+    if args.upstream_python and not args.upstream_python.is_file():
+        raise SystemExit(f"--upstream-python {args.upstream_python}: no such file (expected a Python with "
+                         "TensorFlow and upstream's ptycho package)")
     variants: dict[str, str | None] = {v: None for v in DEFAULT_VARIANTS}
     for spec in args.variant:
         name, _, flags = spec.partition("=")
@@ -382,12 +456,17 @@ def main(argv=None) -> int:
     for N in args.N:
         key = f"{N}/{args.gridsize}"
         runs[key] = {name: [] for name in variants}
+        if args.upstream_python:
+            runs[key][UPSTREAM_VARIANT] = []
         if args.keras_python:
             runs[key][KERAS_VARIANT] = []
         for rnd in range(args.rounds):
             for name, flags in variants.items():
                 runs[key][name].append(_run_worker(N, name, flags, args))
                 _print_round(N, rnd, name, runs[key][name][-1], args)
+            if args.upstream_python:
+                runs[key][UPSTREAM_VARIANT].append(_run_upstream_worker(N, args))
+                _print_round(N, rnd, UPSTREAM_VARIANT, runs[key][UPSTREAM_VARIANT][-1], args)
             if args.keras_python:
                 runs[key][KERAS_VARIANT].append(_run_keras_worker(N, args))
                 _print_round(N, rnd, KERAS_VARIANT, runs[key][KERAS_VARIANT][-1], args)
