@@ -38,7 +38,7 @@ from typing import Any
 from backend_api.backends import _missing
 
 __all__ = ["TensorFlowBackend", "PyTorchBackend", "TorchReferenceModel", "history_losses",
-           "xla_flags_unknown_to"]
+           "xla_flags_unknown_to", "xla_flags_unknown_to_tensorflow"]
 
 #: the reference's default stitch crop (``M``)
 _REFERENCE_M = 20
@@ -201,21 +201,27 @@ def xla_flags_unknown_to(libraries: list[Path], flags: str) -> list[str]:
             b.close()
 
 
+def xla_flags_unknown_to_tensorflow(flags: str) -> list[str]:
+    """The ``XLA_FLAGS`` entries of ``flags`` that the installed TensorFlow's XLA does not know
+    (its libraries searched as :func:`xla_flags_unknown_to` does); ``[]`` when there are none,
+    when TensorFlow is not installed or when its libraries cannot be read."""
+    if not flags.strip():
+        return []
+    tf_spec = importlib.util.find_spec("tensorflow")
+    if tf_spec is None or not tf_spec.submodule_search_locations:
+        return []
+    root = Path(next(iter(tf_spec.submodule_search_locations)))
+    libs = [p for p in (root / "libtensorflow_framework.so.2", root / "libtensorflow_cc.so.2") if p.is_file()]
+    return xla_flags_unknown_to(libs, flags)
+
+
 def _check_tensorflow_xla_flags(name: str) -> None:
     """RuntimeError instead of a process abort when ``XLA_FLAGS`` holds a flag that TensorFlow's
     XLA does not know, e.g. jaxlib's ``--xla_cpu_experimental_ynn_fusion_type`` that
     ``pinn_jax.configure_cpu_runtime`` adds (TF 2.19 aborts with 'Unknown flag in XLA_FLAGS')."""
     import os
 
-    flags = os.environ.get("XLA_FLAGS", "")
-    if not flags.strip():
-        return
-    tf_spec = importlib.util.find_spec("tensorflow")
-    if tf_spec is None or not tf_spec.submodule_search_locations:
-        return
-    root = Path(next(iter(tf_spec.submodule_search_locations)))
-    libs = [p for p in (root / "libtensorflow_framework.so.2", root / "libtensorflow_cc.so.2") if p.is_file()]
-    unknown = xla_flags_unknown_to(libs, flags)
+    unknown = xla_flags_unknown_to_tensorflow(os.environ.get("XLA_FLAGS", ""))
     if unknown:
         raise RuntimeError(
             f"backend {name!r}: XLA_FLAGS contains {unknown}, which TensorFlow's XLA (used by both reference "
@@ -389,6 +395,28 @@ def _check_coord_scale(name: str, coord_scale: Any) -> float:
     return value
 
 
+# The torch port's default scale contract ("ci_intensity_v2", "count_intensity") reads diff3d as
+# photon-count intensities; backend_api's data contract is the TensorFlow reference's: diff3d
+# holds diffraction amplitudes, normalised by the training like the reference does. The port's
+# own name for that contract is this pair ("legacy compatibility" in its config factory). Without
+# it the port's amplitude did not train on the reference run's data (benchmarks/README.md).
+TORCH_LEGACY_SCALE_CONTRACT = {"scale_contract_version": "legacy_v1", "measurement_domain": "normalized_amplitude"}
+
+
+def _legacy_scale_overrides(train_fn: Any) -> dict:
+    """``{"overrides": TORCH_LEGACY_SCALE_CONTRACT}`` when the port's training function takes
+    ``overrides`` (712c23f and later), else nothing (older ports had only the legacy contract)."""
+    import inspect
+
+    try:
+        params = inspect.signature(train_fn).parameters
+    except (TypeError, ValueError):
+        return {}
+    if "overrides" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return {"overrides": dict(TORCH_LEGACY_SCALE_CONTRACT)}
+    return {}
+
+
 class PyTorchBackend(_ReferenceAdapter):
     """The reference PyTorch port (``ptycho_torch.workflows.components``)."""
 
@@ -437,7 +465,7 @@ class PyTorchBackend(_ReferenceAdapter):
             ref_config = dataclasses.replace(config)  # the temporary file must not leak into the caller's
         with contextlib.ExitStack() as stack:
             self._train_file(train_ref, ref_config, stack)
-            results = fn(train_ref, self._data(test_data), ref_config)
+            results = fn(train_ref, self._data(test_data), ref_config, **_legacy_scale_overrides(fn))
         models = results.get("models") if isinstance(results, Mapping) else None
         if not isinstance(models, Mapping) or "diffraction_to_obj" not in models:
             raise RuntimeError(

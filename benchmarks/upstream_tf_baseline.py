@@ -77,21 +77,11 @@ UPSTREAM_MERGE_BATCH = 64
 
 def _check_xla_flags() -> None:
     """Exit with a message instead of letting TensorFlow abort on an XLA flag it does not know."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if not flags.strip():
-        return
     try:  # this project's helper, when backend_api is installed in this Python
-        import importlib.util
-
-        from backend_api.reference_adapters import xla_flags_unknown_to
+        from backend_api.reference_adapters import xla_flags_unknown_to_tensorflow
     except ImportError:
         return
-    spec = importlib.util.find_spec("tensorflow")
-    if spec is None or not spec.submodule_search_locations:
-        return
-    root = Path(next(iter(spec.submodule_search_locations)))
-    libs = [p for p in (root / "libtensorflow_framework.so.2", root / "libtensorflow_cc.so.2") if p.is_file()]
-    unknown = xla_flags_unknown_to(libs, flags)
+    unknown = xla_flags_unknown_to_tensorflow(os.environ.get("XLA_FLAGS", ""))
     if unknown:
         raise SystemExit(f"XLA_FLAGS holds {unknown}, unknown to TensorFlow's XLA (it would abort): "
                          "remove them (train_speed.py does) and run again")

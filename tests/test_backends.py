@@ -385,3 +385,45 @@ def test_configure_runtime_calls_the_optional_hook():
     configure_runtime(SimpleNamespace())  # no hook: nothing to do
     configure_runtime(None)
     assert calls == [1]
+
+
+def test_pytorch_adapter_asks_the_port_for_the_reference_data_contract(monkeypatch, tmp_path):
+    """A port whose training takes `overrides` is asked for its legacy scale contract (diff3d =
+    amplitudes, normalised like the TensorFlow reference), the backend_api data contract; a
+    port without that keyword is called as before."""
+    import numpy as np
+
+    from backend_api.config import ModelConfig, TrainingConfig
+    from backend_api.raw_data import RawData
+    from backend_api import reference_adapters
+
+    seen = []
+
+    def train(train_data, test_data, config, execution_config=None, overrides=None):
+        seen.append(overrides)
+        return {"models": {"diffraction_to_obj": "module"}, "intensity_scale": 2.0, "history": {}}
+
+    rng = np.random.default_rng(1)
+    raw = RawData(rng.uniform(0, 5, 4), rng.uniform(0, 5, 4), np.zeros(4), np.zeros(4),
+                  rng.uniform(0, 1, (4, 8, 8)).astype(np.float32), np.ones((8, 8), np.complex64), np.zeros(4, int))
+    cfg = TrainingConfig(model=ModelConfig(N=64), n_groups=4, backend="pytorch", train_data_file=tmp_path / "t.npz")
+    adapter = _torch_adapter(monkeypatch, train_cdi_model_torch=train)
+    _fake_module(monkeypatch, "ptycho.raw_data", RawData=lambda *a, **k: raw)
+    adapter.train_cdi_model(raw, None, cfg)
+    assert seen == [{"scale_contract_version": "legacy_v1", "measurement_domain": "normalized_amplitude"}]
+    assert reference_adapters._legacy_scale_overrides(lambda a, b, c: None) == {}
+
+
+def test_xla_flags_unknown_to_tensorflow_reads_the_installed_libraries(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from backend_api import reference_adapters
+
+    (tmp_path / "libtensorflow_framework.so.2").write_bytes(b"\0xla_force_host_platform_device_count\0")
+    monkeypatch.setattr(reference_adapters.importlib.util, "find_spec",
+                        lambda name: SimpleNamespace(submodule_search_locations=[str(tmp_path)]))
+    flags = "--xla_force_host_platform_device_count=4 --xla_cpu_experimental_ynn_fusion_type="
+    assert reference_adapters.xla_flags_unknown_to_tensorflow(flags) == ["xla_cpu_experimental_ynn_fusion_type"]
+    assert reference_adapters.xla_flags_unknown_to_tensorflow("  ") == []
+    monkeypatch.setattr(reference_adapters.importlib.util, "find_spec", lambda name: None)
+    assert reference_adapters.xla_flags_unknown_to_tensorflow(flags) == []  # no TensorFlow: nothing to say

@@ -61,9 +61,7 @@ def _flags_for_tensorflow() -> str:
     from backend_api import reference_adapters as ra
 
     flags = os.environ.get("XLA_FLAGS", "")
-    root = Path(importlib.util.find_spec("tensorflow").submodule_search_locations[0])
-    libs = [p for p in (root / "libtensorflow_framework.so.2", root / "libtensorflow_cc.so.2") if p.is_file()]
-    unknown = set(ra.xla_flags_unknown_to(libs, flags))
+    unknown = set(ra.xla_flags_unknown_to_tensorflow(flags))
     keep = [e for e in shlex.split(flags) if not (e.startswith("--") and e[2:].split("=", 1)[0] in unknown)]
     return " ".join(shlex.quote(e) for e in keep)
 
