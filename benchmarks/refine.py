@@ -106,7 +106,8 @@ def load_reference(path: Path, n_positions: int | None = None) -> Scan:
 
         amp = diff.astype(np.float32)
         s = photon_gain(gt, probe, pos, amp)
-        nphotons = float(np.mean(np.sum(diff ** 2, axis=(1, 2))))
+        # the simulation's nominal photons per pattern, else what the patterns hold
+        nphotons = float(meta.get("nphotons") or np.mean(np.sum(diff ** 2, axis=(1, 2))))
         name = f"{Path(path).stem} ({nphotons:.0e} photons)"
     else:
         s = math.sqrt(1e9 / np.mean(np.sum(diff ** 2, axis=(1, 2))))

@@ -52,3 +52,27 @@ def test_quick_run_writes_rows_and_the_flat_refinement_improves(bench, tmp_path)
     # but not grossly; the given (bilinear-simulated) data match the solver's model to the floor
     assert checks["poisson_floor"] < checks["residual_model_vs_clean"] < 0.2
     assert checks["residual_model_vs_reference_data"] < 3 * checks["poisson_floor"]
+
+
+def test_a_photon_count_scan_is_taken_as_it_is_and_gets_the_low_dose_rows(bench, tmp_path):
+    """A `pinn-jax simulate` file (diff3d in sqrt(counts), metadata diff_units "counts") keeps its
+    amplitudes and its nominal photon count; its gain s scales the solver's model of the ground
+    truth onto the data (the residual is the Poisson noise, ~0.5 / sqrt(mean counts per pixel)
+    ~ 0.16 here; a wrong scale by 2x would give > 0.5); at <= 1e6 photons the scan gets the
+    low-dose rows, the full-batch recipe first."""
+    from pinn_jax import simulate
+    from pinn_jax.refine import model_amplitudes
+
+    _, test = simulate.simulate_to_npz(tmp_path / "data", N=32, object_size=96, n_images=128, nphotons=1e4, seed=2)
+    scan = bench.load_reference(test)
+    with np.load(test) as z:
+        np.testing.assert_array_equal(scan.amp, z["diff3d"].astype(np.float32))
+    assert scan.info["nphotons"] == 1e4 and "1e+04" in scan.name
+    model = np.asarray(model_amplitudes(scan.gt, scan.probe, scan.positions), np.float64)
+    assert np.linalg.norm(scan.s * model - scan.amp) / np.linalg.norm(scan.amp) < 0.3
+    out = tmp_path / "refine.json"
+    assert bench.main(["--quick", "--no-ptychi", "--test", str(test), "--scenario", "reference",
+                       "--out", str(out)]) == 0
+    rows = [r["method"] for r in json.loads(out.read_text())["scenarios"][0]["rows"]]
+    assert rows[0].startswith("pinn-jax poisson, full_batch_from 3, tv_weight 0.05")
+    assert "pinn-jax poisson (flat)" in rows and "pty-chi LSQML (poisson)" in rows
