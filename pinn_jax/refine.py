@@ -462,9 +462,7 @@ def refine_object(amplitudes: Any, positions: Any, probe: Any, initial: Any,
 
     if full_from < iterations:
         # every chunk has B rows (one compilation): the last is padded with weight-0 rows
-        n_pad = -(-n // B) * B
-        chunk_rows = np.concatenate([np.arange(n), np.arange(n_pad - n) % n])
-        chunk_weights = np.concatenate([np.ones(n, np.float32), np.zeros(n_pad - n, np.float32)])
+        gradient_chunks = padded_chunks(n, B)
         m = float(opts.full_batch_momentum)
         # the pie step goes on with momentum; Adam with its state and its final step size
         full_spec = (("nesterov", m) if m > 0 else ("sgd",)) if pie else minibatch_spec
@@ -477,8 +475,7 @@ def refine_object(amplitudes: Any, positions: Any, probe: Any, initial: Any,
         update = cached_builder("full", full_spec, opts.noise, probe=fit_probe, N=N, **structure)
         sums = put(zero_sums(obj0.shape, N, with_probe=fit_probe))
         p_arg = p if fit_probe else current_probe()
-        for s in range(0, n_pad, B):
-            idx, weights = chunk_rows[s:s + B], chunk_weights[s:s + B]
+        for idx, weights in gradient_chunks:
             pb_host = cur[idx].astype(np.float32)
             sums = accumulate(sums, x, p_arg, put_batch(pb_host), put_batch(amp, idx), put_batch(weights))
             if fit_positions:
