@@ -398,8 +398,8 @@ def _check_coord_scale(name: str, coord_scale: Any) -> float:
 # The torch port's default scale contract ("ci_intensity_v2", "count_intensity") reads diff3d as
 # photon-count intensities; backend_api's data contract is the TensorFlow reference's: diff3d
 # holds diffraction amplitudes, normalised by the training like the reference does. The port's
-# own name for that contract is this pair ("legacy compatibility" in its config factory). Without
-# it the port's amplitude did not train on the reference run's data (benchmarks/README.md).
+# own name for that contract is this pair ("legacy compatibility" in its config factory). (It does
+# not make the port's amplitude train on the reference run's data: benchmarks/README.md.)
 TORCH_LEGACY_SCALE_CONTRACT = {"scale_contract_version": "legacy_v1", "measurement_domain": "normalized_amplitude"}
 
 
