@@ -166,6 +166,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fit-batch", type=int, default=256)
     ap.add_argument("--refine-batches", type=int, nargs="*", default=[32, 128])
     ap.add_argument("--refine-passes", type=int, default=20)
+    ap.add_argument("--device-batches", type=int, nargs="*", default=None,
+                    help="batch sizes of the device-resident inference (default: --batch-sizes and 4096)")
     args = ap.parse_args(argv)
 
     import jax
@@ -199,7 +201,8 @@ def main(argv=None) -> int:
         args.out.write_text(json.dumps(doc, indent=1))
 
     for N in args.N:
-        run(f"inference_N{N}", part_inference_device, N, sorted(set(args.batch_sizes) | {4096}), args)
+        batches = args.device_batches or sorted(set(args.batch_sizes) | {4096})
+        run(f"inference_N{N}", part_inference_device, N, batches, args)
     for N in args.N:
         for B in args.batch_sizes:
             run(f"train_N{N}_B{B}", part_train, N, B, args)

@@ -1,0 +1,33 @@
+"""benchmarks/gpu_bench.py (what benchmarks/gpu.sh runs on a lent GPU): every part runs on the
+CPU with tiny settings and reports figures, no errors (no timing is asserted). The GPU is lent to
+some sessions only, so this keeps the prepared script working between them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.py"
+
+
+@pytest.mark.slow
+def test_every_part_runs_and_reports(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_gpu", PATH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_gpu", mod)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "gpu.json"
+    assert mod.main(["--out", str(out), "--N", "64", "--batch-sizes", "8", "--n-filters-scale", "1", "--steps", "2",
+                     "--predict-patterns", "16", "--fit-groups", "64", "--fit-batch", "16", "--refine-batches", "32",
+                     "--refine-passes", "2", "--device-batches", "8", "--budget-s", "600"]) == 0
+    doc = json.loads(out.read_text())
+    parts = {p["part"]: p for p in doc["parts"]}
+    assert set(parts) == {"inference_N64", "train_N64_B8", "fit_sharded", "refine"}, sorted(parts)
+    assert "precision" in parts["inference_N64"]
+    for name, part in parts.items():
+        assert "error" not in part and "skipped" not in part, (name, part)
+    assert doc["platform"] == "cpu"
