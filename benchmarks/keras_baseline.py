@@ -30,14 +30,11 @@ or stand-alone: ``tfvenv/bin/python benchmarks/keras_baseline.py --N 64 --out ke
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -193,26 +190,14 @@ def worker(args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--N", type=int, default=64, choices=sorted(ENCODER_FILTERS))
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--n-filters-scale", type=int, default=2)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--blocked-steps", type=int, default=5)
-    p.add_argument("--predict-batch", type=int, nargs="+", default=[64, 256])
-    p.add_argument("--predict-patterns", type=int, default=512)
-    p.add_argument("--predict-repeats", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args(argv)
+    from timing_worker_cli import timing_parser, write_result
+
+    args = timing_parser(__doc__.split("\n\n")[0], N_choices=ENCODER_FILTERS).parse_args(argv)
     result = worker(args)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, args.out)
+    write_result(args.out, result)
     print(f"keras N={args.N}: {result['train_step_s']:.3f} s/step, {result['params']} params, "
           f"inference {result['inference_patterns_per_s_best']:.0f} patterns/s")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

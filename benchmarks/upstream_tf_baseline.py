@@ -61,8 +61,6 @@ Stand-alone: ``/work/refvenv/bin/python benchmarks/upstream_tf_baseline.py --N 6
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
@@ -238,27 +236,16 @@ def worker(args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--N", type=int, default=64, choices=(64, 128, 256))
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--n-filters-scale", type=int, default=2)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--blocked-steps", type=int, default=5)
-    p.add_argument("--predict-batch", type=int, nargs="+", default=[32],
-                   help=f"predict_on_batch sizes; must stay below {UPSTREAM_MERGE_BATCH} (see the module docstring)")
-    p.add_argument("--predict-patterns", type=int, default=512)
-    p.add_argument("--predict-repeats", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args(argv)
+    from timing_worker_cli import timing_parser, write_result
+
+    args = timing_parser(__doc__.split("\n\n")[0], predict_batch=(32,),
+                         predict_batch_help=f"predict_on_batch sizes; must stay below {UPSTREAM_MERGE_BATCH} "
+                                            "(see the module docstring)").parse_args(argv)
     result = worker(args)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(result, default=str))
-    os.replace(tmp, args.out)
+    write_result(args.out, result)
     print(f"upstream N={args.N}: {result['train_step_s_blocked_median']:.3f} s/step (blocked median), "
           f"{result['params']} params, inference {result['inference_patterns_per_s_best']:.0f} patterns/s")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
