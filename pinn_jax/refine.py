@@ -3,11 +3,14 @@
 Given measured diffraction amplitudes ``sqrt(counts)`` ``(n, N, N)``, scan positions ``(n, 2)``
 ``[x, y]`` (object pixels, patch centre at patch pixel ``N/2``), a probe ``(N, N)`` and an
 initial object ``(H, W)`` complex on the object grid, :func:`refine_object` minimises the data
-misfit of the model ``|F(P * O_i)| / N`` (the sub-pixel bilinear patch extraction of
-:mod:`pinn_jax.simulate`, :func:`pinn_jax.physics.illuminate` and
-:func:`pinn_jax.physics.diffraction_amplitude`) over the object on minibatches of positions — PIE-like gradient steps preconditioned by the
-batch's probe illumination (default) or optax Adam — one jitted update per minibatch (state
-donated), the per-position model vmapped.
+misfit of the model ``|F(P * O_i)| / N`` (the simulator's sub-pixel bilinear patch extraction,
+:func:`pinn_jax.geometry.extract_patch`, :func:`pinn_jax.physics.illuminate` and
+:func:`pinn_jax.physics.diffraction_amplitude`) over the object on minibatches of positions —
+PIE-like gradient steps preconditioned by the batch's probe illumination (default) or optax
+Adam — one jitted update per minibatch (state donated), the per-position model vmapped; with
+``full_batch_from``, later passes are one update each along the gradient over every position
+(converging at low dose, see :class:`RefineOptions`). The jitted pieces are in
+:mod:`pinn_jax.refine_steps`.
 
 Noise models (``noise``):
 
