@@ -44,8 +44,8 @@ import numpy as np
 
 from pinn_jax.refine_steps import (GAIN_POSITIONS, NOISE_MODELS, as_complex, cached_builder, chunk_statistics,
                                    data_misfit, host_real, hyper, illumination, make_refine_step, model_amplitudes,
-                                   object_transform, padded_chunks, position_corrections, position_corrections_jit,
-                                   precondition, total_variation, zero_sums)
+                                   object_transform, padded_chunks, photon_gain, position_corrections,
+                                   position_corrections_jit, precondition, total_variation, zero_sums)
 
 __all__ = ["RefineOptions", "RefineResult", "refine_object", "model_amplitudes", "data_misfit",
            "position_corrections", "fix_phase_gauge", "illumination_footprint", "inside_grid",
@@ -378,10 +378,7 @@ def refine_object(amplitudes: Any, positions: Any, probe: Any, initial: Any,
     # the photon gain (on the first 256 positions) and, later, every exact misfit: one compiled
     # chunk program (padded chunks of one shape)
     chunks = padded_chunks(n, min(n, GAIN_POSITIONS))
-    rows, weights = chunks[0]
-    am, aa, _ = chunk_statistics(host_real(obj0), pr, pos[rows].astype(np.float32), amp[rows], weights,
-                                 noise=opts.noise)
-    gain = float(am) / float(aa) if float(aa) > 0 and float(am) > 0 else 1.0
+    gain = photon_gain(obj0, pr, pos, amp, noise=opts.noise)
     obj0 = obj0 * np.complex64(gain)
     scale = float(np.mean(np.abs(obj0))) or 1.0
     iterations = int(opts.iterations)

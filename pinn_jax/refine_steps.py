@@ -410,11 +410,13 @@ def host_real(z: Any) -> np.ndarray:
     return np.stack([z.real, z.imag]).astype(np.float32)
 
 
-def photon_gain(obj, probe, positions, amp) -> float:
-    """Least-squares gain g with ``g * A_model(obj) ~ A_measured`` (on the first 256 positions)."""
+def photon_gain(obj, probe, positions, amp, noise: str = "gaussian") -> float:
+    """Least-squares gain g with ``g * A_model(obj) ~ A_measured`` (on the first 256 positions).
+    ``noise`` only picks the :func:`chunk_statistics` program (its misfit is not used), so a
+    refinement can share the one it compiles for its exact misfits."""
     k = min(len(positions), GAIN_POSITIONS)
     am, aa, _ = chunk_statistics(host_real(obj), jnp.asarray(probe, jnp.complex64),
                                  np.asarray(positions[:k], np.float32), np.asarray(amp[:k], np.float32),
-                                 np.ones(k, np.float32), noise="gaussian")
+                                 np.ones(k, np.float32), noise=noise)
     num, den = float(am), float(aa)
     return num / den if den > 0 and num > 0 else 1.0
