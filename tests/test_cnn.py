@@ -218,3 +218,37 @@ def test_conv3x3_is_nnx_conv_with_a_faster_bias_gradient(jit):
     np.testing.assert_array_equal(np.asarray(g_ours.kernel[...]), np.asarray(g_ref.kernel[...]))
     b_ours, b_ref = np.asarray(g_ours.bias[...]), np.asarray(g_ref.bias[...])
     np.testing.assert_allclose(b_ours, b_ref, rtol=0, atol=1e-5 * np.abs(b_ref).max())
+
+
+@pytest.mark.parametrize("jit", [True, False])
+@pytest.mark.parametrize("shape", [(2, 16, 16, 5), (3, 8, 12, 60), (1, 32, 32, 64)])
+def test_one_channel_heads_are_the_same_convolution(shape, jit):
+    """The heads' per-tap formulation (``Ci -> 1``) computes XLA's convolution and its input and
+    kernel gradients up to float32 summation order. Bound, per element, for a sum of n products
+    in any order: n * eps32 * (the same sum of absolute values); n = 9 * Ci for the forward, 9
+    for the input gradient, B * H * W for the kernel gradient."""
+    from pinn_jax.models import cnn
+
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((3, 3, shape[-1], 1)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal(shape[:3] + (1,)), jnp.float32)
+    eps = np.finfo(np.float32).eps
+
+    def both(f):
+        y, vjp = jax.vjp(f, x, k)
+        return (y, *vjp(g))
+
+    ours_fn, ref_fn = (jax.jit(lambda: both(cnn._conv3x3)), jax.jit(lambda: both(cnn._conv3x3_xla))) if jit \
+        else (lambda: both(cnn._conv3x3), lambda: both(cnn._conv3x3_xla))
+    # the heads do take the per-tap path (no XLA convolution in it)
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(cnn._conv3x3)(x, k))
+    ours, ref = ours_fn(), ref_fn()
+    _, abs_vjp = jax.vjp(cnn._conv3x3_xla, jnp.abs(x), jnp.abs(k))
+    scale = (cnn._conv3x3_xla(jnp.abs(x), jnp.abs(k)), *abs_vjp(jnp.abs(g)))
+    n_terms = (9 * shape[-1], 9, shape[0] * shape[1] * shape[2])
+    for name, a, b, s, n in zip(("forward", "input gradient", "kernel gradient"), ours, ref, scale, n_terms):
+        assert a.shape == b.shape, name
+        bound = n * eps * np.asarray(s) + 1e-30
+        excess = np.abs(np.asarray(a) - np.asarray(b)) / bound
+        assert excess.max() <= 1.0, f"{name}: {excess.max():.2f} x the float32 bound"

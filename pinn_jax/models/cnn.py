@@ -103,8 +103,42 @@ def _host_rng(rngs: nnx.Rngs) -> np.random.Generator | None:
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 
-def _conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+# Output channels up to which a convolution runs as per-tap products (:func:`_conv3x3_few_out`).
+FEW_OUT_CHANNELS = 1
+
+
+def _conv3x3_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_DIMENSION_NUMBERS)
+
+
+def _conv3x3_few_out(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The same 'same' 3x3 convolution for few output channels (the heads: ``Co`` = 1).
+
+    ``x (B, H, W, Ci) @ kernel (Ci, 9 * Co)`` gives every tap's product at every pixel in one
+    matrix product that reads ``x`` once; the output is their sum, each tap shifted into place.
+    XLA's CPU convolution runs such ``Ci -> 1`` layers at 13-28 GFLOP/s (a 64 x 64 x 64 -> 1
+    head at batch 16: ~3 ms forward, ~14 ms for both gradients); this form and its autodiff
+    (a shifted stack of ``g`` times the kernel, ``x^T`` times that stack) ~2-4x faster.
+    Values: the same sums of 9 * Ci products, in another float32 order.
+    """
+    b, h, w, ci = x.shape
+    co = kernel.shape[-1]
+    taps = jnp.dot(x.reshape(-1, ci), kernel.transpose(2, 0, 1, 3).reshape(ci, 9 * co))
+    taps = jnp.pad(taps.reshape(b, h, w, 3, 3, co), ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
+    # y[h, w] = sum over (dy, dx) of x[h + dy - 1, w + dx - 1] @ kernel[dy, dx]
+    out = taps[:, 0:h, 0:w, 0, 0]
+    for dy in range(3):
+        for dx in range(3):
+            if dy or dx:
+                out = out + taps[:, dy:dy + h, dx:dx + w, dy, dx]
+    return out
+
+
+def _conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``x (B, H, W, Ci)``, ``kernel (3, 3, Ci, Co)`` -> ``(B, H, W, Co)``: 'same', stride 1."""
+    if kernel.shape[-1] <= FEW_OUT_CHANNELS < kernel.shape[-2]:
+        return _conv3x3_few_out(x, kernel)
+    return _conv3x3_xla(x, kernel)
 
 
 @jax.custom_vjp
@@ -114,7 +148,8 @@ def conv3x3_bias(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     as a matrix-vector product. Autodiff gives ``sum(g, axis=(0, 1, 2))``, which XLA's CPU
     backend splits into reduce-windows over 16 x 32 x 32 blocks that run at ~1 GB/s: ~10 % of
     the PtychoPINN CNN's training step (N=64, batch 16); ``ones @ g.reshape(-1, Co)`` is the
-    same sum (another float32 order) as one BLAS call. Input and kernel gradients are XLA's own."""
+    same sum (another float32 order) as one BLAS call. Input and kernel gradients are XLA's own,
+    except for the one-channel heads (:func:`_conv3x3_few_out`)."""
     return _conv3x3(x, kernel) + bias
 
 
