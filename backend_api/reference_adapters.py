@@ -23,6 +23,10 @@ said, never dropped in silence:
   the probe size and photon metadata from that file). Data handed over in memory without a
   file are written to a temporary NPZ for the duration of the call, so the file the port reads
   is the data it trains on.
+- The torch port's amplitude-mode training illuminates with the raw probe divided by
+  ``probe_scale``, not with the reference's normalised probe; the adapter passes the port's
+  ``amplitude_physics_gain`` that makes the two forward models equal, and ``probe_scale``
+  (:func:`_probe_scale_overrides`; ``results['port_overrides']`` records what was passed).
 """
 
 from __future__ import annotations
@@ -398,14 +402,69 @@ def _check_coord_scale(name: str, coord_scale: Any) -> float:
 # The torch port's default scale contract ("ci_intensity_v2", "count_intensity") reads diff3d as
 # photon-count intensities; backend_api's data contract is the TensorFlow reference's: diff3d
 # holds diffraction amplitudes, normalised by the training like the reference does. The port's
-# own name for that contract is this pair ("legacy compatibility" in its config factory). (It does
-# not make the port's amplitude train on the reference run's data: benchmarks/README.md.)
+# own name for that contract is this pair ("legacy compatibility" in its config factory). Its
+# amplitude-mode training ignores the pair; what that mode needs is the probe scale below.
 TORCH_LEGACY_SCALE_CONTRACT = {"scale_contract_version": "legacy_v1", "measurement_domain": "normalized_amplitude"}
 
 
-def _legacy_scale_overrides(train_fn: Any) -> dict:
-    """``{"overrides": TORCH_LEGACY_SCALE_CONTRACT}`` when the port's training function takes
-    ``overrides`` (712c23f and later), else nothing (older ports had only the legacy contract)."""
+def reference_probe_norm(probe: Any, probe_scale: float) -> float:
+    """The TensorFlow reference's probe normalisation (``ptycho.probe.set_probe``): its forward
+    model illuminates with ``probe / norm``, ``norm = probe_scale * mean(|mask * probe|)`` over
+    the N x N pixels, ``mask`` the disk ``r < N // 4`` around pixel ``(N - 1) / 2``."""
+    import numpy as np
+
+    p = np.asarray(probe)
+    if p.ndim == 3 and p.shape[-1] == 1:
+        p = p[..., 0]
+    if p.ndim != 2 or p.shape[0] != p.shape[1]:
+        raise ValueError(f"probe of shape {p.shape}: expected (N, N) or (N, N, 1)")
+    n = p.shape[0]
+    a = np.arange(n, dtype=np.float64) - n // 2 + 0.5
+    mask = np.sqrt(a[:, None] ** 2 + a[None, :] ** 2) < n // 4
+    norm = float(probe_scale) * float(np.mean(np.abs(p) * mask))
+    if not (math.isfinite(norm) and norm > 0):
+        raise ValueError(f"probe normalisation {norm!r}: the probe is zero (or not finite) in its mask")
+    return norm
+
+
+def _port_knows(field_name: str) -> bool:
+    """Whether the port's ``ptycho_torch.config_params.ModelConfig`` has ``field_name``."""
+    import dataclasses
+
+    try:
+        cls = importlib.import_module("ptycho_torch.config_params").ModelConfig
+    except (ImportError, AttributeError):
+        return False
+    return dataclasses.is_dataclass(cls) and field_name in {f.name for f in dataclasses.fields(cls)}
+
+
+def _probe_scale_overrides(probe: Any, ref_config: Any) -> dict:
+    """The port's ``probe_scale`` and ``amplitude_physics_gain`` for the reference's forward model.
+
+    The port's in-memory training path (``_ensure_container``, also behind its own CLI) hands the
+    raw ``probeGuess`` to its amplitude-mode forward model, which divides it by ``probe_scale``
+    but never normalises it as the reference does (``reference_probe_norm``); only its
+    memory-mapped dataloader does. Since upstream removed the accidental batch-size gain of its old
+    flat probe layout (its PROBE-RANK-001), nothing makes up the difference: for a probe with
+    max |P| = 1 the predicted intensity is ~100x the measured one too small, the sigmoid
+    amplitude sits at 1 and carries nothing (benchmarks/README.md). The port's knob for this is
+    ``amplitude_physics_gain`` (predicted amplitude times a constant, training only); with
+    ``gain = port probe_scale / norm`` its predicted amplitude ``gain * |F(O * P / probe_scale)|``
+    is the reference's ``|F(O * P / norm)|``. Nothing is passed for a port without that field
+    (older ports kept the batch-size gain) or without a probe to read."""
+    if probe is None or not _port_knows("amplitude_physics_gain"):
+        return {}
+    if hasattr(probe, "detach"):
+        probe = probe.detach().cpu().numpy()
+    probe_scale = float(getattr(getattr(ref_config, "model", None), "probe_scale", 4.0))
+    return {"probe_scale": probe_scale,
+            "amplitude_physics_gain": probe_scale / reference_probe_norm(probe, probe_scale)}
+
+
+def _legacy_scale_overrides(train_fn: Any, extra: Mapping[str, Any] | None = None) -> dict:
+    """``{"overrides": TORCH_LEGACY_SCALE_CONTRACT | extra}`` when the port's training function
+    takes ``overrides`` (712c23f and later), else nothing (older ports had only the legacy
+    contract)."""
     import inspect
 
     try:
@@ -413,7 +472,7 @@ def _legacy_scale_overrides(train_fn: Any) -> dict:
     except (TypeError, ValueError):
         return {}
     if "overrides" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return {"overrides": dict(TORCH_LEGACY_SCALE_CONTRACT)}
+        return {"overrides": {**TORCH_LEGACY_SCALE_CONTRACT, **(extra or {})}}
     return {}
 
 
@@ -465,7 +524,9 @@ class PyTorchBackend(_ReferenceAdapter):
             ref_config = dataclasses.replace(config)  # the temporary file must not leak into the caller's
         with contextlib.ExitStack() as stack:
             self._train_file(train_ref, ref_config, stack)
-            results = fn(train_ref, self._data(test_data), ref_config, **_legacy_scale_overrides(fn))
+            train_probe = getattr(train_ref, "probeGuess", getattr(train_ref, "probe", None))
+            kwargs = _legacy_scale_overrides(fn, _probe_scale_overrides(train_probe, ref_config))
+            results = fn(train_ref, self._data(test_data), ref_config, **kwargs)
         models = results.get("models") if isinstance(results, Mapping) else None
         if not isinstance(models, Mapping) or "diffraction_to_obj" not in models:
             raise RuntimeError(
@@ -483,6 +544,7 @@ class PyTorchBackend(_ReferenceAdapter):
         # the protocol's trained model: the Lightning module with the scale it was trained at
         results["model_instance"] = TorchReferenceModel(models["diffraction_to_obj"], scale, probe)
         results["diffraction_to_obj"] = results["model_instance"]  # the same key as the TF adapter
+        results["port_overrides"] = dict(kwargs.get("overrides") or {})  # what the port was asked for
         return results
 
     def train_cdi_model(self, train_data: Any, test_data: Any, config: Any, *,

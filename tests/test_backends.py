@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import sys
@@ -409,9 +410,71 @@ def test_pytorch_adapter_asks_the_port_for_the_reference_data_contract(monkeypat
     cfg = TrainingConfig(model=ModelConfig(N=64), n_groups=4, backend="pytorch", train_data_file=tmp_path / "t.npz")
     adapter = _torch_adapter(monkeypatch, train_cdi_model_torch=train)
     _fake_module(monkeypatch, "ptycho.raw_data", RawData=lambda *a, **k: raw)
+
+    @dataclasses.dataclass
+    class OldPortModelConfig:  # a port without amplitude_physics_gain: no probe-scale overrides
+        N: int = 64
+
+    _fake_module(monkeypatch, "ptycho_torch.config_params", ModelConfig=OldPortModelConfig)
     adapter.train_cdi_model(raw, None, cfg)
     assert seen == [{"scale_contract_version": "legacy_v1", "measurement_domain": "normalized_amplitude"}]
     assert reference_adapters._legacy_scale_overrides(lambda a, b, c: None) == {}
+
+
+def test_pytorch_adapter_gives_the_port_the_reference_probe_scale(monkeypatch, tmp_path):
+    """The port's amplitude forward divides the raw probe by probe_scale and never normalises it
+    as the TF reference does (probe / (probe_scale * mean|mask * probe|)); the adapter passes
+    its probe_scale and amplitude_physics_gain = probe_scale / that norm, so the port's predicted
+    amplitude is the reference's (benchmarks/README.md: without it the amplitude saturates)."""
+    import numpy as np
+
+    from backend_api.config import ModelConfig, TrainingConfig
+    from backend_api.raw_data import RawData
+    from backend_api import reference_adapters
+
+    seen = []
+
+    def train(train_data, test_data, config, execution_config=None, overrides=None):
+        seen.append(overrides)
+        return {"models": {"diffraction_to_obj": "module"}, "intensity_scale": 2.0, "history": {}}
+
+    @dataclasses.dataclass
+    class PortModelConfig:
+        amplitude_physics_gain: float = 1.0
+
+    n = 4
+    rng = np.random.default_rng(1)
+    # N=8: the mask r < 2 around pixel 3.5 holds 12 of the 64 pixels
+    probe = np.full((8, 8), 2.0, np.complex64)
+    raw = RawData(rng.uniform(0, 5, n), rng.uniform(0, 5, n), np.zeros(n), np.zeros(n),
+                  rng.uniform(0, 1, (n, 8, 8)).astype(np.float32), probe, np.zeros(n, int))
+    cfg = TrainingConfig(model=ModelConfig(N=64, probe_scale=5.0), n_groups=4, backend="pytorch",
+                         train_data_file=tmp_path / "t.npz")
+    adapter = _torch_adapter(monkeypatch, train_cdi_model_torch=train)
+    _fake_module(monkeypatch, "ptycho.raw_data", RawData=lambda *a, **k: raw)
+    _fake_module(monkeypatch, "ptycho_torch.config_params", ModelConfig=PortModelConfig)
+    res = adapter.train_cdi_model(raw, None, cfg)
+    norm = 5.0 * 2.0 * 12 / 64
+    assert reference_adapters.reference_probe_norm(probe, 5.0) == pytest.approx(norm)
+    expected = {"scale_contract_version": "legacy_v1", "measurement_domain": "normalized_amplitude",
+                "probe_scale": 5.0, "amplitude_physics_gain": pytest.approx(5.0 / norm)}
+    assert seen == [expected] and res["port_overrides"] == expected
+    with pytest.raises(ValueError, match="zero"):
+        reference_adapters.reference_probe_norm(np.zeros((8, 8)), 4.0)
+
+
+def test_reference_probe_norm_is_pinn_jax_probe_normalisation():
+    """The same normalisation as the jax backend's (the TF reference's set_probe)."""
+    import numpy as np
+
+    jnp = pytest.importorskip("jax.numpy")
+    from backend_api.reference_adapters import reference_probe_norm
+    from pinn_jax.probe import normalize_probe
+
+    rng = np.random.default_rng(3)
+    p = (rng.normal(size=(64, 64)) + 1j * rng.normal(size=(64, 64))).astype(np.complex64)
+    np.testing.assert_allclose(np.asarray(normalize_probe(jnp.asarray(p), 4.0)),
+                               p / reference_probe_norm(p, 4.0), rtol=1e-5, atol=1e-7)
 
 
 def test_xla_flags_unknown_to_tensorflow_reads_the_installed_libraries(monkeypatch, tmp_path):

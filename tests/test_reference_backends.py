@@ -100,6 +100,24 @@ def test_train_one_epoch(trained):
     assert res["model_instance"] is not None
 
 
+def test_torch_port_trains_at_the_reference_probe_scale(trained):
+    """The port's amplitude forward uses the raw probe / probe_scale; the adapter's
+    amplitude_physics_gain makes it the reference's normalised probe. Without it the predicted
+    intensity is ~100x too small for this probe and the sigmoid amplitude sits at 1 in the
+    whole object region (benchmarks/README.md, the torch port's saturated amplitude)."""
+    if trained["backend"] != "pytorch":
+        pytest.skip("torch port only")
+    from backend_api.reference_adapters import reference_probe_norm
+
+    cfg, res = trained["cfg"], trained["results"]
+    module = res["model_instance"].module
+    s = cfg.model.probe_scale
+    assert module.model_config.amplitude_physics_gain == pytest.approx(s / reference_probe_norm(trained["raw"].probeGuess, s))
+    assert float(module.model.probe_scale) == s
+    amp = np.abs(res["model_instance"].predict(_inputs(trained)))[:, 16:48, 16:48]  # inside the N/4 padding
+    assert np.mean(amp > 0.999) < 0.5, f"amplitude saturated: {np.mean(amp > 0.999):.2f} of the pixels at 1"
+
+
 def test_save_writes_a_tagged_archive(trained):
     path = trained["archive"]
     assert path == trained["out"] / "wts.h5.zip" and path.is_file()
