@@ -252,3 +252,25 @@ def test_one_channel_heads_are_the_same_convolution(shape, jit):
         bound = n * eps * np.asarray(s) + 1e-30
         excess = np.abs(np.asarray(a) - np.asarray(b)) / bound
         assert excess.max() <= 1.0, f"{name}: {excess.max():.2f} x the float32 bound"
+
+
+def test_conv3x3_gradients_with_a_nan_kernel_are_xla_own():
+    """The stored-input barrier of the kernel gradient (``_unfused_input``) has a second branch
+    that runs only for a kernel whose first tap is NaN: the gradients are then NaN exactly
+    where XLA's own are."""
+    from pinn_jax.models.cnn import conv3x3_bias
+
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 3)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((3, 3, 3, 4)), jnp.float32).at[0, 0, 0, 0].set(jnp.nan)
+    b = jnp.zeros((4,), jnp.float32)
+
+    def ours(x, k, b):
+        return jnp.sum(jnp.sin(conv3x3_bias(x, k, b)))
+
+    def ref(x, k, b):
+        y = jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(jnp.sin(y + b))
+
+    for a, r in zip(jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(x, k, b), jax.grad(ref, argnums=(0, 1, 2))(x, k, b)):
+        np.testing.assert_array_equal(np.isnan(np.asarray(a)), np.isnan(np.asarray(r)))

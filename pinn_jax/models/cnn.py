@@ -148,8 +148,9 @@ def conv3x3_bias(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     as a matrix-vector product. Autodiff gives ``sum(g, axis=(0, 1, 2))``, which XLA's CPU
     backend splits into reduce-windows over 16 x 32 x 32 blocks that run at ~1 GB/s: ~10 % of
     the PtychoPINN CNN's training step (N=64, batch 16); ``ones @ g.reshape(-1, Co)`` is the
-    same sum (another float32 order) as one BLAS call. Input and kernel gradients are XLA's own,
-    except for the one-channel heads (:func:`_conv3x3_few_out`)."""
+    same sum (another float32 order) as one BLAS call. Input and kernel gradients are XLA's own
+    (from a stored ``x``: :func:`_unfused_input`), except for the one-channel heads
+    (:func:`_conv3x3_few_out`)."""
     return _conv3x3(x, kernel) + bias
 
 
@@ -157,8 +158,26 @@ def _conv3x3_bias_fwd(x, kernel, bias):
     return conv3x3_bias(x, kernel, bias), (x, kernel)
 
 
+def _unfused_input(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``x``, as a buffer that XLA's CPU fusion cannot recompute.
+
+    The kernel gradient is a convolution over the batch that needs ``x`` transposed to
+    ``(Ci, H, W, B)``. XLA fuses the ReLU and bias add that produced ``x`` into that transpose
+    and emits the fusion as a plain loop at ~1 GB/s (a pure transpose runs ~10x faster with its
+    tiled emitter): ~50 ms of the N=64 training step. A conditional is opaque to fusion, so the
+    transpose reads the stored activation. Its other branch runs only when the kernel holds a
+    NaN, where the forward output, the loss and every gradient are NaN whatever it returns.
+    Elsewhere (GPU) a conditional costs a host round trip and buys nothing: ``x`` as it is."""
+    def cpu(x, kernel):
+        return jax.lax.cond(jnp.isnan(kernel[0, 0, 0, 0]), jnp.negative, lambda v: v, x)
+
+    return jax.lax.platform_dependent(x, kernel, cpu=cpu, default=lambda x, kernel: x)
+
+
 def _conv3x3_bias_bwd(residuals, g):
     x, kernel = residuals
+    if kernel.shape[-1] > FEW_OUT_CHANNELS or kernel.shape[-2] <= FEW_OUT_CHANNELS:
+        x = _unfused_input(x, kernel)
     dx, dk = jax.vjp(_conv3x3, x, kernel)[1](g)
     co = g.shape[-1]
     db = jnp.dot(jnp.ones((g.size // co,), g.dtype), g.reshape(-1, co))
