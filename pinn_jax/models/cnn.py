@@ -20,7 +20,9 @@ Architecture (reference brief ``model_physics.md`` §2; no skip connections):
 
 Every convolution matches a Keras ``Conv2D`` default: stride 1, 'same' padding, bias, HWIO
 kernel with glorot-uniform initialisation and zero bias, so reference weights load 1:1
-(:mod:`pinn_jax.interop`).
+(:mod:`pinn_jax.interop`). The layers are :class:`pinn_jax.models.conv.Conv3x3`: the same
+parameters and values (up to float32 order), formulated for XLA's CPU backend; a layer fed by an
+upsampling takes the map before it (``Conv3x3.of_upsampled``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from pinn_jax.models.conv import Conv3x3
 
 __all__ = [
     "AMP_ACTIVATIONS",
@@ -100,103 +104,6 @@ def _host_rng(rngs: nnx.Rngs) -> np.random.Generator | None:
     return np.random.default_rng([int(v) for v in data.ravel()])
 
 
-_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
-
-
-# Output channels up to which a convolution runs as per-tap products (:func:`_conv3x3_few_out`).
-FEW_OUT_CHANNELS = 1
-
-
-def _conv3x3_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_DIMENSION_NUMBERS)
-
-
-def _conv3x3_few_out(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """The same 'same' 3x3 convolution for few output channels (the heads: ``Co`` = 1).
-
-    ``x (B, H, W, Ci) @ kernel (Ci, 9 * Co)`` gives every tap's product at every pixel in one
-    matrix product that reads ``x`` once; the output is their sum, each tap shifted into place.
-    XLA's CPU convolution runs such ``Ci -> 1`` layers at 13-28 GFLOP/s (a 64 x 64 x 64 -> 1
-    head at batch 16: ~3 ms forward, ~14 ms for both gradients); this form and its autodiff
-    (a shifted stack of ``g`` times the kernel, ``x^T`` times that stack) ~2-4x faster.
-    Values: the same sums of 9 * Ci products, in another float32 order.
-    """
-    b, h, w, ci = x.shape
-    co = kernel.shape[-1]
-    taps = jnp.dot(x.reshape(-1, ci), kernel.transpose(2, 0, 1, 3).reshape(ci, 9 * co))
-    taps = jnp.pad(taps.reshape(b, h, w, 3, 3, co), ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
-    # y[h, w] = sum over (dy, dx) of x[h + dy - 1, w + dx - 1] @ kernel[dy, dx]
-    out = taps[:, 0:h, 0:w, 0, 0]
-    for dy in range(3):
-        for dx in range(3):
-            if dy or dx:
-                out = out + taps[:, dy:dy + h, dx:dx + w, dy, dx]
-    return out
-
-
-def _conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``x (B, H, W, Ci)``, ``kernel (3, 3, Ci, Co)`` -> ``(B, H, W, Co)``: 'same', stride 1."""
-    if kernel.shape[-1] <= FEW_OUT_CHANNELS < kernel.shape[-2]:
-        return _conv3x3_few_out(x, kernel)
-    return _conv3x3_xla(x, kernel)
-
-
-@jax.custom_vjp
-def conv3x3_bias(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """A 3x3 'same' stride-1 convolution plus bias, ``x (B, H, W, Ci)``, ``kernel (3, 3, Ci, Co)``,
-    ``bias (Co,)`` -> ``(B, H, W, Co)``: what ``nnx.Conv`` computes, with the bias gradient taken
-    as a matrix-vector product. Autodiff gives ``sum(g, axis=(0, 1, 2))``, which XLA's CPU
-    backend splits into reduce-windows over 16 x 32 x 32 blocks that run at ~1 GB/s: ~10 % of
-    the PtychoPINN CNN's training step (N=64, batch 16); ``ones @ g.reshape(-1, Co)`` is the
-    same sum (another float32 order) as one BLAS call. Input and kernel gradients are XLA's own
-    (from a stored ``x``: :func:`_unfused_input`), except for the one-channel heads
-    (:func:`_conv3x3_few_out`)."""
-    return _conv3x3(x, kernel) + bias
-
-
-def _conv3x3_bias_fwd(x, kernel, bias):
-    return conv3x3_bias(x, kernel, bias), (x, kernel)
-
-
-def _unfused_input(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``x``, as a buffer that XLA's CPU fusion cannot recompute.
-
-    The kernel gradient is a convolution over the batch that needs ``x`` transposed to
-    ``(Ci, H, W, B)``. XLA fuses the ReLU and bias add that produced ``x`` into that transpose
-    and emits the fusion as a plain loop at ~1 GB/s (a pure transpose runs ~10x faster with its
-    tiled emitter): ~50 ms of the N=64 training step. A conditional is opaque to fusion, so the
-    transpose reads the stored activation. Its other branch runs only when the kernel holds a
-    NaN, where the forward output, the loss and every gradient are NaN whatever it returns.
-    Elsewhere (GPU) a conditional costs a host round trip and buys nothing: ``x`` as it is."""
-    def cpu(x, kernel):
-        return jax.lax.cond(jnp.isnan(kernel[0, 0, 0, 0]), jnp.negative, lambda v: v, x)
-
-    return jax.lax.platform_dependent(x, kernel, cpu=cpu, default=lambda x, kernel: x)
-
-
-def _conv3x3_bias_bwd(residuals, g):
-    x, kernel = residuals
-    if kernel.shape[-1] > FEW_OUT_CHANNELS or kernel.shape[-2] <= FEW_OUT_CHANNELS:
-        x = _unfused_input(x, kernel)
-    dx, dk = jax.vjp(_conv3x3, x, kernel)[1](g)
-    co = g.shape[-1]
-    db = jnp.dot(jnp.ones((g.size // co,), g.dtype), g.reshape(-1, co))
-    return dx, dk, db
-
-
-conv3x3_bias.defvjp(_conv3x3_bias_fwd, _conv3x3_bias_bwd)
-
-
-class Conv3x3(nnx.Conv):
-    """``nnx.Conv`` (3x3, 'same', stride 1, bias) applied through :func:`conv3x3_bias`: the same
-    parameters (``kernel`` HWIO, ``bias``) and the same forward values, a faster backward."""
-
-    def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
-        if inputs.ndim != 4 or self.kernel_size != (3, 3) or self.bias is None or out_sharding is not None:
-            return super().__call__(inputs, out_sharding=out_sharding)
-        return conv3x3_bias(inputs, self.kernel[...], self.bias[...])
-
-
 def _conv(in_ch: int, out_ch: int, rngs: nnx.Rngs, host_rng: np.random.Generator | None = None) -> nnx.Conv:
     # Keras Conv2D defaults: glorot_uniform kernel (fans include the 3x3 receptive field),
     # zero bias. Flax's default lecun_normal would not reproduce the reference's init.
@@ -224,11 +131,6 @@ def _max_pool_2x2(x: jax.Array) -> jax.Array:
     return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
-def _upsample_2x(x: jax.Array) -> jax.Array:
-    # Keras UpSampling2D((2, 2)) default interpolation is nearest neighbour.
-    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-
-
 class ConvPair(nnx.Module):
     """Two 3x3 'same' convolutions with ReLU (the conv part of Conv_Pool / Conv_Up blocks)."""
 
@@ -236,8 +138,11 @@ class ConvPair(nnx.Module):
         self.conv_a = _conv(in_ch, out_ch, rngs, host_rng)
         self.conv_b = _conv(out_ch, out_ch, rngs, host_rng)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return jax.nn.relu(self.conv_b(jax.nn.relu(self.conv_a(x))))
+    def __call__(self, x: jax.Array, *, upsampled: bool = False) -> jax.Array:
+        """``upsampled``: the pair applied to ``upsample_2x(x)`` (its first layer computes
+        that on ``x``'s grid, :meth:`Conv3x3.of_upsampled`)."""
+        h = self.conv_a.of_upsampled(x) if upsampled else self.conv_a(x)
+        return jax.nn.relu(self.conv_b(jax.nn.relu(h)))
 
 
 class _Decoder(nnx.Module):
@@ -288,15 +193,17 @@ class _Decoder(nnx.Module):
             self.head_outer = _conv(outer_filters, C_out, rngs, host_rng)
 
     def __call__(self, h: jax.Array) -> jax.Array:
-        for block in self.base:
-            h = _upsample_2x(block(h))
+        # Each block's output is upsampled 2x before its consumer (the next block, the heads);
+        # the consumers' first layers take the map before upsampling (Conv3x3.of_upsampled).
+        for i, block in enumerate(self.base):
+            h = block(h, upsampled=i > 0)
         if not self.pad_object:
-            return self.act(self.head_outer(_upsample_2x(self.outer(h))))
+            return self.act(self.head_outer.of_upsampled(self.outer(h, upsampled=True)))
         q = self.N // 4
-        centre = self.act(self.head_center(h[..., :-OUTER_CHANNELS]))
+        centre = self.act(self.head_center.of_upsampled(h[..., :-OUTER_CHANNELS]))
         out = jnp.pad(centre, ((0, 0), (q, q), (q, q), (0, 0)))
         if self.probe_big:
-            border = _swish(self.head_outer(_upsample_2x(self.outer(h[..., -OUTER_CHANNELS:]))))
+            border = _swish(self.head_outer.of_upsampled(self.outer(h[..., -OUTER_CHANNELS:], upsampled=True)))
             out = out + border * jnp.asarray(border_mask(self.N))
         return out
 

@@ -1,0 +1,172 @@
+"""3x3 'same' convolutions for the PtychoPINN CNN on XLA's CPU backend (any backend runs them).
+
+One layer is :class:`Conv3x3`: ``nnx.Conv``'s parameters (HWIO ``kernel``, ``bias``) and values,
+computed by :func:`conv3x3_bias`. Its formulations, chosen by static shapes, each tested against
+XLA's own convolution and its gradients up to float32 summation order:
+
+* the general layer: XLA's convolution, bias gradient as one matrix-vector product, the kernel
+  gradient from the stored input (:func:`_unfused_input`);
+* few output channels (the one-channel heads): per-tap products, :func:`_taps_conv`;
+* a layer whose input is a 2x nearest-upsampled map (the decoders' first layers after an
+  upsampling, the heads): computed on the map before upsampling, :func:`_conv3x3_of_upsampled`.
+
+Why each is faster is in its docstring; ``benchmarks/README.md`` has the measurements.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+__all__ = ["Conv3x3", "conv3x3", "conv3x3_bias", "upsample_2x", "FEW_OUT_CHANNELS", "SUBPIXEL_MIN_IN_CHANNELS"]
+
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+# Output channels up to which a convolution runs as per-tap products (:func:`_taps_conv`).
+FEW_OUT_CHANNELS = 1
+# Input channels from which a convolution of an upsampled map runs on the map before upsampling
+# (below, the upsampled copy is small and XLA's gradients of the 2x2 form are slower).
+SUBPIXEL_MIN_IN_CHANNELS = 8
+
+# Which of the 3 taps of a 3x3 kernel, along one axis, land on each of the 2 source pixels of
+# a 2x nearest-upsampled map, per output parity p: M[p, r, d] (see _conv3x3_of_upsampled).
+_SUBPIXEL_TAPS = np.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], np.float32)
+
+
+def upsample_2x(x: jax.Array) -> jax.Array:
+    """``(B, H, W, C) -> (B, 2H, 2W, C)``, nearest neighbour (Keras ``UpSampling2D((2, 2))``)."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def _xla_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """XLA's convolution of ``x`` zero-padded by 1 on each side with a ``(kh, kw, Ci, Co)``
+    kernel: 'same' for 3x3, ``H + 1`` rows and columns for 2x2."""
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_DIMENSION_NUMBERS)
+
+
+def _taps_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """:func:`_xla_conv` for few output channels, as per-tap products.
+
+    ``x (B, H, W, Ci) @ kernel (Ci, kh * kw * Co)`` gives every tap's product at every pixel in
+    one matrix product that reads ``x`` once; the output is their sum, each tap shifted into
+    place (the zero padding is applied to the products, which is the same). XLA's CPU
+    convolution runs ``Ci -> 1`` layers at 13-28 GFLOP/s (a 64 x 64 x 64 -> 1 head at batch 16:
+    ~3 ms forward, ~14 ms for both gradients); this form and its autodiff (a shifted stack of
+    the output gradient times the kernel, ``x^T`` times that stack) run ~2-4x faster.
+    """
+    b, h, w, ci = x.shape
+    kh, kw, _, co = kernel.shape
+    taps = jnp.dot(x.reshape(-1, ci), kernel.transpose(2, 0, 1, 3).reshape(ci, kh * kw * co))
+    taps = jnp.pad(taps.reshape(b, h, w, kh, kw, co), ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
+    ho, wo = h + 3 - kh, w + 3 - kw
+    # out[i, j] = sum over (dy, dx) of padded x[i + dy, j + dx] @ kernel[dy, dx]
+    out = taps[:, 0:ho, 0:wo, 0, 0]
+    for dy in range(kh):
+        for dx in range(kw):
+            if dy or dx:
+                out = out + taps[:, dy:dy + ho, dx:dx + wo, dy, dx]
+    return out
+
+
+def _few_out(kernel: jax.Array) -> bool:
+    """Whether a 3x3 layer with this kernel runs as per-tap products (:func:`_taps_conv`)."""
+    return kernel.shape[-1] <= FEW_OUT_CHANNELS < kernel.shape[-2]
+
+
+def _conv3x3_of_upsampled(h: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``conv3x3(upsample_2x(h), kernel)`` computed on ``h``'s grid.
+
+    Along one axis, output pixel ``2i + p`` of the upsampled map sees source pixels ``i - 1, i``
+    (p = 0: weights ``k0``, ``k1 + k2``) or ``i, i + 1`` (p = 1: ``k0 + k1``, ``k2``). So the four
+    output parities are one 2x2 convolution of ``h`` padded by 1 with ``4 * Co`` summed kernels,
+    interleaved: 16 instead of 36 products per source pixel and channel pair, and no upsampled
+    copy of ``h`` (at N=64, batch 64, the head on the 64 x 64 map took 30 ms, mostly writing and
+    reading that copy; 4 ms this way). Values: the same sums, the taps of a source pixel added
+    first (float32 order).
+    """
+    b, hh, ww, ci = h.shape
+    co = kernel.shape[-1]
+    m = jnp.asarray(_SUBPIXEL_TAPS, kernel.dtype)
+    k4 = jnp.einsum("prd,qse,deio->rsipqo", m, m, kernel).reshape(2, 2, ci, 4 * co)
+    if _few_out(kernel):
+        z = _taps_conv(h, k4)
+    else:
+        hp = jnp.pad(h, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        z = jax.lax.conv_general_dilated(hp, k4, (1, 1), "VALID", dimension_numbers=_DIMENSION_NUMBERS)
+    z = z.reshape(b, hh + 1, ww + 1, 2, 2, co)
+    rows = [jnp.stack([z[:, py:py + hh, px:px + ww, py, px] for px in (0, 1)], axis=3) for py in (0, 1)]
+    return jnp.stack(rows, axis=2).reshape(b, 2 * hh, 2 * ww, co)
+
+
+def conv3x3(x: jax.Array, kernel: jax.Array, upsampled: bool = False) -> jax.Array:
+    """``x (B, H, W, Ci)``, ``kernel (3, 3, Ci, Co)`` -> ``(B, H, W, Co)``: 'same', stride 1, no
+    bias; with ``upsampled``, the convolution of ``upsample_2x(x)``: ``(B, 2H, 2W, Co)``."""
+    conv = _taps_conv if _few_out(kernel) else _xla_conv
+    if not upsampled:
+        return conv(x, kernel)
+    if x.shape[-1] < SUBPIXEL_MIN_IN_CHANNELS:
+        return conv(upsample_2x(x), kernel)
+    return _conv3x3_of_upsampled(x, kernel)
+
+
+def _unfused_input(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``x``, as a buffer that XLA's CPU fusion cannot recompute.
+
+    The kernel gradient is a convolution over the batch that needs ``x`` transposed to
+    ``(Ci, H, W, B)``. XLA fuses the ReLU and bias add that produced ``x`` into that transpose
+    and emits the fusion as a plain loop at ~1 GB/s (a pure transpose runs ~10x faster with its
+    tiled emitter): ~50 ms of the N=64 training step. A conditional is opaque to fusion, so the
+    transpose reads the stored activation. Its other branch runs only when the kernel holds a
+    NaN, where the forward output, the loss and every gradient are NaN whatever it returns.
+    Elsewhere (GPU) a conditional costs a host round trip and buys nothing: ``x`` as it is."""
+    def cpu(x, kernel):
+        return jax.lax.cond(jnp.isnan(kernel[0, 0, 0, 0]), jnp.negative, lambda v: v, x)
+
+    return jax.lax.platform_dependent(x, kernel, cpu=cpu, default=lambda x, kernel: x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def conv3x3_bias(x: jax.Array, kernel: jax.Array, bias: jax.Array, upsampled: bool = False) -> jax.Array:
+    """:func:`conv3x3` plus ``bias (Co,)``, with the bias gradient taken as a matrix-vector
+    product. Autodiff gives ``sum(g, axis=(0, 1, 2))``, which XLA's CPU backend splits into
+    reduce-windows over 16 x 32 x 32 blocks that run at ~1 GB/s: ~10 % of the PtychoPINN CNN's
+    training step (N=64, batch 16); ``ones @ g.reshape(-1, Co)`` is the same sum (another
+    float32 order) as one BLAS call."""
+    return conv3x3(x, kernel, upsampled) + bias
+
+
+def _conv3x3_bias_fwd(x, kernel, bias, upsampled):
+    return conv3x3_bias(x, kernel, bias, upsampled), (x, kernel)
+
+
+def _conv3x3_bias_bwd(upsampled, residuals, g):
+    x, kernel = residuals
+    if not _few_out(kernel):  # XLA's kernel gradient reads a transposed x
+        x = _unfused_input(x, kernel)
+    dx, dk = jax.vjp(lambda x, k: conv3x3(x, k, upsampled), x, kernel)[1](g)
+    co = g.shape[-1]
+    db = jnp.dot(jnp.ones((g.size // co,), g.dtype), g.reshape(-1, co))
+    return dx, dk, db
+
+
+conv3x3_bias.defvjp(_conv3x3_bias_fwd, _conv3x3_bias_bwd)
+
+
+class Conv3x3(nnx.Conv):
+    """``nnx.Conv`` (3x3, 'same', stride 1, bias) applied through :func:`conv3x3_bias`: the same
+    parameters (``kernel`` HWIO, ``bias``) and values (up to float32 order), faster on CPU.
+    ``layer.of_upsampled(h)`` is ``layer(upsample_2x(h))``, computed on ``h``'s grid."""
+
+    def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+        if inputs.ndim != 4 or self.kernel_size != (3, 3) or self.bias is None or out_sharding is not None:
+            return super().__call__(inputs, out_sharding=out_sharding)
+        return conv3x3_bias(inputs, self.kernel[...], self.bias[...])
+
+    def of_upsampled(self, h: jax.Array) -> jax.Array:
+        if h.ndim != 4 or self.kernel_size != (3, 3) or self.bias is None:
+            return self(upsample_2x(h))
+        return conv3x3_bias(h, self.kernel[...], self.bias[...], True)

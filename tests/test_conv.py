@@ -1,0 +1,152 @@
+"""The CNN's 3x3 convolutions (pinn_jax.models.conv): every formulation is XLA's convolution,
+its input gradient and its kernel gradient, up to float32 summation order.
+
+Bound used throughout, per element, for a sum of n products in any order: n * eps32 * (the
+same sum of absolute values), computed with XLA's own convolution on |x|, |k|, |g|.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pinn_jax.models import conv
+
+EPS = float(np.finfo(np.float32).eps)
+
+
+def _ref(x, k):
+    return conv._xla_conv(x, k)
+
+
+def _with_grads(f, x, k, g):
+    y, vjp = jax.vjp(f, x, k)
+    return (y, *vjp(g))
+
+
+def _assert_within_summation_bound(ours, x, k, g, n_terms, ref=_ref):
+    """``ours`` = (y, dx, dk) of a formulation; compared with XLA's on the same x, k, g."""
+    exact = _with_grads(ref, x, k, g)
+    scale = _with_grads(ref, jnp.abs(x), jnp.abs(k), jnp.abs(g))
+    for name, a, b, s, n in zip(("forward", "input gradient", "kernel gradient"), ours, exact, scale, n_terms):
+        assert a.shape == b.shape, name
+        excess = np.abs(np.asarray(a) - np.asarray(b)) / (n * EPS * np.asarray(s) + 1e-30)
+        assert excess.max() <= 1.0, f"{name}: {excess.max():.2f} x the float32 bound"
+
+
+def _arrays(shape, co, seed=1, out_hw=None):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((3, 3, shape[-1], co)), jnp.float32)
+    out_hw = out_hw or shape[1:3]
+    g = jnp.asarray(rng.standard_normal((shape[0], *out_hw, co)), jnp.float32)
+    return x, k, g
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_conv3x3_is_nnx_conv_with_a_faster_bias_gradient(jit):
+    """Conv3x3 has nnx.Conv's parameters and forward values (the same XLA convolution: bitwise),
+    and its gradients: input and kernel gradients are XLA's own (bitwise), the bias gradient is
+    the same float32 sum over 2 x 16 x 16 terms in another order (rtol 1e-5 of the largest)."""
+    ours = conv.Conv3x3(5, 7, kernel_size=(3, 3), padding="SAME", rngs=nnx.Rngs(0))
+    ref = nnx.Conv(5, 7, kernel_size=(3, 3), padding="SAME", rngs=nnx.Rngs(0))
+    ours.bias[...] = ref.bias[...] = jnp.linspace(-1, 1, 7)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 16, 16, 5)), jnp.float32)
+
+    def loss(m, x):
+        return jnp.sum(jnp.sin(m(x)))
+
+    grad = nnx.grad(loss, argnums=(0, 1))
+    if jit:
+        grad = nnx.jit(grad)
+    np.testing.assert_array_equal(np.asarray(ours(x)), np.asarray(ref(x)))
+    (g_ours, gx_ours), (g_ref, gx_ref) = grad(ours, x), grad(ref, x)
+    np.testing.assert_array_equal(np.asarray(gx_ours), np.asarray(gx_ref))
+    np.testing.assert_array_equal(np.asarray(g_ours.kernel[...]), np.asarray(g_ref.kernel[...]))
+    b_ours, b_ref = np.asarray(g_ours.bias[...]), np.asarray(g_ref.bias[...])
+    np.testing.assert_allclose(b_ours, b_ref, rtol=0, atol=1e-5 * np.abs(b_ref).max())
+
+
+@pytest.mark.parametrize("jit", [True, False])
+@pytest.mark.parametrize("shape", [(2, 16, 16, 5), (3, 8, 12, 60), (1, 32, 32, 64)])
+def test_one_channel_heads_are_the_same_convolution(shape, jit):
+    """The heads' per-tap formulation (``Ci -> 1``); n = 9 * Ci for the forward, 9 for the
+    input gradient, B * H * W for the kernel gradient."""
+    x, k, g = _arrays(shape, 1)
+    # the heads do take the per-tap path (no XLA convolution in it)
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(conv.conv3x3)(x, k))
+    f = (lambda: _with_grads(conv.conv3x3, x, k, g))
+    ours = jax.jit(f)() if jit else f()
+    _assert_within_summation_bound(ours, x, k, g, (9 * shape[-1], 9, shape[0] * shape[1] * shape[2]))
+
+
+@pytest.mark.parametrize("jit", [True, False])
+@pytest.mark.parametrize("shape,co", [((2, 8, 8, 16), 12), ((3, 4, 6, 60), 1), ((1, 16, 16, 64), 1), ((2, 5, 5, 8), 4)])
+def test_convolution_of_an_upsampled_map_is_computed_on_the_map(shape, co, jit):
+    """``conv3x3(h, k, upsampled=True)`` is XLA's convolution of ``upsample_2x(h)`` (and its
+    gradients, taken through the upsampling), without the upsampled copy: the source pixel's
+    taps are summed first, so n = 9 * Ci for the forward, 9 * Co for the input gradient
+    (summed over the 4 upsampled copies too: 36 * Co), 4 * B * H * W for the kernel gradient."""
+    x, k, g = _arrays(shape, co, out_hw=(2 * shape[1], 2 * shape[2]))
+    assert shape[-1] >= conv.SUBPIXEL_MIN_IN_CHANNELS  # the sub-pixel path, not a plain upsampling
+    jaxpr = str(jax.make_jaxpr(lambda x, k: conv.conv3x3(x, k, True))(x, k))
+    b, hh, ww, ci = shape
+    assert f"f32[{b},{2 * hh},{2 * ww},{ci}]" not in jaxpr  # no upsampled copy of h
+    f = (lambda: _with_grads(lambda x, k: conv.conv3x3(x, k, True), x, k, g))
+    ours = jax.jit(f)() if jit else f()
+    n = (9 * shape[-1], 36 * co, 4 * shape[0] * shape[1] * shape[2])
+    _assert_within_summation_bound(ours, x, k, g, n, ref=lambda x, k: conv._xla_conv(conv.upsample_2x(x), k))
+
+
+def test_few_input_channels_take_the_plain_upsampling():
+    """Below SUBPIXEL_MIN_IN_CHANNELS the upsampled copy is small; the layer convolves it."""
+    x, k, _ = _arrays((2, 6, 6, conv.SUBPIXEL_MIN_IN_CHANNELS - 1), 16)
+    np.testing.assert_array_equal(np.asarray(conv.conv3x3(x, k, True)),
+                                  np.asarray(conv._xla_conv(conv.upsample_2x(x), k)))
+
+
+@pytest.mark.parametrize("upsampled", [False, True])
+def test_conv3x3_bias_gradients_match_autodiff(upsampled):
+    """The custom VJP (bias gradient as a matrix-vector product, stored-input barrier) gives
+    autodiff's gradients of ``conv3x3(x, k, upsampled) + b``, to float32 order."""
+    x, k, _ = _arrays((2, 8, 8, 16), 8, seed=3)
+    b = jnp.linspace(-1.0, 1.0, 8, dtype=jnp.float32)
+
+    def ours(x, k, b):
+        return jnp.sum(jnp.sin(conv.conv3x3_bias(x, k, b, upsampled)))
+
+    def plain(x, k, b):
+        return jnp.sum(jnp.sin(conv.conv3x3(x, k, upsampled) + b))
+
+    for a, r in zip(jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(x, k, b), jax.grad(plain, argnums=(0, 1, 2))(x, k, b)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-5, atol=1e-4 * float(np.abs(r).max()))
+
+
+def test_of_upsampled_is_the_layer_on_the_upsampled_map():
+    layer = conv.Conv3x3(16, 4, kernel_size=(3, 3), padding="SAME", rngs=nnx.Rngs(0))
+    layer.bias[...] = jnp.linspace(-1, 1, 4)
+    h = jnp.asarray(np.random.default_rng(4).standard_normal((2, 6, 6, 16)), jnp.float32)
+    np.testing.assert_allclose(np.asarray(layer.of_upsampled(h)), np.asarray(layer(conv.upsample_2x(h))),
+                               rtol=0, atol=1e-5 * float(np.abs(layer(conv.upsample_2x(h))).max()))
+
+
+def test_conv3x3_gradients_with_a_nan_kernel_are_xla_own():
+    """The stored-input barrier of the kernel gradient (``_unfused_input``) has a second branch
+    that runs only for a kernel whose first tap is NaN: the gradients are then NaN exactly
+    where XLA's own are."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 3)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((3, 3, 3, 4)), jnp.float32).at[0, 0, 0, 0].set(jnp.nan)
+    b = jnp.zeros((4,), jnp.float32)
+
+    def ours(x, k, b):
+        return jnp.sum(jnp.sin(conv.conv3x3_bias(x, k, b)))
+
+    def ref(x, k, b):
+        return jnp.sum(jnp.sin(conv._xla_conv(x, k) + b))
+
+    for a, r in zip(jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(x, k, b), jax.grad(ref, argnums=(0, 1, 2))(x, k, b)):
+        np.testing.assert_array_equal(np.isnan(np.asarray(a)), np.isnan(np.asarray(r)))
