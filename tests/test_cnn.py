@@ -192,3 +192,26 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"expected \(B, 64, 64, 4\)"):
         jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state,
                        jax.ShapeDtypeStruct((2, 64, 64, 1), jnp.float32))
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_max_pool_is_the_block_maximum_with_its_gradient(jit):
+    """The strided-slice max-pool and its written-out gradient equal the reshape reduction and
+    autodiff's gradient of it, bitwise, ties included (a tie shares the gradient equally)."""
+    from pinn_jax.models.cnn import _max_pool_2x2
+
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(np.round(rng.standard_normal((2, 8, 6, 3)) * 2) / 2, jnp.float32)  # many ties
+    x = x.at[0, :2, :2, 0].set(1.5)  # a four-way tie
+
+    def ref(x):
+        b, h, w, c = x.shape
+        return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+    def loss(pool):
+        return lambda x: jnp.sum(jnp.sin(3 * pool(x)) * jnp.arange(36.0).reshape(1, 4, 3, 3))
+
+    ours = (jax.jit(_max_pool_2x2), jax.jit(jax.grad(loss(_max_pool_2x2)))) if jit else \
+        (_max_pool_2x2, jax.grad(loss(_max_pool_2x2)))
+    np.testing.assert_array_equal(np.asarray(ours[0](x)), np.asarray(ref(x)))
+    np.testing.assert_array_equal(np.asarray(ours[1](x)), np.asarray(jax.grad(loss(ref))(x)))
