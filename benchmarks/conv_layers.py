@@ -17,6 +17,7 @@ the same process; the machine's noise applies to both. Prints a Markdown table a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -105,7 +106,8 @@ def time_layer(layer: dict, batch: int, reps: int, seed: int = 0) -> dict:
         samples = {name: [] for name in forms}
         for _ in range(3):  # alternate the two forms: both see the same machine state
             for name in forms:
-                samples[name].append(_median_ms(lambda: fns[name][part](*args[part]), max(1, reps // 3)))
+                call = functools.partial(fns[name][part], *args[part])
+                samples[name].append(_median_ms(call, max(1, reps // 3)))
         for name in forms:
             ms = statistics.median(samples[name])
             out[f"{name}_{part}_ms"] = ms

@@ -199,5 +199,6 @@ def main(argv=None) -> int:
           f"inference {result['inference_patterns_per_s_best']:.0f} patterns/s")
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())

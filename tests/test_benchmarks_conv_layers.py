@@ -9,10 +9,10 @@ import pytest
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import conv_layers  # noqa: E402
+import conv_layers
 
-from pinn_jax.models.cnn import CNNGenerator  # noqa: E402
-from pinn_jax.models.conv import Conv3x3  # noqa: E402
+from pinn_jax.models.cnn import CNNGenerator
+from pinn_jax.models.conv import Conv3x3
 
 
 @pytest.mark.parametrize("N,nfs", [(64, 2), (128, 1)])

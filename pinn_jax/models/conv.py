@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-__all__ = ["Conv3x3", "conv3x3", "conv3x3_bias", "upsample_2x", "FEW_OUT_CHANNELS", "SUBPIXEL_MIN_IN_CHANNELS"]
+__all__ = ["FEW_OUT_CHANNELS", "SUBPIXEL_MIN_IN_CHANNELS", "Conv3x3", "conv3x3", "conv3x3_bias", "upsample_2x"]
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
