@@ -17,6 +17,8 @@ Variants (all measured in the same run, interleaved ``--rounds`` times):
 * ``plain``: no pinn_jax runtime flags (``PINN_JAX_XLA_DEFAULTS=0``), i.e. jax's defaults plus
   whatever the caller's ``XLA_FLAGS`` holds;
 * ``tuned``: :func:`pinn_jax.runtime.configure_cpu_runtime` applied (what the entry points -- CLI, ptychodus child -- do);
+* ``tuned-xla-conv``: ``tuned`` with ``PINN_JAX_ONEDNN=0``: every convolution XLA's own, none
+  through oneDNN (:mod:`pinn_jax.models.onednn`), to show what that path gives;
 * any ``--variant NAME=XLA_FLAGS`` given on the command line.
 
 Same-machine TensorFlow rows (each worker in its own process, in the same interleaved rounds):
@@ -78,7 +80,7 @@ REFERENCE_TF_CPU = {
     "gs2_inference_patterns_per_s": 590.0,
 }
 
-DEFAULT_VARIANTS = ("plain", "tuned")
+DEFAULT_VARIANTS = ("plain", "tuned", "tuned-xla-conv")
 KERAS_VARIANT = "keras"  # the same network in TensorFlow/Keras on this host (--keras-python)
 UPSTREAM_VARIANT = "upstream-tf"  # the real upstream PtychoPINN on this host (--upstream-python)
 # upstream's diffraction_to_obj merges a call of >= 64 patterns into one object (upstream_tf_baseline.py)
@@ -129,6 +131,7 @@ def worker(args) -> dict:
     from pinn_jax import train
     from pinn_jax.inference import InferenceModel
     from pinn_jax.model import build_model, split_model
+    from pinn_jax.models import onednn
 
     N, gs, B = args.N[0], args.gridsize, args.batch_size
     C = gs * gs
@@ -158,8 +161,22 @@ def worker(args) -> dict:
     t0 = time.perf_counter()
     compiled = step.lower(state, data, batches[0]).compile()
     out["compile_s"] = time.perf_counter() - t0
+    out["onednn_convolutions"] = onednn.enabled()
     try:
-        ca = compiled.cost_analysis()
+        counted = compiled
+        if out["onednn_convolutions"]:
+            # XLA's cost analysis does not count custom calls: the FLOPs are those of the same
+            # step with XLA's convolutions (a second trace and compile, outside the timings)
+            setting = os.environ.get(onednn.ENV)
+            os.environ[onednn.ENV] = "0"
+            try:
+                counted = train.make_train_step(loss_fn, opt, mesh=mesh).lower(state, data, batches[0]).compile()
+            finally:
+                if setting is None:
+                    del os.environ[onednn.ENV]
+                else:
+                    os.environ[onednn.ENV] = setting
+        ca = counted.cost_analysis()
         ca = ca[0] if isinstance(ca, (list, tuple)) else ca
         out["train_step_gflop"] = float(ca["flops"]) / 1e9
     except Exception:  # cost analysis is best effort (not every backend provides it)
@@ -231,11 +248,15 @@ def _variant_env(name: str, flags: str | None) -> dict:
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # time real compilation, never a cache hit
     if name == "plain":
         env["PINN_JAX_XLA_DEFAULTS"] = "0"
-    elif name == "tuned":
+    elif name in ("tuned", "tuned-xla-conv"):
         env.pop("PINN_JAX_XLA_DEFAULTS", None)
         from pinn_jax import runtime  # noqa: F401  (imports jax lazily; no backend is started)
 
         runtime.configure_cpu_runtime(env)
+        if name == "tuned-xla-conv":
+            from pinn_jax.models import onednn
+
+            env[onednn.ENV] = "0"
     else:
         env["PINN_JAX_XLA_DEFAULTS"] = "0"
         env["XLA_FLAGS"] = " ".join(x for x in (_CALLER_XLA_FLAGS, flags or "") if x)

@@ -204,6 +204,11 @@ def configure_cpu_runtime(environ: MutableMapping[str, str] | None = None) -> li
 
 
 COMPILE_CACHE_OPT_OUT_ENV = "PINN_JAX_COMPILE_CACHE"
+# XLA:CPU cannot serialise a program that calls oneDNN (pinn_jax.models.onednn); jax then warns,
+# once per such program, that writing its cache entry failed with this error. The program still
+# runs; it is compiled again in the next process (~0.5 s for the N=64 inference, ~5 s for the
+# train step on the 2-core development host).
+UNCACHEABLE_ONEDNN_WARNING = r"Error writing persistent compilation cache entry for .*std::bad_alloc"
 # jax keeps only programs that took >= 1 s to compile by default; a refinement step takes ~0.8 s
 COMPILE_CACHE_MIN_SECONDS = "0.1"
 
@@ -217,7 +222,9 @@ def configure_compile_cache(environ: MutableMapping[str, str] | None = None) -> 
     unless ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` is set; ``PINN_JAX_COMPILE_CACHE=0``
     turns it off. Entry points call it (the CLI, the ptychodus child), never an import. Before
     jax is imported it sets those variables (jax reads them on import); afterwards it updates
-    jax's configuration (effective for programs compiled from then on).
+    jax's configuration (effective for programs compiled from then on). Programs with oneDNN
+    convolutions cannot be stored (:data:`UNCACHEABLE_ONEDNN_WARNING`); jax's warning about
+    each is silenced, they compile in every process.
 
     Args:
       environ: the environment mapping to edit (default ``os.environ``; a dict for tests, in
@@ -232,6 +239,8 @@ def configure_compile_cache(environ: MutableMapping[str, str] | None = None) -> 
         base = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         folder = env["JAX_COMPILATION_CACHE_DIR"] = str(base / "pinn_jax" / "xla")
     min_seconds = env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", COMPILE_CACHE_MIN_SECONDS)
+    if environ is None:
+        warnings.filterwarnings("ignore", message=UNCACHEABLE_ONEDNN_WARNING, category=UserWarning)
     if environ is None and "jax" in sys.modules:
         import jax
 

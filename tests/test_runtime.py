@@ -236,3 +236,23 @@ def test_cli_reuses_the_refinement_it_compiled(tmp_path):
         entries.append(sorted(p.name for p in (tmp_path / "cache" / "pinn_jax" / "xla").iterdir()))
     assert any(name.startswith("jit_step") for name in entries[0]), entries[0]
     assert entries[1] == entries[0]
+
+
+def test_the_compile_cache_silences_only_the_uncacheable_onednn_programs(tmp_path, monkeypatch):
+    """A program with oneDNN convolutions cannot be stored; jax's warning about that is silenced
+    once the cache is configured (the program compiles in every process), other warnings of the
+    same kind are not."""
+    import warnings
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    for name in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+        monkeypatch.delenv(name, raising=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        monkeypatch.setattr(runtime, "sys", type("S", (), {"modules": {}})())  # leave jax's config alone
+        runtime.configure_compile_cache()
+        warnings.warn("Error writing persistent compilation cache entry for 'jit_step': MemoryError: std::bad_alloc",
+                      UserWarning)
+        warnings.warn("Error writing persistent compilation cache entry for 'jit_step': OSError: disk full", UserWarning)
+    assert [str(w.message) for w in seen] == [
+        "Error writing persistent compilation cache entry for 'jit_step': OSError: disk full"]
