@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     pinn_jax.configure_cpu_runtime()
     import jax
 
+    from pinn_jax.models import onednn
+
     rows = []
     for N in args.N:
         for batch in args.batch:
@@ -176,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     dev = jax.devices()[0]
     info = {"device": f"{dev.platform} ({getattr(dev, 'device_kind', '')})", "cpus": os.cpu_count(),
             "jax": jax.__version__, "python": platform.python_version(),
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "n_filters_scale": args.n_filters_scale}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "n_filters_scale": args.n_filters_scale,
+            "onednn_convolutions": onednn.enabled()}
     print()
     print(_markdown(rows))
     for line in _totals(rows):
