@@ -138,6 +138,9 @@ def test_enabled_follows_the_setting_the_host_and_the_jaxlib(monkeypatch):
     monkeypatch.setattr(jax, "device_count", lambda: 4)  # a data-parallel run: XLA's convolutions
     assert not onednn.enabled()
     monkeypatch.setattr(jax, "device_count", lambda: 1)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # jax computes elsewhere
+    assert not onednn.enabled()
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     # a jaxlib not checked here: the child's self-test decides
     monkeypatch.setattr(jaxlib, "__version__", "0.0.0-unchecked")
     for verdict in (True, False):

@@ -142,15 +142,15 @@ def _child_self_test() -> bool:
 
 def enabled() -> bool:
     """Whether :func:`conv2d` emits oneDNN calls on CPU (see the module docstring). Read when a
-    function is traced. By default only for a single-device run: XLA's sharding propagation does
-    not see into a custom call, so under a data-parallel mesh it would gather the batch and
-    convolve all of it on every device."""
+    function is traced. By default only where jax computes on the CPU, with one device: XLA's
+    sharding propagation does not see into a custom call, so under a data-parallel mesh it would
+    gather the batch and convolve all of it on every device."""
     setting = os.environ.get(ENV, "").strip().lower()
     if setting in ("0", "false", "no", "off"):
         return False
     if setting in ("1", "true", "yes", "on"):
         return True
-    if not _supported_host() or jax.device_count() != 1:
+    if not _supported_host() or jax.default_backend() != "cpu" or jax.device_count() != 1:
         return False
     import jaxlib
 
