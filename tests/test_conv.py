@@ -22,18 +22,7 @@ from pinn_jax.models import conv, onednn
 EPS = float(np.finfo(np.float32).eps)
 
 
-def _onednn_by_default() -> bool:
-    import os
-
-    saved = os.environ.pop(onednn.ENV, None)
-    try:
-        return onednn.enabled()
-    finally:
-        if saved is not None:
-            os.environ[onednn.ENV] = saved
-
-
-ONEDNN_HERE = _onednn_by_default()
+ONEDNN_HERE = onednn.automatic()
 
 
 @pytest.fixture(autouse=True, params=["xla", "onednn"])

@@ -7,8 +7,6 @@ number of products summed (kh * kw * Ci forward, kh * kw * Co for the input grad
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,17 +18,7 @@ EPS = float(np.finfo(np.float32).eps)
 DN = ("NHWC", "HWIO", "NHWC")
 
 
-def _auto_enabled() -> bool:
-    saved = os.environ.pop(onednn.ENV, None)
-    try:
-        return onednn.enabled()
-    finally:
-        if saved is not None:
-            os.environ[onednn.ENV] = saved
-
-
-AUTO = _auto_enabled()
-needs_onednn = pytest.mark.skipif(not AUTO, reason="the oneDNN path is off on this host or jaxlib")
+needs_onednn = pytest.mark.skipif(not onednn.automatic(), reason="the oneDNN path is off on this host or jaxlib")
 
 
 def _lax(x, k, padding):

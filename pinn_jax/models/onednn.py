@@ -34,7 +34,7 @@ from jax.extend.mlir import ir
 from jax.extend.mlir.dialects import stablehlo as hlo
 from jax.interpreters import batching, mlir
 
-__all__ = ["ENV", "VERIFIED_JAXLIB", "conv2d", "conv2d_input_grad", "enabled", "self_test"]
+__all__ = ["ENV", "VERIFIED_JAXLIB", "automatic", "conv2d", "conv2d_input_grad", "enabled", "self_test"]
 
 ENV = "PINN_JAX_ONEDNN"
 # jaxlib versions whose XLA:CPU was checked to run these calls with the config below.
@@ -150,6 +150,12 @@ def enabled() -> bool:
         return False
     if setting in ("1", "true", "yes", "on"):
         return True
+    return automatic()
+
+
+def automatic() -> bool:
+    """What :func:`enabled` decides without ``PINN_JAX_ONEDNN``: x86-64 Linux, jax computing on
+    the CPU with one device, and a jaxlib checked here or passing :func:`self_test` in a child."""
     if not _supported_host() or jax.default_backend() != "cpu" or jax.device_count() != 1:
         return False
     import jaxlib
