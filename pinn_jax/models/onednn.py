@@ -11,10 +11,12 @@ runs well, so it stays XLA's (:mod:`pinn_jax.models.conv` composes the two).
 
 A backend config XLA:CPU does not understand aborts the process instead of raising, and its
 encoding is an internal of XLA that has changed between versions. So the path is used only
-where it was checked: on x86-64 Linux, for a jaxlib in :data:`VERIFIED_JAXLIB`, or for another
-jaxlib once :func:`self_test` has passed in a child process, and for a single-device run (see
-:func:`enabled`). ``PINN_JAX_ONEDNN=0`` turns it off, ``=1`` on without these checks. Elsewhere (other platforms, GPU lowering, float64, ``vmap`` over
-the kernel) :func:`conv2d` is XLA's convolution with the same arguments.
+where it was checked (:func:`automatic`): on x86-64 Linux, for a jaxlib in
+:data:`VERIFIED_JAXLIB` or another jaxlib once :func:`self_test` has passed in a child process,
+with jax computing on one CPU device. ``PINN_JAX_ONEDNN=0`` turns it off, ``=1`` on without
+these checks. Elsewhere (GPU lowering, float64, ``vmap`` over the kernel) :func:`conv2d` is
+XLA's convolution with the same arguments. XLA:CPU cannot serialise a program with these calls
+into jax's persistent compilation cache (see :data:`pinn_jax.runtime.UNCACHEABLE_ONEDNN_WARNING`).
 """
 
 from __future__ import annotations
