@@ -16,7 +16,9 @@ Variants (all measured in the same run, interleaved ``--rounds`` times):
 
 * ``plain``: no pinn_jax runtime flags (``PINN_JAX_XLA_DEFAULTS=0``), i.e. jax's defaults plus
   whatever the caller's ``XLA_FLAGS`` holds;
-* ``tuned``: :func:`pinn_jax.runtime.configure_cpu_runtime` applied (what the entry points -- CLI, ptychodus child -- do);
+* ``tuned``: :func:`pinn_jax.runtime.configure_cpu_runtime` and
+  :func:`pinn_jax.runtime.configure_malloc` applied (what the ``pinn-jax`` command does; the
+  ptychodus child applies the first only);
 * ``tuned-xla-conv``: ``tuned`` with ``PINN_JAX_ONEDNN=0``: every convolution XLA's own, none
   through oneDNN (:mod:`pinn_jax.models.onednn`), to show what that path gives;
 * any ``--variant NAME=XLA_FLAGS`` given on the command line.
@@ -253,6 +255,7 @@ def _variant_env(name: str, flags: str | None) -> dict:
         from pinn_jax import runtime  # noqa: F401  (imports jax lazily; no backend is started)
 
         runtime.configure_cpu_runtime(env)
+        runtime.configure_malloc(env)  # what the pinn-jax command restarts itself with
         if name == "tuned-xla-conv":
             from pinn_jax.models import onednn
 

@@ -555,8 +555,22 @@ _COMMANDS = {
 }
 
 
+def _restart_with_huge_pages() -> None:
+    """Re-execute this command with glibc's huge-page tunable in its environment (read only when
+    a process starts; :func:`pinn_jax.runtime.configure_malloc` says why), before jax loads.
+    Returns without doing anything where the tunable is already set, opted out or not Linux."""
+    from pinn_jax.runtime import configure_malloc
+
+    if sys.executable and configure_malloc():
+        os.execv(sys.executable, [sys.executable, "-m", "pinn_jax", *sys.argv[1:]])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``pinn-jax``; returns the exit status (also used by ``python -m pinn_jax``)."""
+    """Entry point of ``pinn-jax``; returns the exit status (also used by ``python -m pinn_jax``).
+    Called with no ``argv`` (the command line itself) it may first re-execute the process, once,
+    with glibc's huge-page tunable set (:func:`_restart_with_huge_pages`)."""
+    if argv is None:
+        _restart_with_huge_pages()
     argv = list(sys.argv[1:] if argv is None else argv)
     # ptychodus takes its own flags: hand everything after the command over untouched.
     if argv and argv[0] == "ptychodus" and not (len(argv) == 2 and argv[1] in ("-h", "--help")):

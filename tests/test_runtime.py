@@ -256,3 +256,50 @@ def test_the_compile_cache_silences_only_the_uncacheable_onednn_programs(tmp_pat
         warnings.warn("Error writing persistent compilation cache entry for 'jit_step': OSError: disk full", UserWarning)
     assert [str(w.message) for w in seen] == [
         "Error writing persistent compilation cache entry for 'jit_step': OSError: disk full"]
+
+
+def test_configure_malloc_adds_the_huge_page_tunable_once(monkeypatch):
+    """glibc's huge-page tunable joins GLIBC_TUNABLES (kept as the user has it), unless the user
+    set that tunable, opted out, or the host is not Linux."""
+    monkeypatch.setattr(runtime.sys, "platform", "linux")
+    env = {}
+    assert runtime.configure_malloc(env) and env == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    assert not runtime.configure_malloc(env) and env == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    theirs = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
+    assert runtime.configure_malloc(theirs)
+    assert theirs["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    chosen = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
+    assert not runtime.configure_malloc(chosen) and chosen == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
+    for opt_out in ({"PINN_JAX_HUGE_PAGES": "0"}, {"PINN_JAX_XLA_DEFAULTS": "off"}):
+        assert not runtime.configure_malloc(opt_out) and "GLIBC_TUNABLES" not in opt_out
+    monkeypatch.setattr(runtime.sys, "platform", "darwin")
+    assert not runtime.configure_malloc({})
+
+
+def test_the_command_line_restarts_itself_with_the_tunable(monkeypatch):
+    """``pinn-jax`` (main() without argv) re-executes itself, once, as ``python -m pinn_jax`` with
+    the same arguments and the tunable in its environment; main(argv) (a caller in Python) and a
+    process that already has the tunable do not."""
+    from pinn_jax import cli
+
+    class Restarted(Exception):
+        pass
+
+    calls = []
+
+    def execv(path, args):
+        calls.append((path, args, os.environ.get("GLIBC_TUNABLES")))
+        raise Restarted
+
+    monkeypatch.setattr(runtime.sys, "platform", "linux")
+    monkeypatch.setattr(cli.os, "execv", execv)
+    monkeypatch.setattr(cli.sys, "argv", ["pinn-jax", "simulate", "--help"])
+    for name in ("PINN_JAX_HUGE_PAGES", "PINN_JAX_XLA_DEFAULTS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GLIBC_TUNABLES", "")  # empty = unset for glibc; restored after the test
+    assert cli.main(["--version"]) == 0 and calls == []
+    with pytest.raises(Restarted):
+        cli.main()
+    assert calls == [(sys.executable, [sys.executable, "-m", "pinn_jax", "simulate", "--help"],
+                      "glibc.malloc.hugetlb=1")]
+    assert cli.main() == 0 and len(calls) == 1  # the restarted process goes on (here: --help)
