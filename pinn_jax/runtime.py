@@ -78,7 +78,8 @@ REJECTED: dict[str, str] = {
     "--xla_cpu_use_xnnpack / --xla_cpu_experimental_xnn_fusion_type=...CONVOLUTION / xnn_graph_fusion_mode":
         "no effect: this jaxlib does not route convolutions to XNNPACK (compiled HLO unchanged)",
     "--xla_cpu_use_onednn / --xla_cpu_experimental_onednn_custom_call / onednn_fusion_type":
-        "no effect: no oneDNN custom calls or fusions appear for convolutions in this jaxlib",
+        "no effect: no oneDNN custom calls or fusions appear for convolutions in this jaxlib "
+        "(its runtime does execute them: pinn_jax.models.onednn emits the calls itself)",
     "--xla_cpu_enable_fast_math=true":
         "not numerically safe for the physics (exp/log/sqrt, inf/NaN semantics); gain within noise",
 }
