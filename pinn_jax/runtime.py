@@ -62,6 +62,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 OPT_OUT_ENV = "PINN_JAX_XLA_DEFAULTS"
+# what turns one of pinn-jax's environment switches off (case and surrounding spaces ignored)
+OFF_VALUES = ("0", "false", "no", "off")
+
+
+def switched_off(value: str | None) -> bool:
+    """Whether an environment switch's value (None when unset) turns it off."""
+    return (value or "").strip().lower() in OFF_VALUES
 
 # name -> value. Every name and enum value is looked up in the installed jaxlib before use: XLA
 # aborts the process on an unknown flag, and these are "experimental" flags that may be renamed.
@@ -183,7 +190,7 @@ def configure_cpu_runtime(environ: MutableMapping[str, str] | None = None) -> li
     Returns the list of ``XLA_FLAGS`` entries added (empty when nothing changed).
     """
     env = os.environ if environ is None else environ
-    if env.get(OPT_OUT_ENV, "").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off(env.get(OPT_OUT_ENV)):
         return []
     existing = env.get("XLA_FLAGS", "")
     present = {flag_name(t) for t in _split(existing)}
@@ -236,7 +243,7 @@ def configure_compile_cache(environ: MutableMapping[str, str] | None = None) -> 
     Returns the cache folder, or None when disabled.
     """
     env = os.environ if environ is None else environ
-    if env.get(COMPILE_CACHE_OPT_OUT_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off(env.get(COMPILE_CACHE_OPT_OUT_ENV)):
         return None
     folder = env.get("JAX_COMPILATION_CACHE_DIR")
     if not folder:
@@ -255,7 +262,6 @@ def configure_compile_cache(environ: MutableMapping[str, str] | None = None) -> 
 
 HUGE_PAGES_OPT_OUT_ENV = "PINN_JAX_HUGE_PAGES"
 MALLOC_TUNABLE = "glibc.malloc.hugetlb=1"
-_OFF = ("0", "false", "no", "off")
 
 
 def configure_malloc(environ: MutableMapping[str, str] | None = None) -> bool:
@@ -279,7 +285,7 @@ def configure_malloc(environ: MutableMapping[str, str] | None = None) -> bool:
     env = os.environ if environ is None else environ
     if not sys.platform.startswith("linux"):
         return False
-    if any(env.get(name, "1").strip().lower() in _OFF for name in (HUGE_PAGES_OPT_OUT_ENV, OPT_OUT_ENV)):
+    if switched_off(env.get(HUGE_PAGES_OPT_OUT_ENV)) or switched_off(env.get(OPT_OUT_ENV)):
         return False
     current = env.get("GLIBC_TUNABLES", "")
     if "glibc.malloc.hugetlb" in current:

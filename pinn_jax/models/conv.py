@@ -53,12 +53,20 @@ def _xla_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_DIMENSION_NUMBERS)
 
 
+def _valid_conv_of_padded(x: jax.Array, kernel: jax.Array, padding: tuple) -> jax.Array:
+    """XLA's convolution of ``x`` zero-padded by ``padding ((top, bottom), (left, right))``,
+    padded first and then 'valid': with the padding inside a 2x2 convolution, XLA computed its
+    kernel gradient through a non-canonical layout, ~30x slower (145 ms for one layer)."""
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    return jax.lax.conv_general_dilated(xp, kernel, (1, 1), "VALID", dimension_numbers=_DIMENSION_NUMBERS)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _onednn_conv(x: jax.Array, kernel: jax.Array, padding: tuple) -> jax.Array:
     """:func:`pinn_jax.models.onednn.conv2d` with its gradients: the input's by oneDNN too
     (:func:`pinn_jax.models.onednn.conv2d_input_grad`), the kernel's by XLA from the stored input
-    (:func:`_unfused_input`; a 2x2 kernel's from the explicitly padded input, see
-    :func:`_conv3x3_of_upsampled`)."""
+    (:func:`_unfused_input`; a 2x2 kernel's from the explicitly padded input,
+    :func:`_valid_conv_of_padded`)."""
     return onednn.conv2d(x, kernel, padding)
 
 
@@ -74,10 +82,8 @@ def _onednn_conv_bwd(padding, residuals, g):
         def conv(k):
             return jax.lax.conv_general_dilated(x, k, (1, 1), padding, dimension_numbers=_DIMENSION_NUMBERS)
     else:
-        xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-
         def conv(k):
-            return jax.lax.conv_general_dilated(xp, k, (1, 1), "VALID", dimension_numbers=_DIMENSION_NUMBERS)
+            return _valid_conv_of_padded(x, k, padding)
     dk = jax.vjp(conv, kernel)[1](g)[0]
     return dx, dk
 
@@ -142,10 +148,7 @@ def _conv3x3_of_upsampled(h: jax.Array, kernel: jax.Array) -> jax.Array:
     elif onednn.enabled():  # pads inside the call; its kernel gradient pads explicitly
         z = _onednn_conv(h, k4, ((1, 1), (1, 1)))
     else:
-        # padded here, not by the convolution: with the padding inside it, XLA computed the
-        # kernel gradient through a non-canonical layout, ~30x slower (145 ms for one layer)
-        hp = jnp.pad(h, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        z = jax.lax.conv_general_dilated(hp, k4, (1, 1), "VALID", dimension_numbers=_DIMENSION_NUMBERS)
+        z = _valid_conv_of_padded(h, k4, ((1, 1), (1, 1)))
     z = z.reshape(b, hh + 1, ww + 1, 2, 2, co)
     rows = [jnp.stack([z[:, py:py + hh, px:px + ww, py, px] for px in (0, 1)], axis=3) for py in (0, 1)]
     return jnp.stack(rows, axis=2).reshape(b, 2 * hh, 2 * ww, co)

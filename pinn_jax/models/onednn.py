@@ -36,6 +36,8 @@ from jax.extend.mlir import ir
 from jax.extend.mlir.dialects import stablehlo as hlo
 from jax.interpreters import batching, mlir
 
+from pinn_jax.runtime import switched_off
+
 __all__ = ["ENV", "VERIFIED_JAXLIB", "automatic", "conv2d", "conv2d_input_grad", "enabled", "self_test"]
 
 ENV = "PINN_JAX_ONEDNN"
@@ -147,10 +149,10 @@ def enabled() -> bool:
     function is traced. By default only where jax computes on the CPU, with one device: XLA's
     sharding propagation does not see into a custom call, so under a data-parallel mesh it would
     gather the batch and convolve all of it on every device."""
-    setting = os.environ.get(ENV, "").strip().lower()
-    if setting in ("0", "false", "no", "off"):
+    setting = os.environ.get(ENV)
+    if switched_off(setting):
         return False
-    if setting in ("1", "true", "yes", "on"):
+    if (setting or "").strip().lower() in ("1", "true", "yes", "on"):
         return True
     return automatic()
 
