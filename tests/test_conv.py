@@ -4,9 +4,11 @@ its input gradient and its kernel gradient, up to float32 summation order.
 Bound used throughout, per element, for a sum of n products in any order: n * eps32 * (the
 same sum of absolute values), computed with XLA's own convolution on |x|, |k|, |g|.
 
-Every test runs twice: with XLA's convolutions only (``PINN_JAX_ONEDNN=0``) and, where the host
-and jaxlib run them, with the oneDNN forward and input-gradient convolutions
-(:mod:`pinn_jax.models.onednn`). Claims of bitwise equality hold for the first only.
+Every test runs on four paths: XLA's convolutions only (``PINN_JAX_ONEDNN=0``,
+``PINN_JAX_NATIVE=0``); where the host and jaxlib run them, the oneDNN forward and
+input-gradient convolutions (:mod:`pinn_jax.models.onednn`); where it builds, pinn-jax's native
+kernel gradient (:mod:`pinn_jax.native`) with XLA's other two; and both. Claims of bitwise
+equality hold for the first only.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from pinn_jax import native
 from pinn_jax.models import conv, onednn
 
 EPS = float(np.finfo(np.float32).eps)
@@ -25,12 +28,21 @@ EPS = float(np.finfo(np.float32).eps)
 ONEDNN_HERE = onednn.automatic()
 
 
-@pytest.fixture(autouse=True, params=["xla", "onednn"])
+NATIVE_HERE = native.library_path() is not None
+
+
+@pytest.fixture(autouse=True, params=["xla", "onednn", "native", "onednn+native"])
 def conv_path(request, monkeypatch):
-    """Which convolutions the layers run (read when a function is traced)."""
-    if request.param == "onednn" and not ONEDNN_HERE:
+    """Which convolutions the layers run (read when a function is traced): XLA's only; oneDNN's
+    forward and input gradients; pinn-jax's native kernel gradient with XLA's other two; both
+    (the default on the development host)."""
+    parts = request.param.split("+")
+    if "onednn" in parts and not ONEDNN_HERE:
         pytest.skip("the oneDNN path is off on this host or jaxlib")
-    monkeypatch.setenv(onednn.ENV, "1" if request.param == "onednn" else "0")
+    if "native" in parts and not NATIVE_HERE:
+        pytest.skip("the native kernel gradient cannot be built here (no C++ compiler?)")
+    monkeypatch.setenv(onednn.ENV, "1" if "onednn" in parts else "0")
+    monkeypatch.setenv(native.ENV, "1" if "native" in parts else "0")
     return request.param
 
 
@@ -86,8 +98,9 @@ def test_conv3x3_is_nnx_conv_with_a_faster_bias_gradient(jit, conv_path):
         np.testing.assert_array_equal(np.asarray(gx_ours), np.asarray(gx_ref))
         np.testing.assert_array_equal(np.asarray(g_ours.kernel[...]), np.asarray(g_ref.kernel[...]))
         return
-    # oneDNN sums the 45 (forward) and 63 (input gradient) products in its own order; the
-    # gradients then see sin's derivative at slightly different points: 1e-5 of the largest
+    # oneDNN sums the 45 (forward) and 63 (input gradient) products in its own order, the
+    # native kernel gradient its 512; the gradients then see sin's derivative at slightly
+    # different points: 1e-5 of the largest
     y_ref = np.asarray(ref(x))
     scale = np.asarray(conv._xla_conv(jnp.abs(x), jnp.abs(ours.kernel[...]))) + np.abs(np.asarray(ours.bias[...]))
     assert np.all(np.abs(np.asarray(ours(x)) - y_ref) <= 46 * EPS * scale)
@@ -154,6 +167,60 @@ def test_conv3x3_bias_gradients_match_autodiff(upsampled):
 
     for a, r in zip(jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(x, k, b), jax.grad(plain, argnums=(0, 1, 2))(x, k, b)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-5, atol=1e-4 * float(np.abs(r).max()))
+
+
+@pytest.mark.parametrize("jit", [True, False])
+@pytest.mark.parametrize("shape,upsampled,stored_input", [
+    ((2, 8, 8, 16), False, False),
+    ((2, 8, 8, 16), False, True),
+    ((2, 6, 6, 16), True, False),  # the sub-pixel form: the post-ops run before the interleave
+    ((2, 6, 6, 4), True, True),  # few input channels: the plain upsampling
+])
+def test_conv3x3_bias_relu_is_relu_of_the_layer(shape, upsampled, stored_input, jit, conv_path):
+    """``conv3x3_bias_relu`` (oneDNN's bias and ReLU post-ops on that path) is
+    ``relu(conv3x3(x, k, upsampled) + b)``: values within the bound of a sum of 9 * Ci products
+    plus the bias; gradients (through the mask ``output > 0``) as autodiff's of that expression,
+    to float32 order, ``stored_input`` or not. The data keep every pre-activation farther from 0
+    than its bound (checked), so the two masks are the same on any CPU."""
+    co = 8
+    h, w = (2 * shape[1], 2 * shape[2]) if upsampled else shape[1:3]
+    x, k, g = _arrays(shape, co, seed=7, out_hw=(h, w))
+    b = jnp.linspace(-0.5, 0.5, co, dtype=jnp.float32)
+
+    def xla(x, k):
+        return conv._xla_conv(conv.upsample_2x(x) if upsampled else x, k)
+
+    pre = np.asarray(xla(x, k) + b)
+    bound = (9 * shape[-1] + 1) * EPS * np.asarray(xla(jnp.abs(x), jnp.abs(k)) + jnp.abs(b))
+    assert np.all(np.abs(pre) > 2 * bound)
+
+    def fused(x, k, b):
+        return conv.conv3x3_bias_relu(x, k, b, upsampled, stored_input)
+
+    def plain(x, k, b):
+        return jax.nn.relu(conv.conv3x3(x, k, upsampled) + b)
+
+    def with_grads(f):
+        y, vjp = jax.vjp(f, x, k, b)
+        return (y, *vjp(g))
+
+    ours = jax.jit(lambda: with_grads(fused))() if jit else with_grads(fused)
+    assert np.all(np.abs(np.asarray(ours[0]) - np.maximum(pre, 0)) <= bound)
+    for a, r in zip(ours[1:], with_grads(plain)[1:]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-5, atol=1e-5 * float(np.abs(r).max()))
+    layer = conv.Conv3x3(shape[-1], co, kernel_size=(3, 3), padding="SAME", rngs=nnx.Rngs(0))
+    layer.kernel[...], layer.bias[...] = k, b
+    np.testing.assert_array_equal(np.asarray(layer.relu(x, upsampled=upsampled)), np.asarray(fused(x, k, b)))
+
+
+def test_relu_output_is_buffer_only_for_a_onednn_call_result(conv_path):
+    """The next layer may skip the stored-input barrier only after a oneDNN call's own result:
+    not after a sub-pixel interleave, a one-channel head, or XLA's convolution."""
+    on = "onednn" in conv_path
+    assert conv.relu_output_is_buffer(64, 64) is on
+    assert conv.relu_output_is_buffer(4, 64, upsampled=True) is on  # plain upsampling, then the call
+    assert not conv.relu_output_is_buffer(64, 64, upsampled=True)
+    assert not conv.relu_output_is_buffer(64, 1)
 
 
 def test_of_upsampled_is_the_layer_on_the_upsampled_map():

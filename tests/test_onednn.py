@@ -61,6 +61,65 @@ def test_conv2d_and_its_input_gradient_are_xla_convolutions(kh, padding, ci, co,
 
 
 @needs_onednn
+@pytest.mark.parametrize("jit", [True, False])
+@pytest.mark.parametrize("kh,padding", [(3, ((1, 1), (1, 1))), (2, ((1, 1), (1, 1)))])
+def test_bias_and_relu_post_ops_are_relu_of_the_convolution_plus_bias(kh, padding, jit, monkeypatch):
+    """``conv2d(x, k, padding, bias)`` is ``relu(conv + bias)``: within the float32 bound of a
+    sum of kh * kh * Ci products plus the bias (ReLU is exact), and the compiled program asks
+    oneDNN for both post-ops (no separate pass)."""
+    monkeypatch.setenv(onednn.ENV, "1")
+    rng = np.random.default_rng(kh)
+    x = jnp.asarray(rng.standard_normal((3, 9, 7, 6)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((kh, kh, 6, 8)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((8,)), jnp.float32)
+
+    def fused(x, k, b):
+        return onednn.conv2d(x, k, padding, b)
+
+    got = (jax.jit(fused) if jit else fused)(x, k, b)
+    want = jax.nn.relu(_lax(x, k, padding) + b)
+    # |relu(a) - relu(c)| <= |a - c|
+    _assert_within_bound(got, want, _lax(jnp.abs(x), jnp.abs(k), padding) + jnp.abs(b), kh * kh * 6 + 1)
+    assert float(jnp.min(got)) == 0.0 and float(jnp.max(got)) > 0.0
+    text = jax.jit(fused).lower(x, k, b).compile().as_text()
+    assert "__onednn$convolution" in text and '"BIAS","RELU"' in text.replace(" ", "").replace("\\", "")
+
+
+def test_bias_relu_without_onednn_and_a_wrong_bias(monkeypatch):
+    """Disabled, ``conv2d`` with a bias is XLA's ``relu(conv + bias)`` (bitwise); a bias that is
+    not ``(Co,)`` is refused, naming both shapes."""
+    monkeypatch.setenv(onednn.ENV, "0")
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((2, 6, 6, 3)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((3, 3, 3, 4)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((4,)), jnp.float32)
+    p = ((1, 1), (1, 1))
+    np.testing.assert_array_equal(np.asarray(onednn.conv2d(x, k, p, b)), np.asarray(jax.nn.relu(_lax(x, k, p) + b)))
+    with pytest.raises(ValueError, match=r"bias of shape \(3,\), expected \(4,\)"):
+        onednn.conv2d(x, k, p, b[:3])
+
+
+@needs_onednn
+def test_vmap_with_a_bias(monkeypatch):
+    """The fused call under vmap: the mapped axis folds into the batch when kernel and bias are
+    shared; a mapped bias runs XLA's convolution per element."""
+    monkeypatch.setenv(onednn.ENV, "1")
+    rng = np.random.default_rng(6)
+    xs = jnp.asarray(rng.standard_normal((3, 2, 6, 6, 4)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((3, 3, 4, 5)), jnp.float32)
+    bs = jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)
+    p = ((1, 1), (1, 1))
+    def scale(bs):
+        return jax.vmap(lambda x, b: _lax(jnp.abs(x), jnp.abs(k), p) + jnp.abs(b))(xs, bs)
+
+    shared = jnp.broadcast_to(bs[0], bs.shape)
+    want = jax.vmap(lambda x, b: jax.nn.relu(_lax(x, k, p) + b))
+    _assert_within_bound(jax.jit(jax.vmap(lambda x: onednn.conv2d(x, k, p, bs[0])))(xs), want(xs, shared),
+                         scale(shared), 37)
+    _assert_within_bound(jax.jit(jax.vmap(lambda x, b: onednn.conv2d(x, k, p, b)))(xs, bs), want(xs, bs), scale(bs), 37)
+
+
+@needs_onednn
 def test_the_compiled_program_calls_onednn_only_where_enabled(monkeypatch):
     x, k = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 6))
 

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pinn_jax.models.conv import Conv3x3
+from pinn_jax.models.conv import Conv3x3, relu_output_is_buffer
 
 __all__ = [
     "AMP_ACTIVATIONS",
@@ -165,8 +165,10 @@ class ConvPair(nnx.Module):
     def __call__(self, x: jax.Array, *, upsampled: bool = False) -> jax.Array:
         """``upsampled``: the pair applied to ``upsample_2x(x)`` (its first layer computes
         that on ``x``'s grid, :meth:`Conv3x3.of_upsampled`)."""
-        h = self.conv_a.of_upsampled(x) if upsampled else self.conv_a(x)
-        return jax.nn.relu(self.conv_b(jax.nn.relu(h)))
+        h = self.conv_a.relu(x, upsampled=upsampled)
+        kernel = self.conv_a.kernel
+        stored = relu_output_is_buffer(kernel.shape[2], kernel.shape[3], upsampled)
+        return self.conv_b.relu(h, stored_input=stored)
 
 
 class _Decoder(nnx.Module):

@@ -10,8 +10,11 @@ XLA's own convolution and its gradients up to float32 summation order:
 * a layer whose input is a 2x nearest-upsampled map (the decoders' first layers after an
   upsampling, the heads): computed on the map before upsampling, :func:`_conv3x3_of_upsampled`;
 * on CPU where :func:`pinn_jax.models.onednn.enabled`, the forward and input-gradient
-  convolutions of the general and upsampled forms run in oneDNN (:func:`_dense_conv`), the
-  kernel gradient stays XLA's.
+  convolutions of the general and upsampled forms run in oneDNN (:func:`_fast_conv`); where
+  :func:`pinn_jax.native.enabled`, their kernel gradients run in pinn-jax's native kernel,
+  else in XLA;
+* a layer followed by a ReLU (the CNN's conv pairs, :meth:`Conv3x3.relu`) takes the bias and
+  the ReLU as oneDNN post-ops where oneDNN runs it (:func:`conv3x3_bias_relu`).
 
 Why each is faster is in its docstring; ``benchmarks/README.md`` has the measurements.
 """
@@ -25,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pinn_jax import native
 from pinn_jax.models import onednn
 
 __all__ = ["FEW_OUT_CHANNELS", "SUBPIXEL_MIN_IN_CHANNELS", "Conv3x3", "conv3x3", "conv3x3_bias", "upsample_2x"]
@@ -61,23 +65,35 @@ def _valid_conv_of_padded(x: jax.Array, kernel: jax.Array, padding: tuple) -> ja
     return jax.lax.conv_general_dilated(xp, kernel, (1, 1), "VALID", dimension_numbers=_DIMENSION_NUMBERS)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _onednn_conv(x: jax.Array, kernel: jax.Array, padding: tuple) -> jax.Array:
-    """:func:`pinn_jax.models.onednn.conv2d` with its gradients: the input's by oneDNN too
-    (:func:`pinn_jax.models.onednn.conv2d_input_grad`), the kernel's by XLA from the stored input
-    (:func:`_unfused_input`; a 2x2 kernel's from the explicitly padded input,
-    :func:`_valid_conv_of_padded`)."""
+def _custom_gradients() -> bool:
+    """Whether the general layers run :func:`_fast_conv` (oneDNN or the native kernel gradient
+    available) rather than XLA's convolution and its autodiff."""
+    return onednn.enabled() or native.enabled()
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _fast_conv(x: jax.Array, kernel: jax.Array, padding: tuple, stored_input: bool = False) -> jax.Array:
+    """``lax.conv_general_dilated(x, kernel, (1, 1), padding)`` with the fastest parts at hand:
+    forward and input gradient by oneDNN where :func:`pinn_jax.models.onednn.enabled`
+    (:func:`~pinn_jax.models.onednn.conv2d`, :func:`~pinn_jax.models.onednn.conv2d_input_grad`;
+    XLA's convolutions otherwise); the kernel gradient by pinn-jax's native kernel where
+    :func:`pinn_jax.native.enabled`, else XLA's from the stored input (:func:`_unfused_input`,
+    unless ``stored_input`` says ``x`` is already a buffer fusion cannot recompute; a 2x2
+    kernel's from the explicitly padded input, :func:`_valid_conv_of_padded`)."""
     return onednn.conv2d(x, kernel, padding)
 
 
-def _onednn_conv_fwd(x, kernel, padding):
+def _fast_conv_fwd(x, kernel, padding, stored_input):
     return onednn.conv2d(x, kernel, padding), (x, kernel)
 
 
-def _onednn_conv_bwd(padding, residuals, g):
+def _fast_conv_bwd(padding, stored_input, residuals, g):
     x, kernel = residuals
     dx = onednn.conv2d_input_grad(g, kernel, padding)
-    x = _unfused_input(x, kernel)
+    if native.enabled():  # reads x and g as they are: no transposed copy to protect
+        return dx, native.conv_kernel_grad(x, g, kernel.shape[:2], padding).astype(kernel.dtype)
+    if not stored_input:
+        x = _unfused_input(x, kernel)
     if kernel.shape[0] == 3:
         def conv(k):
             return jax.lax.conv_general_dilated(x, k, (1, 1), padding, dimension_numbers=_DIMENSION_NUMBERS)
@@ -88,14 +104,15 @@ def _onednn_conv_bwd(padding, residuals, g):
     return dx, dk
 
 
-_onednn_conv.defvjp(_onednn_conv_fwd, _onednn_conv_bwd)
+_fast_conv.defvjp(_fast_conv_fwd, _fast_conv_bwd)
 
 
-def _dense_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """:func:`_xla_conv`, by oneDNN where :func:`pinn_jax.models.onednn.enabled` (1.2-6x faster
-    forward and input-gradient convolutions on the development host)."""
-    if onednn.enabled():
-        return _onednn_conv(x, kernel, ((1, 1), (1, 1)))
+def _dense_conv(x: jax.Array, kernel: jax.Array, stored_input: bool = False) -> jax.Array:
+    """:func:`_xla_conv`, by :func:`_fast_conv` where oneDNN (1.2-6x faster forward and
+    input-gradient convolutions on the development host) or the native kernel gradient is
+    available."""
+    if _custom_gradients():
+        return _fast_conv(x, kernel, ((1, 1), (1, 1)), stored_input)
     return _xla_conv(x, kernel)
 
 
@@ -128,7 +145,26 @@ def _few_out(kernel: jax.Array) -> bool:
     return kernel.shape[-1] <= FEW_OUT_CHANNELS < kernel.shape[-2]
 
 
-def _conv3x3_of_upsampled(h: jax.Array, kernel: jax.Array) -> jax.Array:
+def _subpixel_kernel(kernel: jax.Array) -> jax.Array:
+    """The ``(2, 2, Ci, 4 * Co)`` kernel of :func:`_conv3x3_of_upsampled`: per source-pixel tap,
+    the summed 3x3 taps of each output parity ``(py, px)``, output channel ``(py, px, o)``."""
+    ci, co = kernel.shape[2:]
+    m = jnp.asarray(_SUBPIXEL_TAPS, kernel.dtype)
+    return jnp.einsum("prd,qse,deio->rsipqo", m, m, kernel).reshape(2, 2, ci, 4 * co)
+
+
+def _interleave_parities(z: jax.Array) -> jax.Array:
+    """``(B, H + 1, W + 1, 4 * Co)`` 2x2 outputs of :func:`_subpixel_kernel` -> the upsampled
+    map's ``(B, 2H, 2W, Co)``: output pixel ``(2i + py, 2j + px)`` is channel block ``(py, px)``
+    at ``(i + py, j + px)``."""
+    b, hp, wp, c4 = z.shape
+    hh, ww, co = hp - 1, wp - 1, c4 // 4
+    z = z.reshape(b, hp, wp, 2, 2, co)
+    rows = [jnp.stack([z[:, py:py + hh, px:px + ww, py, px] for px in (0, 1)], axis=3) for py in (0, 1)]
+    return jnp.stack(rows, axis=2).reshape(b, 2 * hh, 2 * ww, co)
+
+
+def _conv3x3_of_upsampled(h: jax.Array, kernel: jax.Array, stored_input: bool = False) -> jax.Array:
     """``conv3x3(upsample_2x(h), kernel)`` computed on ``h``'s grid.
 
     Along one axis, output pixel ``2i + p`` of the upsampled map sees source pixels ``i - 1, i``
@@ -139,30 +175,30 @@ def _conv3x3_of_upsampled(h: jax.Array, kernel: jax.Array) -> jax.Array:
     reading that copy; 4 ms this way). Values: the same sums, the taps of a source pixel added
     first (float32 order).
     """
-    b, hh, ww, ci = h.shape
-    co = kernel.shape[-1]
-    m = jnp.asarray(_SUBPIXEL_TAPS, kernel.dtype)
-    k4 = jnp.einsum("prd,qse,deio->rsipqo", m, m, kernel).reshape(2, 2, ci, 4 * co)
+    k4 = _subpixel_kernel(kernel)
     if _few_out(kernel):
         z = _taps_conv(h, k4)
-    elif onednn.enabled():  # pads inside the call; its kernel gradient pads explicitly
-        z = _onednn_conv(h, k4, ((1, 1), (1, 1)))
+    elif _custom_gradients():  # pads inside the call; an XLA kernel gradient pads explicitly
+        z = _fast_conv(h, k4, ((1, 1), (1, 1)), stored_input)
     else:
         z = _valid_conv_of_padded(h, k4, ((1, 1), (1, 1)))
-    z = z.reshape(b, hh + 1, ww + 1, 2, 2, co)
-    rows = [jnp.stack([z[:, py:py + hh, px:px + ww, py, px] for px in (0, 1)], axis=3) for py in (0, 1)]
-    return jnp.stack(rows, axis=2).reshape(b, 2 * hh, 2 * ww, co)
+    return _interleave_parities(z)
 
 
-def conv3x3(x: jax.Array, kernel: jax.Array, upsampled: bool = False) -> jax.Array:
+def conv3x3(x: jax.Array, kernel: jax.Array, upsampled: bool = False, stored_input: bool = False) -> jax.Array:
     """``x (B, H, W, Ci)``, ``kernel (3, 3, Ci, Co)`` -> ``(B, H, W, Co)``: 'same', stride 1, no
-    bias; with ``upsampled``, the convolution of ``upsample_2x(x)``: ``(B, 2H, 2W, Co)``."""
-    conv = _taps_conv if _few_out(kernel) else _dense_conv
+    bias; with ``upsampled``, the convolution of ``upsample_2x(x)``: ``(B, 2H, 2W, Co)``.
+    ``stored_input``: ``x`` is a buffer XLA's fusion cannot recompute (a custom call's result),
+    so the kernel gradient need not force one (:func:`_unfused_input`); values are the same."""
+    if _few_out(kernel):
+        conv = _taps_conv
+    else:
+        conv = functools.partial(_dense_conv, stored_input=stored_input)
     if not upsampled:
         return conv(x, kernel)
     if x.shape[-1] < SUBPIXEL_MIN_IN_CHANNELS:
         return conv(upsample_2x(x), kernel)
-    return _conv3x3_of_upsampled(x, kernel)
+    return _conv3x3_of_upsampled(x, kernel, stored_input)
 
 
 def _unfused_input(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -195,11 +231,11 @@ def _conv3x3_bias_fwd(x, kernel, bias, upsampled):
     return conv3x3_bias(x, kernel, bias, upsampled), (x, kernel)
 
 
-def _conv3x3_bias_bwd(upsampled, residuals, g):
-    x, kernel = residuals
-    if not _few_out(kernel) and not onednn.enabled():  # XLA's kernel gradient reads a transposed x
-        x = _unfused_input(x, kernel)  # (the oneDNN form does this itself)
-    dx, dk = jax.vjp(lambda x, k: conv3x3(x, k, upsampled), x, kernel)[1](g)
+def _conv3x3_bias_grads(upsampled, stored_input, x, kernel, g):
+    """``(dx, dk, db)`` of :func:`conv3x3_bias` for the output gradient ``g``."""
+    if not _few_out(kernel) and not _custom_gradients():  # XLA's kernel gradient reads a transposed x
+        x = _unfused_input(x, kernel)  # (_fast_conv does this itself where it needs it)
+    dx, dk = jax.vjp(lambda x, k: conv3x3(x, k, upsampled, stored_input), x, kernel)[1](g)
     b, h, w, co = g.shape
     # rows summed by one matrix-vector product over (B * H) rows of W * Co values (a longer
     # vector runs faster than over B * H * W rows of Co), then the W partial sums
@@ -207,13 +243,69 @@ def _conv3x3_bias_bwd(upsampled, residuals, g):
     return dx, dk, db
 
 
+def _conv3x3_bias_bwd(upsampled, residuals, g):
+    return _conv3x3_bias_grads(upsampled, False, *residuals, g)
+
+
 conv3x3_bias.defvjp(_conv3x3_bias_fwd, _conv3x3_bias_bwd)
+
+
+def _fuses_bias_relu(kernel: jax.Array) -> bool:
+    return onednn.enabled() and not _few_out(kernel)
+
+
+def relu_output_is_buffer(in_channels: int, out_channels: int, upsampled: bool = False) -> bool:
+    """Whether :func:`conv3x3_bias_relu` of a layer with these channels returns a oneDNN call's
+    own result (not a sub-pixel interleave that XLA could fuse into its consumers), so that the
+    next layer can take it as ``stored_input``."""
+    if not onednn.enabled() or out_channels <= FEW_OUT_CHANNELS < in_channels:
+        return False
+    return not upsampled or in_channels < SUBPIXEL_MIN_IN_CHANNELS
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def conv3x3_bias_relu(x: jax.Array, kernel: jax.Array, bias: jax.Array, upsampled: bool = False,
+                      stored_input: bool = False) -> jax.Array:
+    """``jax.nn.relu(conv3x3_bias(x, kernel, bias, upsampled))``: ``x (B, H, W, Ci)`` ->
+    ``(B, H, W, Co)`` (``(B, 2H, 2W, Co)`` with ``upsampled``).
+
+    Where oneDNN runs the layer, the bias and the ReLU are its post-ops on the accumulated
+    output: no separate elementwise pass reads and writes the activation, and the result is the
+    call's own buffer (``stored_input`` for the next layer, :func:`relu_output_is_buffer`). The
+    gradient masks ``g`` where the output is 0 (as ``jax.nn.relu``'s: 0 at 0), then is
+    :func:`conv3x3_bias`'s. Values: the same sums; oneDNN's bias add rounds as XLA's does.
+    """
+    if not _fuses_bias_relu(kernel):
+        return jax.nn.relu(conv3x3(x, kernel, upsampled) + bias)
+    same = ((1, 1), (1, 1))
+    if not upsampled:
+        return onednn.conv2d(x, kernel, same, bias)
+    if x.shape[-1] < SUBPIXEL_MIN_IN_CHANNELS:
+        return onednn.conv2d(upsample_2x(x), kernel, same, bias)
+    # the 4 parities' channel blocks (py, px, o) share the bias of o; ReLU commutes with the
+    # interleave
+    return _interleave_parities(onednn.conv2d(x, _subpixel_kernel(kernel), same, jnp.tile(bias, 4)))
+
+
+def _conv3x3_bias_relu_fwd(x, kernel, bias, upsampled, stored_input):
+    y = conv3x3_bias_relu(x, kernel, bias, upsampled, stored_input)
+    return y, (x, kernel, y)
+
+
+def _conv3x3_bias_relu_bwd(upsampled, stored_input, residuals, g):
+    x, kernel, y = residuals
+    g = jnp.where(y > 0, g, jnp.zeros_like(g))
+    return _conv3x3_bias_grads(upsampled, stored_input, x, kernel, g)
+
+
+conv3x3_bias_relu.defvjp(_conv3x3_bias_relu_fwd, _conv3x3_bias_relu_bwd)
 
 
 class Conv3x3(nnx.Conv):
     """``nnx.Conv`` (3x3, 'same', stride 1, bias) applied through :func:`conv3x3_bias`: the same
     parameters (``kernel`` HWIO, ``bias``) and values (up to float32 order), faster on CPU.
-    ``layer.of_upsampled(h)`` is ``layer(upsample_2x(h))``, computed on ``h``'s grid."""
+    ``layer.of_upsampled(h)`` is ``layer(upsample_2x(h))``, computed on ``h``'s grid;
+    ``layer.relu(x)`` is ``jax.nn.relu(layer(x))`` (:func:`conv3x3_bias_relu`)."""
 
     def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
         if inputs.ndim != 4 or self.kernel_size != (3, 3) or self.bias is None or out_sharding is not None:
@@ -224,3 +316,10 @@ class Conv3x3(nnx.Conv):
         if h.ndim != 4 or self.kernel_size != (3, 3) or self.bias is None:
             return self(upsample_2x(h))
         return conv3x3_bias(h, self.kernel[...], self.bias[...], True)
+
+    def relu(self, inputs: jax.Array, *, upsampled: bool = False, stored_input: bool = False) -> jax.Array:
+        """``jax.nn.relu(self(inputs))``, or of ``self.of_upsampled(inputs)`` with ``upsampled``;
+        ``stored_input``: see :func:`conv3x3` (from :func:`relu_output_is_buffer`)."""
+        if inputs.ndim != 4 or self.kernel_size != (3, 3) or self.bias is None:
+            return jax.nn.relu(self.of_upsampled(inputs) if upsampled else self(inputs))
+        return conv3x3_bias_relu(inputs, self.kernel[...], self.bias[...], upsampled, stored_input)

@@ -7,7 +7,8 @@ backend config). XLA only emits them from a rewrite pass this jaxlib does not ru
 convolutions of the PtychoPINN CNN's layers run 1.2-6x faster than XLA's own (Eigen) ones; so
 do the input gradients, which are forward convolutions too (the output gradient with the kernel
 flipped and its channels swapped). The kernel gradient is not one oneDNN's forward primitive
-runs well, so it stays XLA's (:mod:`pinn_jax.models.conv` composes the two).
+runs well, so it is pinn-jax's own (:mod:`pinn_jax.native`) or XLA's (:mod:`pinn_jax.models.conv`
+composes them).
 
 A backend config XLA:CPU does not understand aborts the process instead of raising, and its
 encoding is an internal of XLA that has changed between versions. So the path is used only
@@ -48,10 +49,11 @@ _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 _ROW_MAJOR = (3, 2, 1, 0)
 
 
-def _xla_conv(x, kernel, *, padding, swap_io):
+def _xla_conv(x, kernel, *bias, padding, swap_io, bias_relu=False):
     if swap_io:
         kernel = jnp.swapaxes(kernel, 2, 3)
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_DIMENSION_NUMBERS)
+    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_DIMENSION_NUMBERS)
+    return jax.nn.relu(y + bias[0]) if bias_relu else y
 
 
 def _out_shape(x_shape, k_shape, padding, swap_io):
@@ -61,7 +63,7 @@ def _out_shape(x_shape, k_shape, padding, swap_io):
     return (b, h + sum(padding[0]) - kh + 1, w + sum(padding[1]) - kw + 1, co)
 
 
-def _backend_config(kernel_hw, padding, swap_io) -> str:
+def _backend_config(kernel_hw, padding, swap_io, bias_relu=False) -> str:
     # XLA's OneDnnConvolutionConfig: dimension indices of each operand (spatial ones
     # zero-based), stride and dilation 1 (written as they are: this jaxlib subtracts 1 from the
     # dilation, so 1 is none), pads as they are.
@@ -75,7 +77,8 @@ def _backend_config(kernel_hw, padding, swap_io) -> str:
            "window": {"size": list(kernel_hw), "pad_left": [padding[0][0], padding[1][0]],
                       "pad_right": [padding[0][1], padding[1][1]], "strides": [1, 1],
                       "window_dilations": [1, 1]},
-           "fusions": {"ops": []},
+           # post-ops on the accumulated output: + bias (a third operand, (Co,)), then max(., 0)
+           "fusions": {"ops": ["BIAS", "RELU"] if bias_relu else []},
            "feature_groups": 1}
     return json.dumps({"onednn_conv_config": cfg})
 
@@ -84,28 +87,31 @@ _conv_p = Primitive("pinn_jax_onednn_conv2d")
 
 
 @_conv_p.def_abstract_eval
-def _abstract(x, kernel, *, padding, swap_io):
+def _abstract(x, kernel, *bias, padding, swap_io, bias_relu=False):
     return jax.core.ShapedArray(_out_shape(x.shape, kernel.shape, padding, swap_io), x.dtype)
 
 
 @_conv_p.def_impl
-def _impl(x, kernel, *, padding, swap_io):
-    return jax.jit(functools.partial(_conv_p.bind, padding=padding, swap_io=swap_io))(x, kernel)
+def _impl(*args, **params):
+    return jax.jit(functools.partial(_conv_p.bind, **params))(*args)
 
 
-def _layouts(n: int) -> ir.ArrayAttr:
-    row_major = ir.DenseIntElementsAttr.get(np.asarray(_ROW_MAJOR, np.int64), type=ir.IndexType.get())
-    return ir.ArrayAttr.get([row_major] * n)
+def _layouts(ranks) -> ir.ArrayAttr:
+    def row_major(rank):
+        return ir.DenseIntElementsAttr.get(np.arange(rank - 1, -1, -1, dtype=np.int64), type=ir.IndexType.get())
+
+    return ir.ArrayAttr.get([row_major(r) for r in ranks])
 
 
-def _cpu_lowering(ctx, x, kernel, *, padding, swap_io):
+def _cpu_lowering(ctx, *operands, padding, swap_io, bias_relu=False):
     out = ctx.avals_out[0]
     result = ir.RankedTensorType.get(out.shape, mlir.dtype_to_ir_type(out.dtype))
+    config = _backend_config(ctx.avals_in[1].shape[:2], padding, swap_io, bias_relu)
     op = hlo.CustomCallOp(
-        [result], [x, kernel], call_target_name=_TARGET,
-        backend_config=ir.StringAttr.get(_backend_config(ctx.avals_in[1].shape[:2], padding, swap_io)),
+        [result], list(operands), call_target_name=_TARGET,
+        backend_config=ir.StringAttr.get(config),
         api_version=ir.IntegerAttr.get(ir.IntegerType.get_signless(32), 1),
-        operand_layouts=_layouts(2), result_layouts=_layouts(1))
+        operand_layouts=_layouts([a.ndim for a in ctx.avals_in]), result_layouts=_layouts([out.ndim]))
     return op.results
 
 
@@ -113,16 +119,16 @@ mlir.register_lowering(_conv_p, mlir.lower_fun(_xla_conv, multiple_results=False
 mlir.register_lowering(_conv_p, _cpu_lowering, platform="cpu")
 
 
-def _batch_rule(args, dims, *, padding, swap_io):
-    x, kernel = args
-    xd, kd = dims
-    if kd is None:  # the kernel is not mapped: fold the mapped axis into the batch
+def _batch_rule(args, dims, **params):
+    x, *weights = args
+    xd, *weight_dims = dims
+    if all(d is None for d in weight_dims):  # kernel and bias not mapped: fold into the batch
         x = jnp.moveaxis(x, xd, 0)
         v, b = x.shape[:2]
-        y = _conv_p.bind(x.reshape(v * b, *x.shape[2:]), kernel, padding=padding, swap_io=swap_io)
+        y = _conv_p.bind(x.reshape(v * b, *x.shape[2:]), *weights, **params)
         return y.reshape(v, b, *y.shape[1:]), 0
-    conv = functools.partial(_xla_conv, padding=padding, swap_io=swap_io)
-    return jax.vmap(conv, in_axes=(xd, kd))(x, kernel), 0
+    conv = functools.partial(_xla_conv, **params)
+    return jax.vmap(conv, in_axes=(xd, *weight_dims))(x, *weights), 0
 
 
 batching.primitive_batchers[_conv_p] = _batch_rule
@@ -167,20 +173,26 @@ def automatic() -> bool:
     return jaxlib.__version__ in VERIFIED_JAXLIB or _child_self_test()
 
 
-def _eligible(x, kernel) -> bool:
-    return x.dtype == jnp.float32 and kernel.dtype == jnp.float32 and enabled()
+def _eligible(*arrays) -> bool:
+    return all(a.dtype == jnp.float32 for a in arrays) and enabled()
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+def conv2d(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]],
+           bias: jax.Array | None = None) -> jax.Array:
     """``lax.conv_general_dilated(x, kernel, (1, 1), padding)``, NHWC / HWIO: ``x (B, H, W, Ci)``,
     ``kernel (kh, kw, Ci, Co)``, ``padding ((top, bottom), (left, right))`` zeros ->
     ``(B, H + top + bottom - kh + 1, W + left + right - kw + 1, Co)``; oneDNN's on CPU where
-    :func:`enabled`. Not differentiable by itself (:mod:`pinn_jax.models.conv` gives the
-    gradients)."""
+    :func:`enabled`. With ``bias (Co,)``: ``relu(conv + bias)``, the bias and ReLU applied by
+    oneDNN to the accumulated output (post-ops: no separate pass over it). Not differentiable by
+    itself (:mod:`pinn_jax.models.conv` gives the gradients)."""
     padding = tuple(tuple(int(v) for v in p) for p in padding)
-    if not _eligible(x, kernel):
-        return _xla_conv(x, kernel, padding=padding, swap_io=False)
-    return _conv_p.bind(x, kernel, padding=padding, swap_io=False)
+    weights = (kernel,) if bias is None else (kernel, bias)
+    if bias is not None and bias.shape != kernel.shape[3:]:
+        raise ValueError(f"conv2d: bias of shape {bias.shape}, expected ({kernel.shape[3]},) for kernel {kernel.shape}")
+    params = dict(padding=padding, swap_io=False, bias_relu=bias is not None)
+    if not _eligible(x, *weights):
+        return _xla_conv(x, *weights, **params)
+    return _conv_p.bind(x, *weights, **params)
 
 
 def conv2d_input_grad(g: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
@@ -208,12 +220,14 @@ def self_test() -> bool:
     for kh, padding in ((3, ((1, 1), (1, 1))), (2, ((1, 1), (1, 1))), (2, ((0, 0), (0, 0))), (3, ((0, 1), (1, 0)))):
         k = jnp.asarray(rng.standard_normal((kh, kh, 3, 4)), jnp.float32)
         pads = tuple(tuple(p) for p in padding)
+        b = jnp.asarray(rng.standard_normal((4,)), jnp.float32)
         y = jax.jit(functools.partial(_conv_p.bind, padding=pads, swap_io=False))(x, k)
         ref = _xla_conv(x, k, padding=pads, swap_io=False)
+        yb = jax.jit(functools.partial(_conv_p.bind, padding=pads, swap_io=False, bias_relu=True))(x, k, b)
         g = jnp.asarray(rng.standard_normal(ref.shape), jnp.float32)
         dx = jax.jit(lambda g, k, pads=pads: conv2d_input_grad(g, k, pads))(g, k)
         dx_ref = jax.vjp(lambda v, k=k, pads=pads: _xla_conv(v, k, padding=pads, swap_io=False), x)[1](g)[0]
-        for got, want in ((y, ref), (dx, dx_ref)):
+        for got, want in ((y, ref), (yb, jax.nn.relu(ref + b)), (dx, dx_ref)):
             if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(want)))):
                 return False
     return True
