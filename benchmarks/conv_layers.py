@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     pinn_jax.configure_cpu_runtime()
     import jax
 
+    from pinn_jax import native
     from pinn_jax.models import onednn
 
     rows = []
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     info = {"device": f"{dev.platform} ({getattr(dev, 'device_kind', '')})", "cpus": os.cpu_count(),
             "jax": jax.__version__, "python": platform.python_version(),
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "n_filters_scale": args.n_filters_scale,
-            "onednn_convolutions": onednn.enabled()}
+            "onednn_convolutions": onednn.enabled(), "native_kernel_gradient": native.enabled()}
     print()
     print(_markdown(rows))
     for line in _totals(rows):

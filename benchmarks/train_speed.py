@@ -19,8 +19,11 @@ Variants (all measured in the same run, interleaved ``--rounds`` times):
 * ``tuned``: :func:`pinn_jax.runtime.configure_cpu_runtime` and
   :func:`pinn_jax.runtime.configure_malloc` applied (what the ``pinn-jax`` command does; the
   ptychodus child applies the first only);
-* ``tuned-xla-conv``: ``tuned`` with ``PINN_JAX_ONEDNN=0``: every convolution XLA's own, none
-  through oneDNN (:mod:`pinn_jax.models.onednn`), to show what that path gives;
+* ``tuned-xla-conv``: ``tuned`` with ``PINN_JAX_ONEDNN=0`` and ``PINN_JAX_NATIVE=0``: every
+  convolution and gradient XLA's own, none through oneDNN (:mod:`pinn_jax.models.onednn`) or
+  pinn-jax's native kernel gradient (:mod:`pinn_jax.native`), to show what those give;
+* ``tuned-no-native`` (on request, ``--only``): ``tuned`` with ``PINN_JAX_NATIVE=0`` (oneDNN
+  on, XLA's kernel gradients);
 * any ``--variant NAME=XLA_FLAGS`` given on the command line.
 
 Same-machine TensorFlow rows (each worker in its own process, in the same interleaved rounds):
@@ -83,6 +86,7 @@ REFERENCE_TF_CPU = {
 }
 
 DEFAULT_VARIANTS = ("plain", "tuned", "tuned-xla-conv")
+BUILTIN_VARIANTS = (*DEFAULT_VARIANTS, "tuned-no-native")  # the last only when named in --only
 KERAS_VARIANT = "keras"  # the same network in TensorFlow/Keras on this host (--keras-python)
 UPSTREAM_VARIANT = "upstream-tf"  # the real upstream PtychoPINN on this host (--upstream-python)
 # upstream's diffraction_to_obj merges a call of >= 64 patterns into one object (upstream_tf_baseline.py)
@@ -132,6 +136,7 @@ def worker(args) -> dict:
     from pinn_jax import probe as probe_mod
     from pinn_jax import train
     from pinn_jax.inference import InferenceModel
+    from pinn_jax import native
     from pinn_jax.model import build_model, split_model
     from pinn_jax.models import onednn
 
@@ -164,20 +169,22 @@ def worker(args) -> dict:
     compiled = step.lower(state, data, batches[0]).compile()
     out["compile_s"] = time.perf_counter() - t0
     out["onednn_convolutions"] = onednn.enabled()
+    out["native_kernel_gradient"] = native.enabled()
     try:
         counted = compiled
-        if out["onednn_convolutions"]:
+        if out["onednn_convolutions"] or out["native_kernel_gradient"]:
             # XLA's cost analysis does not count custom calls: the FLOPs are those of the same
             # step with XLA's convolutions (a second trace and compile, outside the timings)
-            setting = os.environ.get(onednn.ENV)
-            os.environ[onednn.ENV] = "0"
+            settings = {name: os.environ.get(name) for name in (onednn.ENV, native.ENV)}
+            os.environ.update({name: "0" for name in settings})
             try:
                 counted = train.make_train_step(loss_fn, opt, mesh=mesh).lower(state, data, batches[0]).compile()
             finally:
-                if setting is None:
-                    del os.environ[onednn.ENV]
-                else:
-                    os.environ[onednn.ENV] = setting
+                for name, setting in settings.items():
+                    if setting is None:
+                        del os.environ[name]
+                    else:
+                        os.environ[name] = setting
         ca = counted.cost_analysis()
         ca = ca[0] if isinstance(ca, (list, tuple)) else ca
         out["train_step_gflop"] = float(ca["flops"]) / 1e9
@@ -250,16 +257,19 @@ def _variant_env(name: str, flags: str | None) -> dict:
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # time real compilation, never a cache hit
     if name == "plain":
         env["PINN_JAX_XLA_DEFAULTS"] = "0"
-    elif name in ("tuned", "tuned-xla-conv"):
+    elif name in ("tuned", "tuned-xla-conv", "tuned-no-native"):
         env.pop("PINN_JAX_XLA_DEFAULTS", None)
         from pinn_jax import runtime  # noqa: F401  (imports jax lazily; no backend is started)
 
         runtime.configure_cpu_runtime(env)
         runtime.configure_malloc(env)  # what the pinn-jax command restarts itself with
-        if name == "tuned-xla-conv":
-            from pinn_jax.models import onednn
+        from pinn_jax import native
+        from pinn_jax.models import onednn
 
+        if name == "tuned-xla-conv":
             env[onednn.ENV] = "0"
+        if name in ("tuned-xla-conv", "tuned-no-native"):
+            env[native.ENV] = "0"
     else:
         env["PINN_JAX_XLA_DEFAULTS"] = "0"
         env["XLA_FLAGS"] = " ".join(x for x in (_CALLER_XLA_FLAGS, flags or "") if x)
@@ -466,14 +476,15 @@ def main(argv=None) -> int:
     variants: dict[str, str | None] = {v: None for v in DEFAULT_VARIANTS}
     for spec in args.variant:
         name, _, flags = spec.partition("=")
-        if not name or name in DEFAULT_VARIANTS:
+        if not name or name in BUILTIN_VARIANTS:
             raise SystemExit(f"--variant {spec!r}: expected NAME=XLA_FLAGS with a new NAME")
         variants[name] = flags
     if args.only:
-        unknown = set(args.only) - set(variants)
+        known = {**{v: None for v in BUILTIN_VARIANTS}, **variants}
+        unknown = set(args.only) - set(known)
         if unknown:
-            raise SystemExit(f"--only: unknown variants {sorted(unknown)}; known {sorted(variants)}")
-        variants = {k: v for k, v in variants.items() if k in args.only}
+            raise SystemExit(f"--only: unknown variants {sorted(unknown)}; known {sorted(known)}")
+        variants = {k: v for k, v in known.items() if k in args.only}
 
     runs: dict[str, dict[str, list]] = {}
     t_start = time.perf_counter()
