@@ -159,3 +159,25 @@ def test_a_failing_compiler_leaves_nothing_and_falls_back(tmp_path, monkeypatch)
         assert list((tmp_path / "native").iterdir()) == []
     finally:
         native.library_path.cache_clear()
+
+
+def test_a_library_that_cannot_be_loaded_falls_back(built, monkeypatch):
+    """A built library the loader refuses (e.g. a cache on a noexec mount): a warning, and
+    XLA's gradient."""
+    import ctypes
+
+    def refuse(path):
+        raise OSError(f"{path}: failed to map segment from shared object")
+
+    monkeypatch.setattr(ctypes, "CDLL", refuse)
+    monkeypatch.setenv(native.ENV, "1")
+    native._registered.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="could not be loaded"):
+            assert not native.enabled()
+        x, g = _case((1, 5, 5, 2), 3, 3, 3, ((1, 1), (1, 1)))
+        assert "pinn_jax_conv_kernel_grad" not in jax.jit(
+            lambda x, g: native.conv_kernel_grad(x, g, (3, 3), ((1, 1), (1, 1)))).lower(x, g).as_text()
+    finally:
+        monkeypatch.undo()
+        native._registered.cache_clear()

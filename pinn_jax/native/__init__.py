@@ -148,8 +148,14 @@ def _registered() -> bool:
     path = library_path()
     if path is None:
         return False
-    lib = ctypes.CDLL(str(path))
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(getattr(lib, _SYMBOL)), platform="cpu")
+    try:
+        lib = ctypes.CDLL(str(path))
+        handler = getattr(lib, _SYMBOL)
+    except (OSError, AttributeError) as err:  # e.g. a cache on a noexec mount
+        warnings.warn(f"pinn-jax: the native kernel gradient {path} could not be loaded ({err}); XLA's is used",
+                      RuntimeWarning, stacklevel=2)
+        return False
+    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handler), platform="cpu")
     return True
 
 
