@@ -35,6 +35,22 @@ struct Shape {
   int64_t B, H, W, C, Ho, Wo, O, KH, KW, pad_top, pad_left;
 };
 
+// Calls fn(xp, gp, n) for each output row in [r0, r1) that tap (i, j) reaches: xp at channel 0
+// of the first input column, gp at channel 0 of the first output column, n output columns whose
+// input column lies inside x (consecutive positions are C and O floats apart).
+template <typename Fn>
+inline void ForEachRow(const Shape& s, int64_t i, int64_t j, int64_t r0, int64_t r1, Fn fn) {
+  const int64_t x0 = std::max<int64_t>(0, s.pad_left - j);
+  const int64_t x1 = std::min<int64_t>(s.Wo, s.W + s.pad_left - j);
+  if (x1 <= x0) return;
+  for (int64_t row = r0; row < r1; ++row) {
+    const int64_t b = row / s.Ho, y = row % s.Ho;
+    const int64_t yi = y + i - s.pad_top;
+    if (yi < 0 || yi >= s.H) continue;
+    fn(((b * s.H + yi) * s.W + (x0 + j - s.pad_left)) * s.C, ((b * s.Ho + y) * s.Wo + x0) * s.O, x1 - x0);
+  }
+}
+
 // One tile: C rows [c, c + R) x O columns [o, o + 16 V) of tap (i, j), over the rows
 // [r0, r1) of (b, y) positions. acc points at element (c, o) of tap (i, j)'s C x O block.
 template <int R, int V>
@@ -45,16 +61,10 @@ void Tile(const Shape& s, const float* x, const float* g, int64_t i, int64_t j, 
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) a[r][v] = *reinterpret_cast<const v16u*>(acc + r * s.O + 16 * v);
-  // output columns whose input column x + j - pad_left lies inside x
-  const int64_t x0 = std::max<int64_t>(0, s.pad_left - j);
-  const int64_t x1 = std::min<int64_t>(s.Wo, s.W + s.pad_left - j);
-  for (int64_t row = r0; row < r1; ++row) {
-    const int64_t b = row / s.Ho, y = row % s.Ho;
-    const int64_t yi = y + i - s.pad_top;
-    if (yi < 0 || yi >= s.H || x1 <= x0) continue;
-    const float* xp = x + ((b * s.H + yi) * s.W + (x0 + j - s.pad_left)) * s.C + c;
-    const float* gp = g + ((b * s.Ho + y) * s.Wo + x0) * s.O + o;
-    for (int64_t t = x0; t < x1; ++t, xp += s.C, gp += s.O) {
+  ForEachRow(s, i, j, r0, r1, [&](int64_t x_at, int64_t g_at, int64_t n) {
+    const float* xp = x + x_at + c;
+    const float* gp = g + g_at + o;
+    for (int64_t t = 0; t < n; ++t, xp += s.C, gp += s.O) {
       v16 gv[V];
 #pragma GCC unroll 4
       for (int v = 0; v < V; ++v) gv[v] = *reinterpret_cast<const v16u*>(gp + 16 * v);
@@ -65,7 +75,7 @@ void Tile(const Shape& s, const float* x, const float* g, int64_t i, int64_t j, 
         for (int v = 0; v < V; ++v) a[r][v] += xv * gv[v];
       }
     }
-  }
+  });
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
@@ -75,19 +85,14 @@ void Tile(const Shape& s, const float* x, const float* g, int64_t i, int64_t j, 
 // The last O % 16 columns, one at a time (no vector of them).
 void ScalarColumns(const Shape& s, const float* x, const float* g, int64_t i, int64_t j, int64_t o0,
                    int64_t r0, int64_t r1, float* tap_acc) {
-  const int64_t x0 = std::max<int64_t>(0, s.pad_left - j);
-  const int64_t x1 = std::min<int64_t>(s.Wo, s.W + s.pad_left - j);
-  for (int64_t row = r0; row < r1; ++row) {
-    const int64_t b = row / s.Ho, y = row % s.Ho;
-    const int64_t yi = y + i - s.pad_top;
-    if (yi < 0 || yi >= s.H || x1 <= x0) continue;
-    for (int64_t t = x0; t < x1; ++t) {
-      const float* xp = x + ((b * s.H + yi) * s.W + (t + j - s.pad_left)) * s.C;
-      const float* gp = g + ((b * s.Ho + y) * s.Wo + t) * s.O;
+  ForEachRow(s, i, j, r0, r1, [&](int64_t x_at, int64_t g_at, int64_t n) {
+    for (int64_t t = 0; t < n; ++t) {
+      const float* xp = x + x_at + t * s.C;
+      const float* gp = g + g_at + t * s.O;
       for (int64_t c = 0; c < s.C; ++c)
         for (int64_t o = o0; o < s.O; ++o) tap_acc[c * s.O + o] += xp[c] * gp[o];
     }
-  }
+  });
 }
 
 template <int V>
