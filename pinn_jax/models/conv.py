@@ -140,9 +140,13 @@ def _taps_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return out
 
 
+def _few_out_channels(in_channels: int, out_channels: int) -> bool:
+    """Whether a 3x3 layer with these channels runs as per-tap products (:func:`_taps_conv`)."""
+    return out_channels <= FEW_OUT_CHANNELS < in_channels
+
+
 def _few_out(kernel: jax.Array) -> bool:
-    """Whether a 3x3 layer with this kernel runs as per-tap products (:func:`_taps_conv`)."""
-    return kernel.shape[-1] <= FEW_OUT_CHANNELS < kernel.shape[-2]
+    return _few_out_channels(*kernel.shape[-2:])
 
 
 def _subpixel_kernel(kernel: jax.Array) -> jax.Array:
@@ -258,7 +262,7 @@ def relu_output_is_buffer(in_channels: int, out_channels: int, upsampled: bool =
     """Whether :func:`conv3x3_bias_relu` of a layer with these channels returns a oneDNN call's
     own result (not a sub-pixel interleave that XLA could fuse into its consumers), so that the
     next layer can take it as ``stored_input``."""
-    if not onednn.enabled() or out_channels <= FEW_OUT_CHANNELS < in_channels:
+    if not onednn.enabled() or _few_out_channels(in_channels, out_channels):
         return False
     return not upsampled or in_channels < SUBPIXEL_MIN_IN_CHANNELS
 

@@ -46,7 +46,6 @@ ENV = "PINN_JAX_ONEDNN"
 VERIFIED_JAXLIB = frozenset({"0.10.2"})
 _TARGET = "__onednn$convolution"
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
-_ROW_MAJOR = (3, 2, 1, 0)
 
 
 def _xla_conv(x, kernel, *bias, padding, swap_io, bias_relu=False):
