@@ -62,13 +62,37 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 OPT_OUT_ENV = "PINN_JAX_XLA_DEFAULTS"
-# what turns one of pinn-jax's environment switches off (case and surrounding spaces ignored)
+# what turns one of pinn-jax's environment switches off, or forces it on (case and surrounding
+# spaces ignored; anything else, unset included, leaves the switch's automatic rule)
 OFF_VALUES = ("0", "false", "no", "off")
+ON_VALUES = ("1", "true", "yes", "on")
 
 
 def switched_off(value: str | None) -> bool:
     """Whether an environment switch's value (None when unset) turns it off."""
     return (value or "").strip().lower() in OFF_VALUES
+
+
+def switched_on(value: str | None) -> bool:
+    """Whether an environment switch's value (None when unset) forces it on."""
+    return (value or "").strip().lower() in ON_VALUES
+
+
+def self_test_in_child(module: str, env: Mapping[str, str], timeout: float) -> bool:
+    """Whether ``module.self_test()`` returns true in a fresh Python process with ``env`` added
+    to this one's environment (CPU only). For checks of native code, which may end the process
+    it runs in instead of raising; a child that fails to start or overruns ``timeout`` seconds
+    counts as failed."""
+    import subprocess
+
+    code = f"import sys; from {module} import self_test; sys.exit(0 if self_test() else 1)"
+    child_env = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
+    try:
+        done = subprocess.run([sys.executable, "-c", code], env=child_env, capture_output=True,
+                              timeout=timeout, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
 
 # name -> value. Every name and enum value is looked up in the installed jaxlib before use: XLA
 # aborts the process on an unknown flag, and these are "experimental" flags that may be renamed.

@@ -303,3 +303,23 @@ def test_the_command_line_restarts_itself_with_the_tunable(monkeypatch):
     assert calls == [(sys.executable, [sys.executable, "-m", "pinn_jax", "simulate", "--help"],
                       "glibc.malloc.hugetlb=1")]
     assert cli.main() == 0 and len(calls) == 1  # the restarted process goes on (here: --help)
+
+
+def test_switch_values_and_the_child_self_test(tmp_path):
+    """Environment switches: off and on values (case and spaces ignored), anything else neither;
+    ``self_test_in_child`` reports the child's verdict, and a child that cannot run the test
+    (here: no such module) counts as failed."""
+    from pinn_jax import runtime
+
+    for value in ("0", " Off ", "FALSE", "no"):
+        assert runtime.switched_off(value) and not runtime.switched_on(value)
+    for value in ("1", " On ", "TRUE", "yes"):
+        assert runtime.switched_on(value) and not runtime.switched_off(value)
+    for value in (None, "", "auto"):
+        assert not runtime.switched_on(value) and not runtime.switched_off(value)
+    (tmp_path / "verdicts.py").write_text(
+        "import os\ndef self_test():\n    return os.environ['VERDICT'] == 'pass'\n")
+    env = {"PYTHONPATH": str(tmp_path)}
+    assert runtime.self_test_in_child("verdicts", {**env, "VERDICT": "pass"}, timeout=120)
+    assert not runtime.self_test_in_child("verdicts", {**env, "VERDICT": "fail"}, timeout=120)
+    assert not runtime.self_test_in_child("no_such_module_here", env, timeout=120)

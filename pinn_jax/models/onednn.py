@@ -26,7 +26,6 @@ import functools
 import json
 import os
 import platform
-import subprocess
 import sys
 
 import jax
@@ -37,7 +36,7 @@ from jax.extend.mlir import ir
 from jax.extend.mlir.dialects import stablehlo as hlo
 from jax.interpreters import batching, mlir
 
-from pinn_jax.runtime import switched_off
+from pinn_jax.runtime import self_test_in_child, switched_off, switched_on
 
 __all__ = ["ENV", "VERIFIED_JAXLIB", "automatic", "conv2d", "conv2d_input_grad", "enabled", "self_test"]
 
@@ -139,14 +138,7 @@ def _supported_host() -> bool:
 
 @functools.cache
 def _child_self_test() -> bool:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", **{ENV: "1"})
-    code = "import sys; from pinn_jax.models import onednn; sys.exit(0 if onednn.self_test() else 1)"
-    try:
-        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=300,
-                              check=False)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return done.returncode == 0
+    return self_test_in_child(__name__, {ENV: "1"}, timeout=300)
 
 
 def enabled() -> bool:
@@ -157,7 +149,7 @@ def enabled() -> bool:
     setting = os.environ.get(ENV)
     if switched_off(setting):
         return False
-    if (setting or "").strip().lower() in ("1", "true", "yes", "on"):
+    if switched_on(setting):
         return True
     return automatic()
 

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from backend_api import fileio
-from pinn_jax.runtime import switched_off
+from pinn_jax.runtime import self_test_in_child, switched_off, switched_on
 
 __all__ = ["ENV", "cache_dir", "conv_kernel_grad", "enabled", "library_path", "self_test"]
 
@@ -102,18 +102,6 @@ def _build(compiler: str, target: Path) -> None:
         fileio.write_bytes(target, out.read_bytes())
 
 
-def _child_check(path: Path) -> bool:
-    """Whether :func:`self_test` passes for the library at ``path`` in a child process."""
-    # the child checks the library it is given instead of checking it again
-    env = dict(os.environ, JAX_PLATFORMS="cpu", _PINN_JAX_NATIVE_CHECKING="1", **{ENV: "1"})
-    code = "import sys; from pinn_jax import native; sys.exit(0 if native.self_test() else 1)"
-    try:
-        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=600, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return done.returncode == 0
-
-
 @functools.cache
 def library_path() -> Path | None:
     """The built library for this host (building it, and checking a new build in a child
@@ -132,7 +120,9 @@ def library_path() -> Path | None:
         return None
     if os.environ.get("_PINN_JAX_NATIVE_CHECKING") == "1" or marker.exists():
         return path
-    if not _child_check(path):
+    # the child, started with this environment, finds this library and checks it (and does not
+    # start a check of its own)
+    if not self_test_in_child(__name__, {"_PINN_JAX_NATIVE_CHECKING": "1", ENV: "1"}, timeout=600):
         warnings.warn(f"pinn-jax: the native kernel gradient {path} failed its check against XLA's; XLA's is used",
                       RuntimeWarning, stacklevel=2)
         return None
@@ -166,7 +156,7 @@ def enabled() -> bool:
     setting = os.environ.get(ENV)
     if switched_off(setting):
         return False
-    forced = (setting or "").strip().lower() in ("1", "true", "yes", "on")
+    forced = switched_on(setting)
     if not forced and (not sys.platform.startswith("linux") or jax.default_backend() != "cpu"
                        or jax.device_count() != 1):
         return False
