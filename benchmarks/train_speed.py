@@ -24,6 +24,12 @@ Variants (all measured in the same run, interleaved ``--rounds`` times):
   pinn-jax's native kernel gradient (:mod:`pinn_jax.native`), to show what those give;
 * ``tuned-no-native`` (on request, ``--only``): ``tuned`` with ``PINN_JAX_NATIVE=0`` (oneDNN
   on, XLA's kernel gradients);
+* ``tuned-bf16`` (on request, ``--only``): ``tuned`` with bfloat16 convolution math
+  (:func:`pinn_jax.runtime.configure_conv_math`: oneDNN rounds the convolutions' inputs to
+  bfloat16 and sums in float32; the kernel gradients and everything else stay float32). With
+  ``--upstream-python``, upstream is then also timed with bfloat16 math (row ``upstream-tf-bf16``:
+  oneDNN's ``ONEDNN_DEFAULT_FPMATH_MODE=BF16`` and TensorFlow's own
+  ``TF_SET_ONEDNN_FPMATH_MODE=BF16``), and the table adds the like-for-like ratio;
 * any ``--variant NAME=XLA_FLAGS`` given on the command line.
 
 Same-machine TensorFlow rows (each worker in its own process, in the same interleaved rounds):
@@ -86,9 +92,10 @@ REFERENCE_TF_CPU = {
 }
 
 DEFAULT_VARIANTS = ("plain", "tuned", "tuned-xla-conv")
-BUILTIN_VARIANTS = (*DEFAULT_VARIANTS, "tuned-no-native")  # the last only when named in --only
+BUILTIN_VARIANTS = (*DEFAULT_VARIANTS, "tuned-no-native", "tuned-bf16")  # the last two only when named in --only
 KERAS_VARIANT = "keras"  # the same network in TensorFlow/Keras on this host (--keras-python)
 UPSTREAM_VARIANT = "upstream-tf"  # the real upstream PtychoPINN on this host (--upstream-python)
+UPSTREAM_BF16_VARIANT = "upstream-tf-bf16"  # the same under oneDNN's BF16 math (with tuned-bf16)
 # upstream's diffraction_to_obj merges a call of >= 64 patterns into one object (upstream_tf_baseline.py)
 UPSTREAM_PREDICT_BATCH = 32
 
@@ -136,7 +143,7 @@ def worker(args) -> dict:
     from pinn_jax import probe as probe_mod
     from pinn_jax import train
     from pinn_jax.inference import InferenceModel
-    from pinn_jax import native
+    from pinn_jax import native, runtime
     from pinn_jax.model import build_model, split_model
     from pinn_jax.models import onednn
 
@@ -170,6 +177,7 @@ def worker(args) -> dict:
     out["compile_s"] = time.perf_counter() - t0
     out["onednn_convolutions"] = onednn.enabled()
     out["native_kernel_gradient"] = native.enabled()
+    out["conv_math"] = runtime.conv_math_in_effect()
     try:
         counted = compiled
         if out["onednn_convolutions"] or out["native_kernel_gradient"]:
@@ -257,7 +265,7 @@ def _variant_env(name: str, flags: str | None) -> dict:
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # time real compilation, never a cache hit
     if name == "plain":
         env["PINN_JAX_XLA_DEFAULTS"] = "0"
-    elif name in ("tuned", "tuned-xla-conv", "tuned-no-native"):
+    elif name in ("tuned", "tuned-xla-conv", "tuned-no-native", "tuned-bf16"):
         env.pop("PINN_JAX_XLA_DEFAULTS", None)
         from pinn_jax import runtime  # noqa: F401  (imports jax lazily; no backend is started)
 
@@ -270,6 +278,7 @@ def _variant_env(name: str, flags: str | None) -> dict:
             env[onednn.ENV] = "0"
         if name in ("tuned-xla-conv", "tuned-no-native"):
             env[native.ENV] = "0"
+        runtime.configure_conv_math("bfloat16" if name == "tuned-bf16" else "float32", env)
     else:
         env["PINN_JAX_XLA_DEFAULTS"] = "0"
         env["XLA_FLAGS"] = " ".join(x for x in (_CALLER_XLA_FLAGS, flags or "") if x)
@@ -311,13 +320,19 @@ def _run_keras_worker(N: int, args) -> dict:
     return r
 
 
-def _upstream_env() -> dict:
+def _upstream_env(math: str = "float32") -> dict:
     """Environment of the upstream TensorFlow worker: pinn_jax's runtime flags off and removed from
-    the caller's ``XLA_FLAGS`` (TensorFlow's XLA aborts the process on a flag it does not know)."""
-    from pinn_jax.runtime import CPU_XLA_FLAGS, OPT_OUT_ENV, flag_name
+    the caller's ``XLA_FLAGS`` (TensorFlow's XLA aborts the process on a flag it does not know);
+    oneDNN's math mode set for ``math`` (``'float32'`` or ``'bfloat16'``)."""
+    from pinn_jax.runtime import CPU_XLA_FLAGS, OPT_OUT_ENV, configure_conv_math, flag_name
 
     env = dict(os.environ)
     env[OPT_OUT_ENV] = "0"
+    configure_conv_math(math, env)
+    # TensorFlow's own switch for its oneDNN operations' math mode (besides oneDNN's variable)
+    env["TF_SET_ONEDNN_FPMATH_MODE"] = "BF16" if math == "bfloat16" else ""
+    if not env["TF_SET_ONEDNN_FPMATH_MODE"]:
+        del env["TF_SET_ONEDNN_FPMATH_MODE"]
     try:
         tokens = shlex.split(_CALLER_XLA_FLAGS)
     except ValueError:
@@ -331,11 +346,11 @@ def _upstream_env() -> dict:
     return env
 
 
-def _run_upstream_worker(N: int, args) -> dict:
+def _run_upstream_worker(N: int, args, math: str = "float32") -> dict:
     """The real upstream TensorFlow PtychoPINN (``upstream_tf_baseline.py``) under ``--upstream-python``."""
     script = Path(__file__).with_name("upstream_tf_baseline.py")
     cmd = [str(args.upstream_python), str(script), *_timing_flags(N, args, [UPSTREAM_PREDICT_BATCH])]
-    env = _upstream_env()
+    env = _upstream_env(math)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "upstream.json"
         proc = subprocess.run(cmd + ["--out", str(out)], env=env, capture_output=True, text=True)
@@ -398,6 +413,12 @@ def _markdown(summary: dict) -> str:
             si = tuned["inference_patterns_per_s_best"] / upstream["inference_patterns_per_s_best"]
             lines.append(f"| {N} | {gs} | **pinn-jax tuned / upstream TF (same run)** | | **x{st:.2f} steps/s** | | | "
                          f"| | | **x{si:.2f} patterns/s** | |")
+        tuned16, upstream16 = rows.get("tuned-bf16"), rows.get(UPSTREAM_BF16_VARIANT)
+        if tuned16 and upstream16:
+            st = upstream16["train_step_s_blocked_median"] / tuned16["train_step_s_blocked_median"]
+            si = tuned16["inference_patterns_per_s_best"] / upstream16["inference_patterns_per_s_best"]
+            lines.append(f"| {N} | {gs} | pinn-jax tuned-bf16 / upstream TF bf16 (same run, both bfloat16 conv math) "
+                         f"| | x{st:.2f} steps/s | | | | | | x{si:.2f} patterns/s | |")
         tf_here = rows.get(KERAS_VARIANT)
         if tf_here and tuned:
             lines.append(f"| {N} | {gs} | tuned / keras (same run) | x{tf_here['train_step_s'] / tuned['train_step_s']:.2f} "
@@ -493,6 +514,8 @@ def main(argv=None) -> int:
         runs[key] = {name: [] for name in variants}
         if args.upstream_python:
             runs[key][UPSTREAM_VARIANT] = []
+            if "tuned-bf16" in variants:
+                runs[key][UPSTREAM_BF16_VARIANT] = []
         if args.keras_python:
             runs[key][KERAS_VARIANT] = []
         for rnd in range(args.rounds):
@@ -502,6 +525,9 @@ def main(argv=None) -> int:
             if args.upstream_python:
                 runs[key][UPSTREAM_VARIANT].append(_run_upstream_worker(N, args))
                 _print_round(N, rnd, UPSTREAM_VARIANT, runs[key][UPSTREAM_VARIANT][-1], args)
+                if UPSTREAM_BF16_VARIANT in runs[key]:
+                    runs[key][UPSTREAM_BF16_VARIANT].append(_run_upstream_worker(N, args, "bfloat16"))
+                    _print_round(N, rnd, UPSTREAM_BF16_VARIANT, runs[key][UPSTREAM_BF16_VARIANT][-1], args)
             if args.keras_python:
                 runs[key][KERAS_VARIANT].append(_run_keras_worker(N, args))
                 _print_round(N, rnd, KERAS_VARIANT, runs[key][KERAS_VARIANT][-1], args)

@@ -170,7 +170,10 @@ def worker(args) -> dict:
     out: dict = {"framework": "tensorflow (upstream ptycho)", "tensorflow": tf.__version__,
                  "keras": keras.__version__, "N": N, "gridsize": gs, "batch_size": B, "n_filters_scale": nfs,
                  "params": int(to_obj.count_params()), "autoencoder_params": int(auto.count_params()),
-                 "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)"), "upstream": info}
+                 "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)"), "upstream": info,
+                 # oneDNN's default math mode (pinn_jax.runtime.configure_conv_math sets it for a bf16 row)
+                 "onednn_fpmath_mode": os.environ.get("ONEDNN_DEFAULT_FPMATH_MODE", "") or "STRICT (default)",
+                 "tf_onednn_fpmath_mode": os.environ.get("TF_SET_ONEDNN_FPMATH_MODE", "")}
     t0 = time.perf_counter()
     loss = auto.train_on_batch(*feed[0])
     out["first_step_s"] = time.perf_counter() - t0

@@ -10,10 +10,13 @@ computation::
     pinn_jax.configure_cpu_runtime()   # adds only flags not already in XLA_FLAGS
 
 ``PINN_JAX_XLA_DEFAULTS=0`` in the environment turns that call into a no-op. See
-:mod:`pinn_jax.runtime` for what is set and why.
+:mod:`pinn_jax.runtime` for what is set and why. On x86 CPUs with bfloat16 instructions a script
+can also choose faster bfloat16 math for the network's convolutions, before its first one::
+
+    pinn_jax.configure_conv_math("bfloat16")   # float32 stays the default
 """
 
-from pinn_jax.runtime import configure_cpu_runtime
+from pinn_jax.runtime import configure_conv_math, configure_cpu_runtime
 
-__all__ = ["__version__", "configure_cpu_runtime"]
+__all__ = ["__version__", "configure_conv_math", "configure_cpu_runtime"]
 __version__ = "0.1.0"

@@ -89,11 +89,14 @@ class JaxBackend:
     @staticmethod
     def configure_runtime() -> None:
         """Apply pinn-jax's CPU XLA settings to this process (:func:`pinn_jax.runtime.
-        configure_cpu_runtime`: adds only flags the user has not set) and its compilation cache
-        (:func:`pinn_jax.runtime.configure_compile_cache`). Call it before the first jax
-        computation; entry points (the CLI, the ptychodus child) do."""
-        from pinn_jax.runtime import configure_compile_cache, configure_cpu_runtime
+        configure_cpu_runtime`: adds only flags the user has not set), its compilation cache
+        (:func:`pinn_jax.runtime.configure_compile_cache`) and the convolutions' math from
+        ``$PINN_JAX_CONV_MATH`` (:func:`pinn_jax.runtime.configure_conv_math`; float32 unless
+        set). Call it before the first jax computation; entry points (the CLI, the ptychodus
+        child) do."""
+        from pinn_jax.runtime import configure_compile_cache, configure_conv_math, configure_cpu_runtime
 
+        configure_conv_math()
         configure_compile_cache()
         configure_cpu_runtime()
 

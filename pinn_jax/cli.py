@@ -622,8 +622,14 @@ def _run(args) -> int:
     if args.command != "ptychodus":
         # The CLI is an entry point: it applies the CPU XLA settings and the compilation cache
         # before jax computes (`import pinn_jax` does not; the ptychodus child applies them itself).
-        from pinn_jax.runtime import configure_compile_cache, configure_cpu_runtime
+        from pinn_jax.runtime import configure_compile_cache, configure_conv_math, configure_cpu_runtime
 
+        try:
+            # before anything computes: oneDNN fixes its math mode at its first convolution
+            configure_conv_math(getattr(args, "conv_math", None))
+        except ValueError as exc:  # a bad $PINN_JAX_CONV_MATH (the flag's choices are checked)
+            print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+            return 2
         configure_compile_cache()
         configure_cpu_runtime()
     try:

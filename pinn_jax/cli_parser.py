@@ -210,6 +210,7 @@ def _add_demo_parser(sub) -> None:
     p.add_argument("--seed", type=_int_arg, default=0, help="seed for simulation, weights and shuffling")
     p.add_argument("--refine-iterations", "--refine_iterations", type=_nonnegative_int, default=20,
                    help="physics refinement passes after the network (default: 20; 0: network only)")
+    _conv_math_flag(p)
     _common_flags(p)
 
 
@@ -275,6 +276,7 @@ def _add_train_parser(sub) -> None:
     _canvas_flag(g)
     p.set_defaults(_tnames=tnames, _mnames=mnames)
     _distributed_flags(p)
+    _conv_math_flag(p)
     _common_flags(p)
 
 
@@ -320,6 +322,7 @@ def _add_infer_parser(sub) -> None:
     _refinement_flags(p)
     _canvas_flag(p)
     _distributed_flags(p)
+    _conv_math_flag(p)
     _common_flags(p)
 
 
@@ -382,6 +385,7 @@ def _add_reconstruct_parser(sub) -> None:
     p.add_argument("--diffraction_kind", choices=DIFFRACTION_KINDS, default="auto",
                    help="what --test_data's diffraction holds (default: auto)")
     _distributed_flags(p)
+    _conv_math_flag(p)
     _common_flags(p)
 
 
@@ -416,6 +420,13 @@ def _canvas_flag(p) -> None:
     p.add_argument("--max_canvas_pixels", type=_positive_int, default=None, metavar="PIXELS",
                    help="refuse stitching canvases larger than this (default: $PINN_JAX_MAX_CANVAS_PIXELS "
                         "or 2**28 = 16384 x 16384, about 3 GiB)")
+
+
+def _conv_math_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--conv_math", "--conv-math", choices=("float32", "bfloat16"), default=None,
+                   help="arithmetic of the network's oneDNN convolutions on x86 CPUs: float32, or bfloat16 "
+                        "products summed in float32 (faster on CPUs with bfloat16 instructions; see "
+                        "pinn_jax.runtime.configure_conv_math); default: $PINN_JAX_CONV_MATH or float32")
 
 
 def _distributed_flags(p: argparse.ArgumentParser) -> None:

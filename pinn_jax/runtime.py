@@ -30,6 +30,11 @@ machine, jax/jaxlib 0.10.2; numbers in ``benchmarks/train_speed.py`` output and 
 Flags that were measured and NOT kept are listed in ``REJECTED`` with the reason.
 
 Opt out with ``PINN_JAX_XLA_DEFAULTS=0`` in the environment (or set the flags yourself).
+
+Also here, each applied by the entry points, never on import: :func:`configure_compile_cache`
+(jax's persistent compilation cache), :func:`configure_malloc` (huge pages for XLA's buffers) and
+:func:`configure_conv_math` (bfloat16 math for the network's oneDNN convolutions, opt-in with
+``--conv_math bfloat16`` or ``PINN_JAX_CONV_MATH=bfloat16``).
 """
 
 from __future__ import annotations
@@ -57,6 +62,11 @@ __all__ = [
     "configure_malloc",
     "HUGE_PAGES_OPT_OUT_ENV",
     "MALLOC_TUNABLE",
+    "CONV_MATH_ENV",
+    "CONV_MATHS",
+    "ONEDNN_FPMATH_ENV",
+    "configure_conv_math",
+    "conv_math_in_effect",
 ]
 
 log = logging.getLogger(__name__)
@@ -316,3 +326,76 @@ def configure_malloc(environ: MutableMapping[str, str] | None = None) -> bool:
         return False
     env["GLIBC_TUNABLES"] = f"{current}:{MALLOC_TUNABLE}" if current else MALLOC_TUNABLE
     return True
+
+
+CONV_MATH_ENV = "PINN_JAX_CONV_MATH"
+ONEDNN_FPMATH_ENV = "ONEDNN_DEFAULT_FPMATH_MODE"
+# pinn-jax's name -> oneDNN's default floating-point math mode
+CONV_MATHS = {"float32": "STRICT", "bfloat16": "BF16"}
+
+
+def conv_math_in_effect(environ: Mapping[str, str] | None = None) -> str:
+    """The math of oneDNN convolutions under ``environ`` (default ``os.environ``), from oneDNN's
+    default math mode ``ONEDNN_DEFAULT_FPMATH_MODE``: ``'float32'`` (unset or STRICT),
+    ``'bfloat16'`` (BF16), or ``'oneDNN <MODE>'`` for another mode set outside pinn-jax."""
+    env = os.environ if environ is None else environ
+    mode = (env.get(ONEDNN_FPMATH_ENV) or "").strip().upper() or "STRICT"
+    return next((name for name, m in CONV_MATHS.items() if m == mode), f"oneDNN {mode}")
+
+
+def configure_conv_math(math: str | None = None, environ: MutableMapping[str, str] | None = None) -> str:
+    """Choose the arithmetic of the network's oneDNN convolutions for this process (and the
+    processes it starts): ``'float32'`` (the default: float32 products and sums) or
+    ``'bfloat16'`` (inputs and weights rounded to bfloat16, products summed in float32).
+
+    Why: on x86 CPUs with bfloat16 instructions (``avx512_bf16``; AMX tiles on Sapphire Rapids
+    and later) oneDNN's bfloat16 convolutions run several times faster. On the 2-core Sapphire
+    Rapids host the N=64 train step took 0.22 instead of 0.31 s and inference ran at 330 instead
+    of 190 patterns/s, with the trained models' test quality within the seed-to-seed spread
+    (``benchmarks/conv_math.py``; figures in ``benchmarks/README.md``). It is the CPU
+    counterpart of the TF32 that GPUs use for float32 convolutions by default. The physics,
+    losses, optimiser and the kernel gradients (:mod:`pinn_jax.native`) stay float32; so does
+    everything where oneDNN is not used (:func:`pinn_jax.models.onednn.enabled`). On a CPU
+    without bfloat16 instructions oneDNN computes in float32 either way.
+
+    The mode is oneDNN's process-wide default (its ``ONEDNN_DEFAULT_FPMATH_MODE`` variable),
+    read once, when the process creates its first oneDNN convolution: so this must run before
+    the first one (the entry points call it first: the ``pinn-jax`` command with
+    ``--conv_math``, the ptychodus child); later calls warn and change nothing in this process.
+
+    Args:
+      math: ``'float32'`` or ``'bfloat16'``; None takes ``$PINN_JAX_CONV_MATH`` (default
+        ``'float32'``). An explicit choice replaces a ``ONEDNN_DEFAULT_FPMATH_MODE`` already in
+        the environment; the default leaves one alone.
+      environ: the environment mapping to edit (default ``os.environ``; a dict for tests).
+    Returns the math the oneDNN convolutions will use (:func:`conv_math_in_effect`).
+    Raises ValueError (naming the setting and the choices) for another value.
+    """
+    env = os.environ if environ is None else environ
+    source = "conv_math"
+    if math is None:
+        math, source = env.get(CONV_MATH_ENV), CONV_MATH_ENV
+        if not (math or "").strip():
+            return conv_math_in_effect(env)
+    choice = str(math).strip().lower()
+    if choice not in CONV_MATHS:
+        raise ValueError(f"{source}={math!r}: expected one of {sorted(CONV_MATHS)}")
+    if conv_math_in_effect(env) == choice:
+        return choice
+    if environ is None and _onednn_convolutions_created():
+        warnings.warn(
+            f"pinn_jax.runtime.configure_conv_math({choice!r}): this process has already run "
+            "oneDNN convolutions, whose math mode oneDNN fixed then; set it before the first "
+            f"(or start the process with {CONV_MATH_ENV}={choice})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return conv_math_in_effect(env)
+    env[ONEDNN_FPMATH_ENV] = CONV_MATHS[choice]
+    log.debug("%s=%s (convolutions in %s)", ONEDNN_FPMATH_ENV, CONV_MATHS[choice], choice)
+    return choice
+
+
+def _onednn_convolutions_created() -> bool:
+    onednn = sys.modules.get("pinn_jax.models.onednn")
+    return bool(onednn is not None and onednn.calls_compiled())

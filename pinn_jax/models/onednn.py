@@ -36,9 +36,10 @@ from jax.extend.mlir import ir
 from jax.extend.mlir.dialects import stablehlo as hlo
 from jax.interpreters import batching, mlir
 
-from pinn_jax.runtime import self_test_in_child, switched_off, switched_on
+from pinn_jax.runtime import ONEDNN_FPMATH_ENV, self_test_in_child, switched_off, switched_on
 
-__all__ = ["ENV", "VERIFIED_JAXLIB", "automatic", "conv2d", "conv2d_input_grad", "enabled", "self_test"]
+__all__ = ["ENV", "VERIFIED_JAXLIB", "automatic", "calls_compiled", "conv2d", "conv2d_input_grad", "enabled",
+           "self_test"]
 
 ENV = "PINN_JAX_ONEDNN"
 # jaxlib versions whose XLA:CPU was checked to run these calls with the config below.
@@ -101,7 +102,20 @@ def _layouts(ranks) -> ir.ArrayAttr:
     return ir.ArrayAttr.get([row_major(r) for r in ranks])
 
 
+# whether this process has lowered a oneDNN call (oneDNN reads its math mode when the first runs)
+_compiled = False
+
+
+def calls_compiled() -> bool:
+    """Whether this process has compiled a program with oneDNN convolutions (and so may have
+    run one: oneDNN's process-wide settings, such as the math mode that
+    :func:`pinn_jax.runtime.configure_conv_math` chooses, are fixed from then on)."""
+    return _compiled
+
+
 def _cpu_lowering(ctx, *operands, padding, swap_io, bias_relu=False):
+    global _compiled
+    _compiled = True
     out = ctx.avals_out[0]
     result = ir.RankedTensorType.get(out.shape, mlir.dtype_to_ir_type(out.dtype))
     config = _backend_config(ctx.avals_in[1].shape[:2], padding, swap_io, bias_relu)
@@ -138,7 +152,8 @@ def _supported_host() -> bool:
 
 @functools.cache
 def _child_self_test() -> bool:
-    return self_test_in_child(__name__, {ENV: "1"}, timeout=300)
+    # float32 math whatever the user chose: the check compares with XLA's float32 convolution
+    return self_test_in_child(__name__, {ENV: "1", ONEDNN_FPMATH_ENV: "STRICT"}, timeout=300)
 
 
 def enabled() -> bool:
