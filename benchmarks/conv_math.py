@@ -20,6 +20,7 @@ Usage::
         --epochs 8 --seeds 0 1 2 --out benchmarks/results/conv_math.json
 
 ``--quick`` is a small smoke run on simulated data (a few minutes on 2 cores).
+``--from-json A.json B.json ...`` merges the runs of earlier reports (more seeds) into one table.
 """
 
 from __future__ import annotations
@@ -155,8 +156,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--maths", nargs="+", choices=MATHS, default=list(MATHS))
     p.add_argument("--workdir", type=Path, default=None, help="keep the trained models here (default: a temp dir)")
     p.add_argument("--quick", action="store_true", help="small simulated smoke run")
+    p.add_argument("--from-json", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="merge the runs of these reports into one table (nothing is run)")
     p.add_argument("--out", type=Path, default=Path("conv_math.json"))
     args = p.parse_args(argv)
+    if args.from_json:
+        rows = []
+        for path in args.from_json:
+            if not path.is_file():
+                p.error(f"--from-json {path}: no such file")
+            rows += json.loads(path.read_text())["rows"]
+        seen = [(r["math"], r["seed"]) for r in rows]
+        if len(set(seen)) != len(seen):
+            p.error("--from-json: the reports share a (math, seed) run")
+        print(markdown(rows, summarise(rows)))
+        return 0
     if args.quick:
         args.n_groups, args.epochs, args.n_filters_scale, args.seeds = 64, 1, 1, args.seeds[:2]
     elif not (args.train and args.test):
