@@ -120,13 +120,15 @@ def markdown(rows: list[dict], summary: dict) -> str:
         lines.append(f"| {r['math']} | {r['seed']} | {m['ssim']['amplitude']:.3f} | {m['ssim']['phase']:.3f} | "
                      f"{m['psnr']['amplitude']:.2f} | {m['psnr']['phase']:.2f} | {m['frc50']['amplitude']:.2f} | "
                      f"{m['frc50']['phase']:.2f} | {r['epoch_s_median']:.1f} | {r['final_loss']:.4g} |")
+
+    def ms(e, k, fmt=".3f"):
+        sd = e[k]["sd"]
+        return f"{e[k]['mean']:{fmt}}" + (f" ± {sd:{fmt}}" if sd is not None else "")
+
     for math, e in summary["by_math"].items():
-        def ms(k, fmt=".3f"):
-            sd = e[k]["sd"]
-            return f"{e[k]['mean']:{fmt}}" + (f" ± {sd:{fmt}}" if sd is not None else "")
-        lines.append(f"| **{math}** | mean ± sd | {ms('ssim_amplitude')} | {ms('ssim_phase')} | {ms('psnr_amplitude', '.2f')} | "
-                     f"{ms('psnr_phase', '.2f')} | {ms('frc50_amplitude', '.2f')} | {ms('frc50_phase', '.2f')} | "
-                     f"{ms('epoch_s_median', '.1f')} | |")
+        lines.append(f"| **{math}** | mean ± sd | {ms(e, 'ssim_amplitude')} | {ms(e, 'ssim_phase')} | {ms(e, 'psnr_amplitude', '.2f')} | "
+                     f"{ms(e, 'psnr_phase', '.2f')} | {ms(e, 'frc50_amplitude', '.2f')} | {ms(e, 'frc50_phase', '.2f')} | "
+                     f"{ms(e, 'epoch_s_median', '.1f')} | |")
     for math, c in summary["against_float32"].items():
         held = [k for k, v in c.items() if isinstance(v, dict) and v["within_spread"] is False]
         lines.append("")

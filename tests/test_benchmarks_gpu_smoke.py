@@ -4,22 +4,15 @@ some sessions only, so this keeps the prepared script working between them."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.py"
+from benchmark_scripts import load_benchmark
 
 
 @pytest.mark.slow
 def test_every_part_runs_and_reports(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_gpu", PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_gpu", mod)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("gpu_bench.py", "bench_gpu")
     out = tmp_path / "gpu.json"
     assert mod.main(["--out", str(out), "--N", "64", "--batch-sizes", "8", "--n-filters-scale", "1", "--steps", "2",
                      "--predict-patterns", "16", "--fit-groups", "64", "--fit-batch", "16", "--refine-batches", "32",

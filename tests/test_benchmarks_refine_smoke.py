@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "refine.py"
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_refine", PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_refine", mod)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("refine.py", "bench_refine")
 
 
 def test_fourier_upsampling_keeps_the_coarse_samples(bench):

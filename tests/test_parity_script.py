@@ -3,21 +3,15 @@ the table and the seed spread are built from what ran, the children get one seed
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "parity.py"
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def parity():
-    spec = importlib.util.spec_from_file_location("parity_script", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("parity.py", "parity_script")
 
 
 def _ok_row(backend, seed, ssim):

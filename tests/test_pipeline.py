@@ -5,12 +5,9 @@ jitted functions in the same order)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from benchmark_scripts import load_benchmark
 
 from backend_api.canvas import STITCH_CROP
 from backend_api.config import ModelConfig
@@ -97,11 +94,7 @@ def test_ptychodus_child_stitch_gives_the_pipeline_object(setup):
 
 
 def test_quality_benchmark_gives_the_pipeline_object(setup):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
-    spec = importlib.util.spec_from_file_location("bench_quality", path)
-    quality = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_quality", quality)
-    spec.loader.exec_module(quality)
+    quality = load_benchmark("quality.py", "bench_quality")
     raw = setup["raw"]
     want = _pipeline_object(setup)
     _, _, got = quality.reconstruct_for_quality(setup["model"], raw, seed=0)
