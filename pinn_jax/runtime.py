@@ -348,11 +348,11 @@ def configure_conv_math(math: str | None = None, environ: MutableMapping[str, st
     processes it starts): ``'float32'`` (the default: float32 products and sums) or
     ``'bfloat16'`` (inputs and weights rounded to bfloat16, products summed in float32).
 
-    Why: on x86 CPUs with bfloat16 instructions (``avx512_bf16``; AMX tiles on Sapphire Rapids
-    and later) oneDNN's bfloat16 convolutions run several times faster. On the 2-core Sapphire
-    Rapids host the N=64 train step took 0.22 instead of 0.31 s and inference ran at 330 instead
-    of 190 patterns/s, with the trained models' test quality within the seed-to-seed spread
-    (``benchmarks/conv_math.py``; figures in ``benchmarks/README.md``). It is the CPU
+    Why: on x86 CPUs with bfloat16 instructions (measured with the AMX tiles of Sapphire Rapids)
+    oneDNN's bfloat16 convolutions run much faster. On the 2-core Sapphire Rapids host the N=64
+    train step took 0.22 instead of 0.28 s (steps back to back) and inference ran at 356 instead
+    of 201 patterns/s, with the trained models' test quality within float32's seed-to-seed
+    spread over six seeds (``benchmarks/conv_math.py``; figures in ``benchmarks/README.md``). It is the CPU
     counterpart of the TF32 that GPUs use for float32 convolutions by default. The physics,
     losses, optimiser and the kernel gradients (:mod:`pinn_jax.native`) stay float32; so does
     everything where oneDNN is not used (:func:`pinn_jax.models.onednn.enabled`). On a CPU
