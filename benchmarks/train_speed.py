@@ -330,9 +330,10 @@ def _upstream_env(math: str = "float32") -> dict:
     env[OPT_OUT_ENV] = "0"
     configure_conv_math(math, env)
     # TensorFlow's own switch for its oneDNN operations' math mode (besides oneDNN's variable)
-    env["TF_SET_ONEDNN_FPMATH_MODE"] = "BF16" if math == "bfloat16" else ""
-    if not env["TF_SET_ONEDNN_FPMATH_MODE"]:
-        del env["TF_SET_ONEDNN_FPMATH_MODE"]
+    if math == "bfloat16":
+        env["TF_SET_ONEDNN_FPMATH_MODE"] = "BF16"
+    else:
+        env.pop("TF_SET_ONEDNN_FPMATH_MODE", None)
     try:
         tokens = shlex.split(_CALLER_XLA_FLAGS)
     except ValueError:
@@ -406,19 +407,17 @@ def _markdown(summary: dict) -> str:
                          f"{r['compile_s'] + r['first_step_s']:.1f} | "
                          f"{r['inference_patterns_per_s_best']:.1f} | {si:.2f} |")
         tuned = rows.get("tuned")
-        upstream = rows.get(UPSTREAM_VARIANT)
-        if upstream and tuned:
-            # training steps/s from the blocked-step medians of both; inference at each one's best batch
-            st = upstream["train_step_s_blocked_median"] / tuned["train_step_s_blocked_median"]
-            si = tuned["inference_patterns_per_s_best"] / upstream["inference_patterns_per_s_best"]
-            lines.append(f"| {N} | {gs} | **pinn-jax tuned / upstream TF (same run)** | | **x{st:.2f} steps/s** | | | "
-                         f"| | | **x{si:.2f} patterns/s** | |")
-        tuned16, upstream16 = rows.get("tuned-bf16"), rows.get(UPSTREAM_BF16_VARIANT)
-        if tuned16 and upstream16:
-            st = upstream16["train_step_s_blocked_median"] / tuned16["train_step_s_blocked_median"]
-            si = tuned16["inference_patterns_per_s_best"] / upstream16["inference_patterns_per_s_best"]
-            lines.append(f"| {N} | {gs} | pinn-jax tuned-bf16 / upstream TF bf16 (same run, both bfloat16 conv math) "
-                         f"| | x{st:.2f} steps/s | | | | | | x{si:.2f} patterns/s | |")
+        for ours, theirs, label, bold in (
+                ("tuned", UPSTREAM_VARIANT, "pinn-jax tuned / upstream TF (same run)", "**"),
+                ("tuned-bf16", UPSTREAM_BF16_VARIANT,
+                 "pinn-jax tuned-bf16 / upstream TF bf16 (same run, both bfloat16 conv math)", "")):
+            a, b = rows.get(ours), rows.get(theirs)
+            if a and b:
+                # training steps/s from the blocked-step medians of both; inference at each one's best batch
+                st = b["train_step_s_blocked_median"] / a["train_step_s_blocked_median"]
+                si = a["inference_patterns_per_s_best"] / b["inference_patterns_per_s_best"]
+                lines.append(f"| {N} | {gs} | {bold}{label}{bold} | | {bold}x{st:.2f} steps/s{bold} | | | "
+                             f"| | | {bold}x{si:.2f} patterns/s{bold} | |")
         tf_here = rows.get(KERAS_VARIANT)
         if tf_here and tuned:
             lines.append(f"| {N} | {gs} | tuned / keras (same run) | x{tf_here['train_step_s'] / tuned['train_step_s']:.2f} "
