@@ -24,6 +24,9 @@ Variants (all measured in the same run, interleaved ``--rounds`` times):
   pinn-jax's native kernel gradient (:mod:`pinn_jax.native`), to show what those give;
 * ``tuned-no-native`` (on request, ``--only``): ``tuned`` with ``PINN_JAX_NATIVE=0`` (oneDNN
   on, XLA's kernel gradients);
+* ``tuned-direct`` (on request, ``--only``): ``tuned`` with ``PINN_JAX_WINOGRAD=0``: every
+  forward and input-gradient convolution oneDNN's direct one, none by the native Winograd
+  kernel (:func:`pinn_jax.native.conv3x3_winograd`), to show what Winograd gives;
 * ``tuned-bf16`` (on request, ``--only``): ``tuned`` with bfloat16 convolution math
   (:func:`pinn_jax.runtime.configure_conv_math`: oneDNN rounds the convolutions' inputs to
   bfloat16 and sums in float32; the kernel gradients and everything else stay float32). With
@@ -92,7 +95,8 @@ REFERENCE_TF_CPU = {
 }
 
 DEFAULT_VARIANTS = ("plain", "tuned", "tuned-xla-conv")
-BUILTIN_VARIANTS = (*DEFAULT_VARIANTS, "tuned-no-native", "tuned-bf16")  # the last two only when named in --only
+# the last three only when named in --only
+BUILTIN_VARIANTS = (*DEFAULT_VARIANTS, "tuned-no-native", "tuned-direct", "tuned-bf16")
 KERAS_VARIANT = "keras"  # the same network in TensorFlow/Keras on this host (--keras-python)
 UPSTREAM_VARIANT = "upstream-tf"  # the real upstream PtychoPINN on this host (--upstream-python)
 UPSTREAM_BF16_VARIANT = "upstream-tf-bf16"  # the same under oneDNN's BF16 math (with tuned-bf16)
@@ -265,7 +269,7 @@ def _variant_env(name: str, flags: str | None) -> dict:
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # time real compilation, never a cache hit
     if name == "plain":
         env["PINN_JAX_XLA_DEFAULTS"] = "0"
-    elif name in ("tuned", "tuned-xla-conv", "tuned-no-native", "tuned-bf16"):
+    elif name in ("tuned", "tuned-xla-conv", "tuned-no-native", "tuned-direct", "tuned-bf16"):
         env.pop("PINN_JAX_XLA_DEFAULTS", None)
         from pinn_jax import runtime  # noqa: F401  (imports jax lazily; no backend is started)
 
@@ -278,6 +282,8 @@ def _variant_env(name: str, flags: str | None) -> dict:
             env[onednn.ENV] = "0"
         if name in ("tuned-xla-conv", "tuned-no-native"):
             env[native.ENV] = "0"
+        if name == "tuned-direct":
+            env[native.WINOGRAD_ENV] = "0"
         runtime.configure_conv_math("bfloat16" if name == "tuned-bf16" else "float32", env)
     else:
         env["PINN_JAX_XLA_DEFAULTS"] = "0"

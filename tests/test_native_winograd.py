@@ -1,0 +1,201 @@
+"""The native Winograd F(2x2, 3x3) convolution (pinn_jax.native.conv3x3_winograd) and where the
+CNN's layers use it (pinn_jax.models.conv).
+
+Reference: the exact convolution in float64 on the host (``native._exact_same_conv``). Bound per
+element (``native._winograd_bound``, derived in its docstring): ``(Ci + 12) * eps32`` times the
+Winograd sum computed on absolute values (plus ``|bias|``): every term passes through at most
+2 roundings in the input transform, 4 in the kernel's, ``Ci`` in the accumulation over input
+channels and 5 in the output transform and bias add. It does not depend on the machine's
+summation order, only on the algorithm's.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pinn_jax import native
+from pinn_jax.models import conv
+
+DN = ("NHWC", "HWIO", "NHWC")
+SAME = ((1, 1), (1, 1))
+TARGET = "pinn_jax_conv_winograd"
+
+
+@pytest.fixture
+def winograd(monkeypatch):
+    if native.library_path() is None:
+        pytest.skip("the native kernels cannot be built here (no C++ compiler?)")
+    monkeypatch.setenv(native.ENV, "1")
+    monkeypatch.delenv(native.WINOGRAD_ENV, raising=False)
+    return True
+
+
+def _arrays(shape, co, transpose=False, bias=True, seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    k_shape = (3, 3, co, shape[-1]) if transpose else (3, 3, shape[-1], co)
+    k = jnp.asarray(rng.standard_normal(k_shape), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((co,)), jnp.float32) if bias else None
+    return x, k, b
+
+
+def _check_within_bound(got, x, k, b=None, transpose=False, relu=False):
+    want = native._exact_same_conv(x, k, b, transpose)
+    if relu:  # |relu(a) - relu(b)| <= |a - b|: the same bound holds
+        want = np.maximum(want, 0.0)
+    bound = native._winograd_bound(x, k, b, transpose)
+    got = np.asarray(got, np.float64)
+    assert got.shape == want.shape
+    excess = np.abs(got - want) / (bound + 1e-300)
+    assert excess.max() <= 1.0, f"{excess.max():.3f} x the bound"
+
+
+CASES = [
+    # (x shape, Co, transpose_kernel, relu): odd heights and widths (partial tiles), output
+    # blocks of 16/32/48/64 and 64 + remainder, 16-256 input channels, the input-gradient form,
+    # tile blocks of 6-96 split over threads
+    ((2, 5, 7, 16), 48, False, True),
+    ((1, 7, 6, 32), 16, True, False),
+    ((3, 8, 8, 64), 112, False, False),
+    ((2, 9, 9, 256), 32, False, True),
+    ((4, 16, 16, 16), 64, True, False),
+    ((2, 12, 10, 128), 96, True, False),
+    ((16, 16, 16, 64), 64, False, True),
+]
+
+
+@pytest.mark.parametrize("jit", [True, False])
+@pytest.mark.parametrize("shape,co,transpose,relu", CASES)
+def test_winograd_is_the_convolution_within_its_bound(shape, co, transpose, relu, jit, winograd):
+    x, k, b = _arrays(shape, co, transpose, bias=not transpose)
+
+    def ours(x, k, b):
+        return native.conv3x3_winograd(x, k, b, relu=relu, transpose_kernel=transpose)
+
+    got = (jax.jit(ours) if jit else ours)(x, k, b)
+    _check_within_bound(got, x, k, b, transpose, relu)
+    assert TARGET in jax.jit(ours).lower(x, k, b).as_text()
+
+
+def test_the_bound_is_tight_enough_to_catch_a_wrong_tap(winograd):
+    """The bound is worth testing against: a kernel with one tap moved by one pixel is far outside it."""
+    x, k, b = _arrays((2, 6, 6, 16), 16)
+    got = native.conv3x3_winograd(x, jnp.roll(k, 1, axis=1), b)
+    want = native._exact_same_conv(x, k, b)
+    assert np.max(np.abs(np.asarray(got) - want) / native._winograd_bound(x, k, b)) > 100
+
+
+def test_the_input_gradient_form_is_xla_own_input_gradient(winograd):
+    x, k, _ = _arrays((2, 8, 6, 32), 48, bias=False)
+    g = jnp.asarray(np.random.default_rng(1).standard_normal((2, 8, 6, 48)), jnp.float32)
+    want = jax.vjp(lambda x: jax.lax.conv_general_dilated(x, k, (1, 1), SAME, dimension_numbers=DN), x)[1](g)[0]
+    got = native.conv3x3_winograd(g, k, transpose_kernel=True)
+    # XLA's own sum carries up to 9 * Co * eps of the direct absolute sum on top
+    scale = jax.vjp(lambda x: jax.lax.conv_general_dilated(x, jnp.abs(k), (1, 1), SAME, dimension_numbers=DN),
+                    x)[1](jnp.abs(g))[0]
+    bound = native._winograd_bound(g, k, None, True) + 9 * 48 * float(np.finfo(np.float32).eps) * np.asarray(scale)
+    assert np.all(np.abs(np.asarray(got) - np.asarray(want)) <= bound)
+
+
+def test_off_unsupported_channels_and_float64_are_xla(winograd, monkeypatch):
+    x, k, b = _arrays((2, 6, 6, 16), 32)
+    monkeypatch.setenv(native.WINOGRAD_ENV, "0")
+    assert not native.winograd_enabled()
+    got = native.conv3x3_winograd(x, k, b, relu=True)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(native._xla_same_conv(x, k, b, True, False)))
+    assert TARGET not in jax.jit(lambda x, k, b: native.conv3x3_winograd(x, k, b)).lower(x, k, b).as_text()
+    monkeypatch.delenv(native.WINOGRAD_ENV)
+    x12, k12, b12 = _arrays((2, 6, 6, 12), 32)  # input channels not a multiple of 16
+    hlo = jax.jit(lambda x, k, b: native.conv3x3_winograd(x, k, b)).lower(x12, k12, b12).as_text()
+    assert TARGET not in hlo
+    with jax.enable_x64(True):
+        x64, k64 = x.astype(jnp.float64), k.astype(jnp.float64)
+        got = native.conv3x3_winograd(x64, k64, transpose_kernel=False)
+        assert got.dtype == jnp.float64
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(native._xla_same_conv(x64, k64, None, False, False)))
+
+
+def test_bad_shapes_are_refused_naming_them():
+    x, k, b = _arrays((2, 6, 6, 16), 32)
+    with pytest.raises(ValueError, match=r"kernel of shape \(2, 2, 16, 32\), expected .* \(3, 3, Ci, Co\)"):
+        native.conv3x3_winograd(x, k[:2, :2], b)
+    with pytest.raises(ValueError, match=r"expected x \(\.\.\., 32\) and bias \(16,\)"):
+        native.conv3x3_winograd(x, k, b, transpose_kernel=True)
+    with pytest.raises(ValueError, match=r"bias \(31,\)"):
+        native.conv3x3_winograd(x, k, b[:31])
+
+
+def test_suits_follows_shapes_threshold_and_setting(winograd, monkeypatch):
+    big = (16, 64, 64, 64)
+    assert native.winograd_suits(big, (3, 3, 64, 64), SAME)
+    assert native.winograd_suits(big, (3, 3, 128, 64), SAME, transpose_kernel=True)
+    assert not native.winograd_suits(big, (3, 3, 128, 64), SAME)  # channels disagree
+    assert not native.winograd_suits(big, (2, 2, 64, 64), SAME)
+    assert not native.winograd_suits(big, (3, 3, 64, 64), ((0, 0), (0, 0)))
+    assert not native.winograd_suits((16, 64, 64, 8), (3, 3, 8, 64), SAME)
+    assert not native.winograd_suits(big, (3, 3, 64, 40), SAME)
+    # the CNN's 16 x 16 x 64 -> 64 layer at batch 16 is under the threshold, 32 x 32 over it
+    assert not native.winograd_suits((16, 16, 16, 64), (3, 3, 64, 64), SAME)
+    assert native.winograd_suits((16, 32, 32, 64), (3, 3, 64, 64), SAME)
+    monkeypatch.setenv(native.WINOGRAD_ENV, "off")
+    assert not native.winograd_suits(big, (3, 3, 64, 64), SAME)
+    monkeypatch.setenv(native.WINOGRAD_ENV, "1")
+    monkeypatch.setenv(native.ENV, "0")  # Winograd is one of the native kernels
+    assert not native.winograd_suits(big, (3, 3, 64, 64), SAME)
+
+
+def test_vmap_runs_each_element(winograd):
+    rng = np.random.default_rng(2)
+    xs = jnp.asarray(rng.standard_normal((3, 2, 6, 6, 16)), jnp.float32)
+    _, k, b = _arrays((2, 6, 6, 16), 16)
+    got = jax.jit(jax.vmap(lambda x: native.conv3x3_winograd(x, k, b)))(xs)
+    for i in range(3):
+        _check_within_bound(got[i], xs[i], k, b)
+
+
+@pytest.mark.parametrize("layer", ["bias_relu", "bias"])
+def test_cnn_layers_take_it_where_it_suits_with_their_gradients(layer, winograd, monkeypatch):
+    """With the threshold lowered to 0, a small 'same' layer runs by Winograd (forward and input
+    gradient, seen in the program): its value and input gradient within the bound of the exact
+    ones, its kernel and bias gradients XLA's to float32 order (computed from the same output
+    gradient)."""
+    monkeypatch.setattr(native, "WINOGRAD_MIN_MACS_PER_TAP", 0)
+    x, k, b = _arrays((2, 6, 8, 32), 16)
+    rng = np.random.default_rng(3)
+    g = jnp.asarray(rng.standard_normal((2, 6, 8, 16)), jnp.float32)
+    if layer == "bias_relu":
+        if not conv._fuses_bias_relu(k):
+            pytest.skip("the fused bias + ReLU layer runs in oneDNN, not available here")
+
+        def f(x, k, b):
+            return conv.conv3x3_bias_relu(x, k, b)
+    else:
+        def f(x, k, b):
+            return conv.conv3x3_bias(x, k, b)
+    y, vjp = jax.vjp(f, x, k, b)
+    _check_within_bound(y, x, k, b, relu=layer == "bias_relu")
+    dx, dk, db = vjp(g)
+    gm = np.where(np.asarray(y) > 0, np.asarray(g), 0.0) if layer == "bias_relu" else np.asarray(g)
+    _check_within_bound(dx, jnp.asarray(gm, jnp.float32), k, None, transpose=True)
+    eps = float(np.finfo(np.float32).eps)
+    n = 2 * 6 * 8
+    want_dk = native._xla_kernel_grad(x.astype(jnp.float32), jnp.asarray(gm, jnp.float32), (3, 3), SAME)
+    scale = native._xla_kernel_grad(jnp.abs(x), jnp.abs(jnp.asarray(gm, jnp.float32)), (3, 3), SAME)
+    assert np.all(np.abs(np.asarray(dk) - np.asarray(want_dk)) <= 2 * n * eps * np.asarray(scale))
+    np.testing.assert_allclose(np.asarray(db), gm.sum(axis=(0, 1, 2)), rtol=0,
+                               atol=2 * n * eps * float(np.abs(gm).sum(axis=(0, 1, 2)).max()))
+    hlo = jax.jit(jax.value_and_grad(lambda x, k, b: jnp.vdot(f(x, k, b), g), argnums=(0, 1, 2))).lower(
+        x, k, b).as_text()
+    assert hlo.count(TARGET) >= 2  # the forward and the input gradient
+
+
+def test_cnn_layers_keep_direct_convolutions_when_off(winograd, monkeypatch):
+    monkeypatch.setattr(native, "WINOGRAD_MIN_MACS_PER_TAP", 0)
+    monkeypatch.setenv(native.WINOGRAD_ENV, "0")
+    x, k, b = _arrays((2, 6, 8, 32), 16)
+    hlo = jax.jit(jax.grad(lambda x, k, b: jnp.sum(conv.conv3x3_bias(x, k, b)), argnums=(0, 1, 2))).lower(
+        x, k, b).as_text()
+    assert TARGET not in hlo
