@@ -1,12 +1,11 @@
-"""The native Winograd F(2x2, 3x3) convolution (pinn_jax.native.conv3x3_winograd) and where the
-CNN's layers use it (pinn_jax.models.conv).
+"""The native Winograd convolutions F(2x2, 3x3) and F(4x4, 3x3)
+(pinn_jax.native.conv3x3_winograd) and where the CNN's layers use them (pinn_jax.models.conv).
 
 Reference: the exact convolution in float64 on the host (``native._exact_same_conv``). Bound per
-element (``native._winograd_bound``, derived in its docstring): ``(Ci + 12) * eps32`` times the
-Winograd sum computed on absolute values (plus ``|bias|``): every term passes through at most
-2 roundings in the input transform, 4 in the kernel's, ``Ci`` in the accumulation over input
-channels and 5 in the output transform and bias add. It does not depend on the machine's
-summation order, only on the algorithm's.
+element (``native._winograd_bound``, derived in its docstring): ``r * eps32`` times the Winograd
+sum computed on absolute values (plus ``|bias|``), ``r`` the roundings a term passes through at
+most (``native._winograd_roundings``: ``Ci + 23`` for F(2x2, 3x3), ``Ci + 33`` for F(4x4, 3x3)).
+It depends on the algorithm's order of operations, not on the machine's.
 """
 
 from __future__ import annotations
@@ -42,11 +41,11 @@ def _arrays(shape, co, transpose=False, bias=True, seed=0):
     return x, k, b
 
 
-def _check_within_bound(got, x, k, b=None, transpose=False, relu=False):
+def _check_within_bound(got, x, k, b=None, transpose=False, relu=False, tile=None):
     want = native._exact_same_conv(x, k, b, transpose)
     if relu:  # |relu(a) - relu(b)| <= |a - b|: the same bound holds
         want = np.maximum(want, 0.0)
-    bound = native._winograd_bound(x, k, b, transpose)
+    bound = native._winograd_bound(x, k, b, transpose, tile)
     got = np.asarray(got, np.float64)
     assert got.shape == want.shape
     excess = np.abs(got - want) / (bound + 1e-300)
@@ -68,24 +67,35 @@ CASES = [
 
 
 @pytest.mark.parametrize("jit", [True, False])
+@pytest.mark.parametrize("tile", [2, 4])
 @pytest.mark.parametrize("shape,co,transpose,relu", CASES)
-def test_winograd_is_the_convolution_within_its_bound(shape, co, transpose, relu, jit, winograd):
+def test_winograd_is_the_convolution_within_its_bound(shape, co, transpose, relu, tile, jit, winograd):
     x, k, b = _arrays(shape, co, transpose, bias=not transpose)
 
     def ours(x, k, b):
-        return native.conv3x3_winograd(x, k, b, relu=relu, transpose_kernel=transpose)
+        return native.conv3x3_winograd(x, k, b, relu=relu, transpose_kernel=transpose, tile=tile)
 
     got = (jax.jit(ours) if jit else ours)(x, k, b)
-    _check_within_bound(got, x, k, b, transpose, relu)
+    _check_within_bound(got, x, k, b, transpose, relu, tile)
     assert TARGET in jax.jit(ours).lower(x, k, b).as_text()
 
 
-def test_the_bound_is_tight_enough_to_catch_a_wrong_tap(winograd):
+def test_roundings_and_tile_choice():
+    assert native._winograd_roundings(2, 64) == 64 + 23
+    assert native._winograd_roundings(4, 64) == 64 + 33
+    assert native.winograd_tile((16, 64, 64, 64)) == 4
+    assert native.winograd_tile((16, native.WINOGRAD_F4_MIN_SIZE - 1, 64, 64)) == 2
+    with pytest.raises(ValueError, match="tile 3, expected 2 or 4"):
+        native.conv3x3_winograd(*_arrays((1, 4, 4, 16), 16), tile=3)
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+def test_the_bound_is_tight_enough_to_catch_a_wrong_tap(tile, winograd):
     """The bound is worth testing against: a kernel with one tap moved by one pixel is far outside it."""
     x, k, b = _arrays((2, 6, 6, 16), 16)
-    got = native.conv3x3_winograd(x, jnp.roll(k, 1, axis=1), b)
+    got = native.conv3x3_winograd(x, jnp.roll(k, 1, axis=1), b, tile=tile)
     want = native._exact_same_conv(x, k, b)
-    assert np.max(np.abs(np.asarray(got) - want) / native._winograd_bound(x, k, b)) > 100
+    assert np.max(np.abs(np.asarray(got) - want) / native._winograd_bound(x, k, b, tile=tile)) > 10
 
 
 def test_the_input_gradient_form_is_xla_own_input_gradient(winograd):
@@ -137,9 +147,9 @@ def test_suits_follows_shapes_threshold_and_setting(winograd, monkeypatch):
     assert not native.winograd_suits(big, (3, 3, 64, 64), ((0, 0), (0, 0)))
     assert not native.winograd_suits((16, 64, 64, 8), (3, 3, 8, 64), SAME)
     assert not native.winograd_suits(big, (3, 3, 64, 40), SAME)
-    # the CNN's 16 x 16 x 64 -> 64 layer at batch 16 is under the threshold, 32 x 32 over it
-    assert not native.winograd_suits((16, 16, 16, 64), (3, 3, 64, 64), SAME)
-    assert native.winograd_suits((16, 32, 32, 64), (3, 3, 64, 64), SAME)
+    # the CNN's 16 x 16 x 64 -> 64 layer at batch 16 is at the threshold, batch 8 under it
+    assert native.winograd_suits((16, 16, 16, 64), (3, 3, 64, 64), SAME)
+    assert not native.winograd_suits((8, 16, 16, 64), (3, 3, 64, 64), SAME)
     monkeypatch.setenv(native.WINOGRAD_ENV, "off")
     assert not native.winograd_suits(big, (3, 3, 64, 64), SAME)
     monkeypatch.setenv(native.WINOGRAD_ENV, "1")

@@ -6,11 +6,13 @@
   CNN's layers where the forward convolutions run at ~290 in oneDNN; the handler is a
   register-tiled matrix product over the positions, split over the cores.
 * :func:`conv3x3_winograd` is a 'same' 3x3 convolution (optionally with bias and ReLU, or the
-  input gradient's form) by Winograd's F(2x2, 3x3) (``conv_winograd.cc``): 4 products per output
-  pixel and channel pair instead of 9, 1.3-1.7x faster than oneDNN's direct convolution on the
-  CNN's larger layers (:func:`winograd_suits` says which). Its values differ from the direct
-  sum's by a few float32 roundings of the transformed terms (bounded in
-  ``tests/test_native_winograd.py``); ``PINN_JAX_WINOGRAD=0`` turns it off.
+  input gradient's form) by Winograd's minimal filtering (``conv_winograd.cc``): F(4x4, 3x3),
+  2.25 products per output pixel and channel pair instead of 9, or F(2x2, 3x3), 4, on small
+  images (:func:`winograd_tile`); faster than oneDNN's direct convolution on the CNN's larger
+  layers (:func:`winograd_suits` says which; ``benchmarks/README.md`` has the figures). Its
+  values differ from the direct sum's by float32 roundings of the transformed terms (bounded,
+  :func:`_winograd_bound`, and tested in ``tests/test_native_winograd.py``);
+  ``PINN_JAX_WINOGRAD=0`` turns it off.
 
 They are compiled from the shipped sources with the host's C++ compiler (``$CXX``, else ``g++``,
 ``c++`` or ``clang++``; ``-O3 -march=native`` against jaxlib's FFI headers) into a cache
@@ -46,7 +48,7 @@ from backend_api import fileio
 from pinn_jax.runtime import self_test_in_child, switched_off, switched_on
 
 __all__ = ["ENV", "WINOGRAD_ENV", "cache_dir", "conv3x3_winograd", "conv_kernel_grad", "enabled", "library_path",
-           "self_test", "winograd_enabled", "winograd_suits"]
+           "self_test", "winograd_enabled", "winograd_suits", "winograd_tile"]
 
 ENV = "PINN_JAX_NATIVE"
 WINOGRAD_ENV = "PINN_JAX_WINOGRAD"
@@ -56,10 +58,14 @@ _TARGETS = {"PinnJaxConvKernelGrad": "pinn_jax_conv_kernel_grad", "PinnJaxConvWi
 _TARGET = _TARGETS["PinnJaxConvKernelGrad"]
 _WINOGRAD_TARGET = _TARGETS["PinnJaxConvWinograd"]
 _SAME = ((1, 1), (1, 1))
-# Winograd runs a layer from this many multiply-adds per tap (B * H * W * Ci * Co): below it,
-# oneDNN's direct convolution was as fast or faster (8 x 8 x 128 -> 128 and 16 x 16 x 64 -> 64
-# at batch 16: 0.7-1.2x, noisy), above it 1.2-1.7x slower (benchmarks/README.md)
-WINOGRAD_MIN_MACS_PER_TAP = 1 << 25
+# Winograd runs a layer from this many multiply-adds per tap (B * H * W * Ci * Co): at batch 16
+# the CNN's smallest layers (8 x 8 x 128 -> 128, 16 x 16 x 64 -> 64; 2^24) still ran 1.15-1.25x
+# faster than oneDNN's direct convolution (forward + input gradient), the larger ones 1.4-2.1x
+# (benchmarks/README.md); below, the calls' fixed costs (threads, the kernel transform) weigh more
+WINOGRAD_MIN_MACS_PER_TAP = 1 << 24
+# Image sides from which it uses F(4x4, 3x3) rather than F(2x2, 3x3) (:func:`winograd_tile`):
+# on 8 x 8 maps F(4x4, 3x3)'s 4 tiles an image, each with a 6 x 6 patch, ran 1.4-1.5x slower
+WINOGRAD_F4_MIN_SIZE = 16
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w")
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
@@ -247,6 +253,13 @@ def winograd_suits(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], padd
     return winograd_enabled()
 
 
+def winograd_tile(x_shape: tuple[int, ...]) -> int:
+    """The output tile :func:`conv3x3_winograd` uses for an input of this shape: 4 (F(4x4, 3x3),
+    36 / 16 = 2.25 products per output pixel and channel pair) where the image is at least
+    ``WINOGRAD_F4_MIN_SIZE`` on both sides, else 2 (F(2x2, 3x3), 4 products, fewer roundings)."""
+    return 4 if min(x_shape[1], x_shape[2]) >= WINOGRAD_F4_MIN_SIZE else 2
+
+
 def _xla_same_conv(x, kernel, bias, relu, transpose_kernel):
     if transpose_kernel:
         kernel = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
@@ -257,17 +270,19 @@ def _xla_same_conv(x, kernel, bias, relu, transpose_kernel):
 
 
 def conv3x3_winograd(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *, relu: bool = False,
-                     transpose_kernel: bool = False) -> jax.Array:
+                     transpose_kernel: bool = False, tile: int | None = None) -> jax.Array:
     """``act(conv(x, kernel) + bias)``, 'same', stride 1, NHWC / HWIO: ``x (B, H, W, Ci)``,
     ``kernel (3, 3, Ci, Co)``, ``bias (Co,)`` or None -> ``(B, H, W, Co)``; ``act`` is ReLU
     with ``relu``. With ``transpose_kernel`` the kernel is ``(3, 3, Co, Ci)`` and is applied
     flipped in space with its channels swapped: the input gradient of a 'same' convolution by
     that kernel, for the output gradient ``x``.
 
-    By Winograd's F(2x2, 3x3) in the native kernel where :func:`winograd_enabled` and all are
-    float32 with channels multiples of 16 (call it where :func:`winograd_suits` says it pays);
-    XLA's convolution otherwise. Not differentiable itself: :mod:`pinn_jax.models.conv` gives
-    the gradients."""
+    By Winograd's F(m x m, 3x3), ``m = tile`` (2 or 4; by default :func:`winograd_tile`), in the
+    native kernel where :func:`winograd_enabled` and all are float32 with channels multiples of
+    16 (call it where :func:`winograd_suits` says it pays); XLA's convolution otherwise. Not
+    differentiable itself: :mod:`pinn_jax.models.conv` gives the gradients."""
+    if tile not in (None, 2, 4):
+        raise ValueError(f"conv3x3_winograd: tile {tile!r}, expected 2 or 4 (or None)")
     if x.ndim != 4 or kernel.ndim != 4 or tuple(kernel.shape[:2]) != (3, 3):
         raise ValueError(f"conv3x3_winograd: x of shape {x.shape} and kernel of shape {kernel.shape}, "
                          "expected (B, H, W, Ci) and (3, 3, Ci, Co)")
@@ -279,45 +294,75 @@ def conv3x3_winograd(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = N
     arrays = (x, kernel) if bias is None else (x, kernel, bias)
     if ci % 16 or co % 16 or any(a.dtype != jnp.float32 for a in arrays) or not winograd_enabled():
         return _xla_same_conv(x, kernel, bias, relu, transpose_kernel)
+    if tile is None:
+        tile = winograd_tile(x.shape)
     call = jax.ffi.ffi_call(_WINOGRAD_TARGET, jax.ShapeDtypeStruct((*x.shape[:3], co), jnp.float32),
                             vmap_method="sequential")
-    return call(x, kernel, jnp.zeros((co,), jnp.float32) if bias is None else bias,
-                flip=transpose_kernel, swap_io=transpose_kernel, relu=bool(relu), threads=np.int64(_threads()))
+    return call(x, kernel, jnp.zeros((co,), jnp.float32) if bias is None else bias, flip=transpose_kernel,
+                swap_io=transpose_kernel, relu=bool(relu), tile=np.int64(tile), threads=np.int64(_threads()))
 
 
-def _winograd_bound(x, kernel, bias=None, transpose_kernel=False) -> np.ndarray:
+# F(m x m, 3x3)'s matrices B^T, G, A^T by output tile m (as in conv_winograd.cc)
+_WINOGRAD_MATRICES = {
+    2: (np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64),
+        np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float64),
+        np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64)),
+    4: (np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0],
+                  [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], np.float64),
+        np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+                  [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], np.float64),
+        np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]], np.float64)),
+}
+
+
+def _winograd_roundings(tile: int, ci: int) -> int:
+    """How many float32 roundings a term of :func:`conv3x3_winograd`'s sum passes through, at
+    most: per stage of each transform (applied to columns, then rows), one per nonzero
+    coefficient of the widest row plus one for its product, plus one for a coefficient that
+    float32 does not hold exactly (G's 1/6, 1/12, 1/24); ``ci`` in the accumulation over input
+    channels; one for the bias."""
+    bt, g, at = _WINOGRAD_MATRICES[tile]
+
+    def stage(mat):
+        exact = all(float(np.float32(v)) == v for v in mat.ravel())
+        return int(np.count_nonzero(mat, axis=1).max()) + 1 + (0 if exact else 1)
+
+    return 2 * (stage(bt) + stage(g) + stage(at)) + ci + 1
+
+
+def _winograd_bound(x, kernel, bias=None, transpose_kernel=False, tile=None) -> np.ndarray:
     """An elementwise bound on :func:`conv3x3_winograd`'s distance from the exact value, float64
-    on the host (for tests and the self-test).
+    on the host (for tests and the self-test); ``tile`` as the call chose it
+    (:func:`winograd_tile` by default).
 
-    In float32 (unit roundoff ``eps``), to first order: the transformed input ``B^T d B`` is two
-    rounds of one addition (relative error 2 eps per term), the transformed kernel ``G k G^T``
-    two rounds of two additions and an exact halving (4 eps), the products are accumulated over
-    the ``Ci`` input channels by fused multiply-adds (``Ci`` eps), and ``A^T m A`` plus the bias
-    is two rounds of two additions and one more (5 eps). So every term carries at most
-    ``(Ci + 11) eps`` of relative error, and the output's error is at most that times ``W``,
-    the same transforms computed on absolute values (``|A|^T (sum over Ci of (|B|^T |d| |B|) .
-    (|G| |k| |G|^T)) |A|``) plus ``|bias|``; ``Ci + 12`` leaves room for second-order terms."""
+    To first order in float32's unit roundoff ``eps``, every term of the sum carries at most
+    ``r * eps`` of relative error, ``r`` from :func:`_winograd_roundings` (F(2x2, 3x3): ``Ci +
+    23``; F(4x4, 3x3): ``Ci + 33``). So the output's error is at most ``r * eps`` times ``W``, the
+    same transforms computed on absolute values (``|A|^T (sum over Ci of (|B|^T |d| |B|) .
+    (|G| |k| |G|^T)) |A|``) plus ``|bias|`` (``W`` is at least the direct sum of absolute values;
+    F(4x4, 3x3)'s larger coefficients make it larger, which is its known loss of accuracy)."""
     x = np.abs(np.asarray(x, np.float64))
     k = np.abs(np.asarray(kernel, np.float64))
     if transpose_kernel:
         k = k[::-1, ::-1].transpose(0, 1, 3, 2)
-    bt = np.abs(np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64))
-    gm = np.abs(np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float64))
-    at = np.abs(np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64))
     b, h, w, ci = x.shape
-    th, tw = (h + 1) // 2, (w + 1) // 2
-    xp = np.zeros((b, 2 * th + 2, 2 * tw + 2, ci))
+    if tile is None:
+        tile = winograd_tile(x.shape)
+    bt, gm, at = (np.abs(mat) for mat in _WINOGRAD_MATRICES[tile])
+    n = tile + 2
+    th, tw = -(-h // tile), -(-w // tile)
+    xp = np.zeros((b, tile * th + 2, tile * tw + 2, ci))
     xp[:, 1:h + 1, 1:w + 1] = x
-    idx_y = 2 * np.arange(th)[:, None] + np.arange(4)[None, :]
-    idx_x = 2 * np.arange(tw)[:, None] + np.arange(4)[None, :]
-    d = xp[:, idx_y][:, :, :, idx_x]  # (b, th, 4, tw, 4, ci): each tile's 4 x 4 patch
+    idx_y = tile * np.arange(th)[:, None] + np.arange(n)[None, :]
+    idx_x = tile * np.arange(tw)[:, None] + np.arange(n)[None, :]
+    d = xp[:, idx_y][:, :, :, idx_x]  # (b, th, n, tw, n, ci): each tile's n x n patch
     v = np.einsum("ia,nyaxsc,js->nyxijc", bt, d, bt)
     u = np.einsum("ia,asco,js->ijco", gm, k, gm)
     m = np.einsum("nyxijc,ijco->nyxijo", v, u)
-    y = np.einsum("pi,nyxijo,qj->nypxqo", at, m, at).reshape(b, 2 * th, 2 * tw, -1)[:, :h, :w]
+    y = np.einsum("pi,nyxijo,qj->nypxqo", at, m, at).reshape(b, tile * th, tile * tw, -1)[:, :h, :w]
     if bias is not None:
         y = y + np.abs(np.asarray(bias, np.float64))
-    return (ci + 12) * float(np.finfo(np.float32).eps) * y
+    return _winograd_roundings(tile, ci) * float(np.finfo(np.float32).eps) * y
 
 
 def _exact_same_conv(x, kernel, bias=None, transpose_kernel=False) -> np.ndarray:
@@ -354,20 +399,21 @@ def self_test() -> bool:
         n = b * g.shape[1] * g.shape[2]
         if out.shape != want.shape or not bool(jnp.all(jnp.abs(out - want) <= n * 1.2e-7 * scale + 1e-30)):
             return False
-    # Winograd: odd sizes (partial tiles), 16/32/64-wide output blocks, bias and ReLU, the
-    # input-gradient form, blocks split over threads
-    for shape, co, transpose, relu in [((2, 5, 7, 16), 48, False, True), ((3, 6, 6, 32), 16, True, False),
-                                       ((2, 9, 8, 64), 96, False, False), ((4, 16, 16, 16), 64, True, False)]:
+    # Winograd, both tiles: sizes not multiples of the tile, 16/32/64-wide output blocks, bias
+    # and ReLU, the input-gradient form, blocks split over threads
+    for shape, co, transpose, relu, tile in [((2, 5, 7, 16), 48, False, True, 2), ((3, 6, 6, 32), 16, True, False, 4),
+                                             ((2, 9, 8, 64), 96, False, False, 2), ((2, 9, 10, 64), 96, False, True, 4),
+                                             ((4, 16, 16, 16), 64, True, False, 2), ((4, 16, 16, 16), 64, True, False, 4)]:
         x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
         k_shape = (3, 3, co, shape[-1]) if transpose else (3, 3, shape[-1], co)
         k = jnp.asarray(rng.standard_normal(k_shape), jnp.float32)
         b = None if transpose else jnp.asarray(rng.standard_normal((co,)), jnp.float32)
         out = np.asarray(jax.ffi.ffi_call(_WINOGRAD_TARGET, jax.ShapeDtypeStruct((*shape[:3], co), jnp.float32))(
             x, k, jnp.zeros((co,), jnp.float32) if b is None else b, flip=transpose, swap_io=transpose, relu=relu,
-            threads=np.int64(2)))
+            tile=np.int64(tile), threads=np.int64(2)))
         want = _exact_same_conv(x, k, b, transpose)
         if relu:
             want = np.maximum(want, 0.0)
-        if out.shape != want.shape or not np.all(np.abs(out - want) <= _winograd_bound(x, k, b, transpose)):
+        if out.shape != want.shape or not np.all(np.abs(out - want) <= _winograd_bound(x, k, b, transpose, tile)):
             return False
     return True

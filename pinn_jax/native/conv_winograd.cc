@@ -1,4 +1,5 @@
-// 'Same' 3x3 stride-1 NHWC convolution by Winograd's F(2x2, 3x3), as an XLA FFI handler for XLA:CPU.
+// 'Same' 3x3 stride-1 NHWC convolution by Winograd's F(2x2, 3x3) or F(4x4, 3x3), as an XLA FFI
+// handler for XLA:CPU.
 //
 //   y[b][p][q][o] = act(bias[o] + sum over (i, j, c) of xpad[b][p + i][q + j][c] * k[i][j][c][o])
 //
@@ -8,14 +9,14 @@
 // y (B, H, W, O); xpad is x with one row and column of zeros on each side; act is max(0, .) with
 // relu, else the identity.
 //
-// Why: each 2x2 block of outputs is A^T [(G k G^T) . (B^T d B)] A over the block's 4x4 input
-// patch d, so per output pixel and channel pair it takes 16 / 4 = 4 products instead of the
-// direct convolution's 9. The products are 16 matrix products (one per point of the 4x4
-// transformed patch) of (tiles x C) by (C x O), register-tiled as in conv_kernel_grad.cc; the
-// tiles are taken in blocks whose transformed patches stay in the core's L2 cache between the
-// input transform, the 16 products and the output transform. The transforms add and subtract
-// (and halve, for the kernel's), so values differ from the direct sum by a few float32
-// roundings of the transformed terms (bounded in tests/test_native_winograd.py).
+// Why: each M x M block of outputs (M = tile, 2 or 4) is A^T [(G k G^T) . (B^T d B)] A over the
+// block's N x N input patch d (N = M + 2), so per output pixel and channel pair it takes N^2 / M^2
+// products (4, or 2.25) instead of the direct convolution's 9. The products are N^2 matrix
+// products (one per point of the transformed patch) of (tiles x C) by (C x O), register-tiled as
+// in conv_kernel_grad.cc; the tiles are taken in blocks whose transformed patches stay in the
+// core's L2 cache between the input transform, the products and the output transform. Values
+// differ from the direct sum by float32 roundings of the transformed terms, more for M = 4
+// (coefficients up to 8), bounded in pinn_jax.native._winograd_bound and tested.
 // Built at first use by pinn_jax.native with the kernel gradient, loaded with ctypes and
 // registered with jax.ffi.
 
@@ -39,56 +40,100 @@ inline v16 Load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
 inline void Store(float* p, v16 v) { *reinterpret_cast<v16u*>(p) = v; }
 
 struct WShape {
-  int64_t B, H, W, C, O, TH, TW;  // TH x TW tiles of 2 x 2 outputs per image
+  int64_t B, H, W, C, O, TH, TW;  // TH x TW tiles of M x M outputs per image
 };
 
-// Transformed patches B^T d B of tiles [t0, t0 + T) into v (16, T, C): point (i, j) of tile t,
-// channel c at v[((i * 4 + j) * T + t) * C + c]. C % 16 == 0.
+// F(M x M, 3x3)'s matrices (Lavin and Gray's, interpolation points 0, +-1 and for M = 4 +-2,
+// and infinity): an M x M block of outputs is A^T [(G k G^T) . (B^T d B)] A for the block's
+// N x N input patch d, N = M + 2.
+template <int M>
+struct Wino;
+
+template <>
+struct Wino<2> {
+  static constexpr int N = 4;
+  static constexpr float BT[4][4] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
+  static constexpr float G[4][3] = {{1, 0, 0}, {0.5f, 0.5f, 0.5f}, {0.5f, -0.5f, 0.5f}, {0, 0, 1}};
+  static constexpr float AT[2][4] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
+};
+
+template <>
+struct Wino<4> {
+  static constexpr int N = 6;
+  static constexpr float BT[6][6] = {{4, 0, -5, 0, 1, 0},  {0, -4, -4, 1, 1, 0}, {0, 4, -4, -1, 1, 0},
+                                     {0, -2, -1, 2, 1, 0}, {0, 2, -1, -2, 1, 0}, {0, 4, 0, -5, 0, 1}};
+  static constexpr float G[6][3] = {{1.0f / 4, 0, 0},
+                                    {-1.0f / 6, -1.0f / 6, -1.0f / 6},
+                                    {-1.0f / 6, 1.0f / 6, -1.0f / 6},
+                                    {1.0f / 24, 1.0f / 12, 1.0f / 6},
+                                    {1.0f / 24, -1.0f / 12, 1.0f / 6},
+                                    {0, 0, 1}};
+  static constexpr float AT[4][6] = {{1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -2, 0}, {0, 1, 1, 4, 4, 0}, {0, 1, -1, 8, -8, 1}};
+};
+
+// out[i] = sum over k of T[i][k] * in[k * stride], the terms in k order, zero coefficients
+// skipped (the tables are constants: the tests and branches fold away when unrolled).
+template <int R, int K>
+inline void Apply(const float (&t)[R][K], const v16* in, int stride, v16* out, int out_stride) {
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) {
+    v16 acc = {};
+    bool first = true;
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) {
+      const float c = t[i][k];
+      if (c == 0.0f) continue;
+      const v16 term = c == 1.0f ? in[k * stride] : c == -1.0f ? -in[k * stride] : c * in[k * stride];
+      acc = first ? term : acc + term;
+      first = false;
+    }
+    out[i * out_stride] = acc;
+  }
+}
+
+// Transformed patches B^T d B of tiles [t0, t0 + T) into v (N * N, T, C): point (i, j) of
+// tile t, channel c at v[((i * N + j) * T + t) * C + c]. C % 16 == 0.
+template <int M>
 void InputTransform(const WShape& s, const float* x, int64_t t0, int64_t T, float* v) {
+  constexpr int N = Wino<M>::N;
   const v16 zero = {};
   for (int64_t t = 0; t < T; ++t) {
     const int64_t tile = t0 + t;
     const int64_t b = tile / (s.TH * s.TW), rem = tile % (s.TH * s.TW);
-    const int64_t y0 = 2 * (rem / s.TW) - 1, x0 = 2 * (rem % s.TW) - 1;
-    const float* at[4][4];
-    for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 4; ++j) {
+    const int64_t y0 = M * (rem / s.TW) - 1, x0 = M * (rem % s.TW) - 1;
+    const float* at[N][N];
+    for (int i = 0; i < N; ++i)
+      for (int j = 0; j < N; ++j) {
         const int64_t yy = y0 + i, xx = x0 + j;
         at[i][j] = (yy >= 0 && yy < s.H && xx >= 0 && xx < s.W) ? x + ((b * s.H + yy) * s.W + xx) * s.C : nullptr;
       }
     for (int64_t c = 0; c < s.C; c += 16) {
-      v16 d[4][4], r[4][4];
-#pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i)
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) d[i][j] = at[i][j] ? Load(at[i][j] + c) : zero;
-      // B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], on rows, then columns
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) {
-        r[0][j] = d[0][j] - d[2][j];
-        r[1][j] = d[1][j] + d[2][j];
-        r[2][j] = d[2][j] - d[1][j];
-        r[3][j] = d[1][j] - d[3][j];
-      }
+      v16 d[N][N], r[N][N], w[N][N];
+#pragma GCC unroll 6
+      for (int i = 0; i < N; ++i)
+#pragma GCC unroll 6
+        for (int j = 0; j < N; ++j) d[i][j] = at[i][j] ? Load(at[i][j] + c) : zero;
+#pragma GCC unroll 6
+      for (int j = 0; j < N; ++j) Apply(Wino<M>::BT, &d[0][j], N, &r[0][j], N);  // on columns: B^T d
+#pragma GCC unroll 6
+      for (int i = 0; i < N; ++i) Apply(Wino<M>::BT, &r[i][0], 1, &w[i][0], 1);  // on rows: (B^T d) B
       float* out = v + t * s.C + c;
       const int64_t point = T * s.C;
-#pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) {
-        Store(out + (i * 4 + 0) * point, r[i][0] - r[i][2]);
-        Store(out + (i * 4 + 1) * point, r[i][1] + r[i][2]);
-        Store(out + (i * 4 + 2) * point, r[i][2] - r[i][1]);
-        Store(out + (i * 4 + 3) * point, r[i][1] - r[i][3]);
-      }
+#pragma GCC unroll 6
+      for (int i = 0; i < N; ++i)
+#pragma GCC unroll 6
+        for (int j = 0; j < N; ++j) Store(out + (i * N + j) * point, w[i][j]);
     }
   }
 }
 
-// Transformed kernel G k G^T into u (16, C, O), for input channels [c0, c1). O % 16 == 0.
+// Transformed kernel G k G^T into u (N * N, C, O), for input channels [c0, c1). O % 16 == 0.
+template <int M>
 void KernelTransform(const WShape& s, const float* k, bool flip, bool swap_io, int64_t c0, int64_t c1, float* u) {
-  const v16 half = v16{} + 0.5f;
+  constexpr int N = Wino<M>::N;
   for (int64_t c = c0; c < c1; ++c) {
     for (int64_t o = 0; o < s.O; o += 16) {
-      v16 g[3][3], r[4][3];
+      v16 g[3][3], r[N][3], w[N][N];
       for (int i = 0; i < 3; ++i)
         for (int j = 0; j < 3; ++j) {
           const int64_t ii = flip ? 2 - i : i, jj = flip ? 2 - j : j;
@@ -96,26 +141,17 @@ void KernelTransform(const WShape& s, const float* k, bool flip, bool swap_io, i
             g[i][j] = Load(k + ((ii * 3 + jj) * s.C + c) * s.O + o);
           } else {  // stored (3, 3, O, C): gather 16 output channels
             const float* base = k + (ii * 3 + jj) * s.O * s.C + c;
-            v16 w;
-            for (int l = 0; l < 16; ++l) w[l] = base[(o + l) * s.C];
-            g[i][j] = w;
+            v16 e;
+            for (int l = 0; l < 16; ++l) e[l] = base[(o + l) * s.C];
+            g[i][j] = e;
           }
         }
-      // G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]], on rows, then columns
-      for (int j = 0; j < 3; ++j) {
-        r[0][j] = g[0][j];
-        r[1][j] = half * (g[0][j] + g[1][j] + g[2][j]);
-        r[2][j] = half * (g[0][j] - g[1][j] + g[2][j]);
-        r[3][j] = g[2][j];
-      }
+      for (int j = 0; j < 3; ++j) Apply(Wino<M>::G, &g[0][j], 3, &r[0][j], 3);  // G k
+      for (int i = 0; i < N; ++i) Apply(Wino<M>::G, &r[i][0], 1, &w[i][0], 1);  // (G k) G^T
       float* out = u + c * s.O + o;
       const int64_t point = s.C * s.O;
-      for (int i = 0; i < 4; ++i) {
-        Store(out + (i * 4 + 0) * point, r[i][0]);
-        Store(out + (i * 4 + 1) * point, half * (r[i][0] + r[i][1] + r[i][2]));
-        Store(out + (i * 4 + 2) * point, half * (r[i][0] - r[i][1] + r[i][2]));
-        Store(out + (i * 4 + 3) * point, r[i][2]);
-      }
+      for (int i = 0; i < N; ++i)
+        for (int j = 0; j < N; ++j) Store(out + (i * N + j) * point, w[i][j]);
     }
   }
 }
@@ -158,9 +194,9 @@ void Rows(int64_t rows, const float* v, int64_t C, const float* u, int64_t O, fl
   }
 }
 
-// The 16 products for output channels [o, o + ob) of a block of T tiles: m (16, T, ob).
-void Products(const WShape& s, const float* v, int64_t T, const float* u, int64_t o, int64_t ob, float* m) {
-  for (int p = 0; p < 16; ++p) {
+// The P = N * N products for output channels [o, o + ob) of a block of T tiles: m (P, T, ob).
+void Products(const WShape& s, int P, const float* v, int64_t T, const float* u, int64_t o, int64_t ob, float* m) {
+  for (int p = 0; p < P; ++p) {
     const float* vp = v + p * T * s.C;
     const float* up = u + p * s.C * s.O + o;
     float* mp = m + p * T * ob;
@@ -174,34 +210,33 @@ void Products(const WShape& s, const float* v, int64_t T, const float* u, int64_
   }
 }
 
-// A^T m A, plus bias, then the activation, written to the block's 2 x 2 outputs (those inside
+// A^T m A, plus bias, then the activation, written to the block's M x M outputs (those inside
 // the image) for output channels [o, o + ob).
+template <int M>
 void OutputTransform(const WShape& s, const float* m, int64_t t0, int64_t T, int64_t o, int64_t ob,
                      const float* bias, bool relu, float* y) {
+  constexpr int N = Wino<M>::N;
   const v16 zero = {};
   const int64_t point = T * ob;
   for (int64_t t = 0; t < T; ++t) {
     const int64_t tile = t0 + t;
     const int64_t b = tile / (s.TH * s.TW), rem = tile % (s.TH * s.TW);
-    const int64_t y0 = 2 * (rem / s.TW), x0 = 2 * (rem % s.TW);
+    const int64_t y0 = M * (rem / s.TW), x0 = M * (rem % s.TW);
     for (int64_t n = 0; n < ob; n += 16) {
       const float* mp = m + t * ob + n;
-      v16 r[2][4];
-      // A^T = [[1, 1, 1, 0], [0, 1, -1, -1]], on rows, then columns
+      v16 e[N][N], r[M][N], out[M][M];
+#pragma GCC unroll 6
+      for (int i = 0; i < N; ++i)
+#pragma GCC unroll 6
+        for (int j = 0; j < N; ++j) e[i][j] = Load(mp + (i * N + j) * point);
+#pragma GCC unroll 6
+      for (int j = 0; j < N; ++j) Apply(Wino<M>::AT, &e[0][j], N, &r[0][j], N);  // A^T m
 #pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) {
-        const v16 m0 = Load(mp + (0 * 4 + j) * point), m1 = Load(mp + (1 * 4 + j) * point);
-        const v16 m2 = Load(mp + (2 * 4 + j) * point), m3 = Load(mp + (3 * 4 + j) * point);
-        r[0][j] = m0 + m1 + m2;
-        r[1][j] = m1 - m2 - m3;
-      }
+      for (int i = 0; i < M; ++i) Apply(Wino<M>::AT, &r[i][0], 1, &out[i][0], 1);  // (A^T m) A
       const v16 bv = Load(bias + o + n);
-      for (int i = 0; i < 2; ++i) {
-        if (y0 + i >= s.H) break;
-        v16 out[2] = {r[i][0] + r[i][1] + r[i][2], r[i][1] - r[i][2] - r[i][3]};
-        for (int j = 0; j < 2; ++j) {
-          if (x0 + j >= s.W) break;
-          v16 val = out[j] + bv;
+      for (int i = 0; i < M && y0 + i < s.H; ++i) {
+        for (int j = 0; j < M && x0 + j < s.W; ++j) {
+          v16 val = out[i][j] + bv;
           if (relu) val = val > zero ? val : zero;
           Store(y + ((b * s.H + y0 + i) * s.W + x0 + j) * s.O + o + n, val);
         }
@@ -210,23 +245,79 @@ void OutputTransform(const WShape& s, const float* m, int64_t t0, int64_t T, int
   }
 }
 
-struct Aligned {
-  float* p;
-  explicit Aligned(int64_t n) : p(static_cast<float*>(std::aligned_alloc(64, ((4 * n + 63) / 64) * 64))) {}
-  ~Aligned() { std::free(p); }
-};
+// Scratch memory kept by the calling thread between calls (grown, never shrunk): a fresh
+// allocation of the transformed kernel (up to 36 C O floats, 9.4 MB for 256 x 256 channels) and
+// the blocks' buffers would be new pages from the kernel, zeroed and faulted in, on every call.
+float* Scratch(int64_t floats) {
+  struct Buffer {
+    float* p = nullptr;
+    int64_t n = 0;
+    ~Buffer() { std::free(p); }
+  };
+  static thread_local Buffer buffer;
+  if (buffer.n < floats) {
+    std::free(buffer.p);
+    buffer.n = 0;
+    buffer.p = static_cast<float*>(std::aligned_alloc(64, ((4 * floats + 63) / 64) * 64));
+    if (buffer.p != nullptr) buffer.n = floats;
+  }
+  return buffer.p;
+}
 
-// Tiles per block, a multiple of 6 (the product's row tile): 48, or 96 from 256 input channels
-// (the transformed kernel, 16 C O floats, is read again for every block: with more channels it
-// outweighs the blocks' patches in L2), fewer where that leaves under 4 blocks per thread.
-// Measured on a 2-core Sapphire Rapids (benchmarks/README.md).
-int64_t BlockTiles(int64_t C, int64_t tiles, int64_t threads) {
-  const int64_t t = std::min<int64_t>(C >= 256 ? 96 : 48, tiles / (4 * threads));
+// Tiles per block, a multiple of 6 (the product's row tile), fewer where that leaves under 4
+// blocks per thread. F(2x2, 3x3): 48, or 96 from 256 input channels; F(4x4, 3x3) (36 points a
+// tile instead of 16): 24, or 48 from 128 input channels. The transformed kernel (P C O floats)
+// is read again for every block, so more channels want larger blocks, as long as a block's
+// transformed patches stay in L2. Measured on a 2-core Sapphire Rapids (benchmarks/README.md).
+int64_t BlockTiles(int M, int64_t C, int64_t tiles, int64_t threads) {
+  int64_t t = M == 2 ? (C >= 256 ? 96 : 48) : (C >= 128 ? 48 : 24);
+  t = std::min<int64_t>(t, tiles / (4 * threads));
   return std::max<int64_t>(6, t - t % 6);
 }
 
+template <int M>
+bool Run(const WShape& s, const float* x, const float* k, const float* bias, float* y, bool flip, bool swap_io,
+         bool relu, int64_t threads) {
+  constexpr int P = Wino<M>::N * Wino<M>::N;
+  const int64_t tiles = s.B * s.TH * s.TW;
+  const int64_t T = BlockTiles(M, s.C, tiles, threads);
+  const int64_t ob = std::min<int64_t>(s.O, 64);
+  const int64_t blocks = (tiles + T - 1) / T;
+  const int64_t n = std::max<int64_t>(1, std::min<int64_t>(threads, blocks));
+  // the transformed kernel, then per thread a block's transformed patches and products, each
+  // part starting on a 64-byte line
+  const auto lines = [](int64_t floats) { return (floats + 15) / 16 * 16; };
+  const int64_t u_size = lines(P * s.C * s.O), v_size = lines(P * T * s.C), m_size = lines(P * T * ob);
+  float* scratch = Scratch(u_size + n * (v_size + m_size));
+  if (scratch == nullptr) return false;
+  float* u = scratch;
+  auto transform_kernel = [&](int64_t t) {
+    KernelTransform<M>(s, k, flip, swap_io, s.C * t / n, s.C * (t + 1) / n, u);
+  };
+  auto convolve = [&](int64_t t) {
+    float* v = scratch + u_size + t * (v_size + m_size);
+    float* m = v + v_size;
+    for (int64_t blk = blocks * t / n; blk < blocks * (t + 1) / n; ++blk) {
+      const int64_t t0 = blk * T, tb = std::min(T, tiles - t0);
+      InputTransform<M>(s, x, t0, tb, v);
+      for (int64_t o = 0; o < s.O; o += ob) {
+        const int64_t width = std::min(ob, s.O - o);
+        Products(s, P, v, tb, u, o, width, m);
+        OutputTransform<M>(s, m, t0, tb, o, width, bias, relu, y);
+      }
+    }
+  };
+  for (auto phase : {0, 1}) {
+    std::vector<std::thread> pool;
+    for (int64_t t = 1; t < n; ++t) pool.emplace_back([&, t, phase] { phase ? convolve(t) : transform_kernel(t); });
+    phase ? convolve(0) : transform_kernel(0);
+    for (auto& th : pool) th.join();
+  }
+  return true;
+}
+
 ffi::Error Conv(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> bias,
-                ffi::ResultBuffer<ffi::F32> y, bool flip, bool swap_io, bool relu, int64_t threads) {
+                ffi::ResultBuffer<ffi::F32> y, bool flip, bool swap_io, bool relu, int64_t tile, int64_t threads) {
   const auto xd = x.dimensions();
   const auto kd = k.dimensions();
   const auto yd = y->dimensions();
@@ -239,34 +330,14 @@ ffi::Error Conv(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k, ffi::Buffer<ff
       bias.dimensions()[0] != O || C % 16 != 0 || O % 16 != 0) {
     return ffi::Error::InvalidArgument("conv_winograd: shapes do not agree (or channels not multiples of 16)");
   }
-  WShape s{xd[0], xd[1], xd[2], C, O, (xd[1] + 1) / 2, (xd[2] + 1) / 2};
-  const int64_t tiles = s.B * s.TH * s.TW;
-  const int64_t T = BlockTiles(C, tiles, std::max<int64_t>(1, threads));
-  const int64_t ob = std::min<int64_t>(O, 64);
-  const int64_t blocks = (tiles + T - 1) / T;
-  const int64_t n = std::max<int64_t>(1, std::min<int64_t>(threads, blocks));
-  Aligned u(16 * C * O);
-  auto transform_kernel = [&](int64_t t) {
-    KernelTransform(s, k.typed_data(), flip, swap_io, C * t / n, C * (t + 1) / n, u.p);
-  };
-  auto convolve = [&](int64_t t) {
-    Aligned v(16 * T * C), m(16 * T * ob);
-    for (int64_t blk = blocks * t / n; blk < blocks * (t + 1) / n; ++blk) {
-      const int64_t t0 = blk * T, tb = std::min(T, tiles - t0);
-      InputTransform(s, x.typed_data(), t0, tb, v.p);
-      for (int64_t o = 0; o < O; o += ob) {
-        const int64_t width = std::min(ob, O - o);
-        Products(s, v.p, tb, u.p, o, width, m.p);
-        OutputTransform(s, m.p, t0, tb, o, width, bias.typed_data(), relu, y->typed_data());
-      }
-    }
-  };
-  for (auto phase : {0, 1}) {
-    std::vector<std::thread> pool;
-    for (int64_t t = 1; t < n; ++t) pool.emplace_back([&, t, phase] { phase ? convolve(t) : transform_kernel(t); });
-    phase ? convolve(0) : transform_kernel(0);
-    for (auto& th : pool) th.join();
-  }
+  if (tile != 2 && tile != 4) return ffi::Error::InvalidArgument("conv_winograd: tile must be 2 or 4");
+  WShape s{xd[0], xd[1], xd[2], C, O, (xd[1] + tile - 1) / tile, (xd[2] + tile - 1) / tile};
+  const int64_t th = std::max<int64_t>(1, threads);
+  const bool done = tile == 2 ? Run<2>(s, x.typed_data(), k.typed_data(), bias.typed_data(), y->typed_data(), flip,
+                                        swap_io, relu, th)
+                              : Run<4>(s, x.typed_data(), k.typed_data(), bias.typed_data(), y->typed_data(), flip,
+                                        swap_io, relu, th);
+  if (!done) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "conv_winograd: out of memory for scratch");
   return ffi::Error::Success();
 }
 
@@ -281,4 +352,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PinnJaxConvWinograd, Conv,
                                   .Attr<bool>("flip")
                                   .Attr<bool>("swap_io")
                                   .Attr<bool>("relu")
+                                  .Attr<int64_t>("tile")
                                   .Attr<int64_t>("threads"));
