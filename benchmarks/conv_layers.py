@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     info = {"device": f"{dev.platform} ({getattr(dev, 'device_kind', '')})", "cpus": os.cpu_count(),
             "jax": jax.__version__, "python": platform.python_version(),
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "n_filters_scale": args.n_filters_scale,
-            "onednn_convolutions": onednn.enabled(), "native_kernel_gradient": native.enabled()}
+            "onednn_convolutions": onednn.enabled(), "native_kernel_gradient": native.enabled(),
+            "winograd": native.winograd_enabled()}
     print()
     print(_markdown(rows))
     for line in _totals(rows):

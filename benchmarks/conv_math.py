@@ -1,9 +1,15 @@
-"""Does bfloat16 convolution math keep the trained network's quality? Train and infer the same
-data with each convolution math (:func:`pinn_jax.runtime.configure_conv_math`) and several
-seeds, and compare the test quality with the seed-to-seed spread.
+"""Does bfloat16 convolution math (or the convolution algorithm) keep the trained network's
+quality? Train and infer the same data with each convolution setting and several seeds, and
+compare the test quality with the seed-to-seed spread.
+
+Settings (``--maths``): ``float32`` (the default: float32 math, Winograd convolutions where
+:func:`pinn_jax.native.winograd_suits`), ``bfloat16`` (:func:`pinn_jax.runtime.configure_conv_math`),
+``float32-direct`` (float32, ``PINN_JAX_WINOGRAD=0``: every convolution a direct one, as before
+the Winograd kernels).
 
 Each run is the real command line, in its own process: ``pinn-jax train --conv_math M --seed S``
-on ``--train``, then ``pinn-jax infer --conv_math M`` of the trained model on ``--test``
+on ``--train``, then ``pinn-jax infer --conv_math M`` of the trained model on ``--test`` (with
+the setting's environment)
 (``metrics.json``: the reference protocol's SSIM, PSNR, FRC50 and MAE of amplitude and phase).
 Reported per run: the metrics, the training wall time (the process, compilation included) and
 the median epoch time from ``history.json``, the final training loss; per math: mean and sample
@@ -35,7 +41,10 @@ import tempfile
 import time
 from pathlib import Path
 
-MATHS = ("float32", "bfloat16")
+# setting -> (--conv_math, extra environment); rows keep the setting's name under "math"
+SETTINGS = {"float32": ("float32", {}), "bfloat16": ("bfloat16", {}),
+            "float32-direct": ("float32", {"PINN_JAX_WINOGRAD": "0"})}
+MATHS = tuple(SETTINGS)
 METRICS = ("ssim", "psnr", "frc50", "mae")
 PARTS = ("amplitude", "phase")
 
@@ -52,14 +61,17 @@ def _pinn_jax(args: list[str], env: dict) -> float:
 def run_one(train: Path, test: Path, math: str, seed: int, workdir: Path, args) -> dict:
     """Train and infer once; the row of this (math, seed)."""
     out = workdir / f"{math}_seed{seed}"
+    conv_math, extra = SETTINGS[math]
     env = dict(os.environ)
     env.pop("ONEDNN_DEFAULT_FPMATH_MODE", None)  # the --conv_math flag alone decides
+    env.pop("PINN_JAX_WINOGRAD", None)
+    env.update(extra)
     train_s = _pinn_jax(["train", "--train_data_file", str(train), "--n_groups", str(args.n_groups),
                          "--gridsize", "1", "--n_filters_scale", str(args.n_filters_scale),
                          "--nepochs", str(args.epochs), "--batch_size", str(args.batch_size), "--seed", str(seed),
-                         "--output_dir", str(out), "--conv_math", math, "--no_progress", "--quiet"], env)
+                         "--output_dir", str(out), "--conv_math", conv_math, "--no_progress", "--quiet"], env)
     infer_s = _pinn_jax(["infer", "--model_path", str(out), "--test_data", str(test), "--output_dir",
-                         str(out / "infer"), "--conv_math", math, "--quiet"], env)
+                         str(out / "infer"), "--conv_math", conv_math, "--quiet"], env)
     metrics = json.loads((out / "infer" / "metrics.json").read_text())
     history = json.loads((out / "history.json").read_text())
     return {"math": math, "seed": seed, "train_wall_s": train_s, "infer_wall_s": infer_s,
@@ -155,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--n-filters-scale", type=int, default=2)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--maths", nargs="+", choices=MATHS, default=list(MATHS))
+    p.add_argument("--maths", nargs="+", choices=MATHS, default=["float32", "bfloat16"],
+                   help="convolution settings to compare (see above)")
     p.add_argument("--workdir", type=Path, default=None, help="keep the trained models here (default: a temp dir)")
     p.add_argument("--quick", action="store_true", help="small simulated smoke run")
     p.add_argument("--from-json", type=Path, nargs="+", default=None, metavar="JSON",
@@ -209,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(rows, summary)
     print("\n" + text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, args.out)
     print(f"wrote {args.out}")
     return 0
 

@@ -67,6 +67,7 @@ __all__ = [
     "ONEDNN_FPMATH_ENV",
     "configure_conv_math",
     "conv_math_in_effect",
+    "cpu_has_bfloat16",
 ]
 
 log = logging.getLogger(__name__)
@@ -341,6 +342,22 @@ def conv_math_in_effect(environ: Mapping[str, str] | None = None) -> str:
     env = os.environ if environ is None else environ
     mode = (env.get(ONEDNN_FPMATH_ENV) or "").strip().upper() or "STRICT"
     return next((name for name, m in CONV_MATHS.items() if m == mode), f"oneDNN {mode}")
+
+
+def cpu_has_bfloat16(cpuinfo: str | None = None) -> bool:
+    """Whether this x86 CPU has bfloat16 instructions (``amx_bf16`` or ``avx512_bf16`` among the
+    flags of ``/proc/cpuinfo``, or of ``cpuinfo`` where given): where oneDNN's bfloat16 math
+    (:func:`configure_conv_math`) computes in bfloat16 rather than float32."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
 def configure_conv_math(math: str | None = None, environ: MutableMapping[str, str] | None = None) -> str:

@@ -53,3 +53,33 @@ def test_from_json_merges_reports_and_refuses_a_run_twice(bench, tmp_path, capsy
     with pytest.raises(SystemExit):
         bench.main(["--from-json", str(tmp_path / "none.json")])
     assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting,conv_math,winograd", [("float32", "float32", None),
+                                                        ("float32-direct", "float32", "0"),
+                                                        ("bfloat16", "bfloat16", None)])
+def test_each_setting_runs_the_cli_with_its_math_and_environment(bench, tmp_path, monkeypatch, setting, conv_math,
+                                                                 winograd):
+    monkeypatch.setenv("PINN_JAX_WINOGRAD", "1")  # the caller's setting never leaks into a run
+    calls = []
+
+    def fake(args, env):
+        calls.append((args, env))
+        out = tmp_path / f"{setting}_seed3"
+        if args[0] == "train":
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "history.json").write_text(json.dumps({"epoch_time_s": [2.0, 1.0, 3.0], "loss": [5.0, 4.0]}))
+        else:
+            (out / "infer").mkdir(parents=True, exist_ok=True)
+            (out / "infer" / "metrics.json").write_text(json.dumps(
+                {m: {p: 0.25 for p in bench.PARTS} for m in bench.METRICS}))
+        return 1.5
+
+    monkeypatch.setattr(bench, "_pinn_jax", fake)
+    args = type("A", (), {"n_groups": 8, "n_filters_scale": 1, "epochs": 1, "batch_size": 4})()
+    row = bench.run_one(tmp_path / "train.npz", tmp_path / "test.npz", setting, 3, tmp_path, args)
+    assert row["math"] == setting and row["seed"] == 3 and row["epoch_s_median"] == 2.0 and row["final_loss"] == 4.0
+    assert [c[0][0] for c in calls] == ["train", "infer"]
+    for cli, env in calls:
+        assert cli[cli.index("--conv_math") + 1] == conv_math
+        assert env.get("PINN_JAX_WINOGRAD") == winograd

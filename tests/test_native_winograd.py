@@ -21,6 +21,8 @@ from pinn_jax.models import conv
 DN = ("NHWC", "HWIO", "NHWC")
 SAME = ((1, 1), (1, 1))
 TARGET = "pinn_jax_conv_winograd"
+CALL = "@pinn_jax_conv_winograd("  # as the lowered program names the calls
+KERNEL_GRAD_CALL = "@pinn_jax_conv_winograd_kernel_grad("
 
 
 @pytest.fixture
@@ -80,9 +82,57 @@ def test_winograd_is_the_convolution_within_its_bound(shape, co, transpose, relu
     assert TARGET in jax.jit(ours).lower(x, k, b).as_text()
 
 
+KERNEL_GRAD_CASES = [
+    # (x shape, Co): partial tiles, output widths 16-112, tiles split over threads and blocks
+    ((2, 5, 7, 16), 48),
+    ((1, 7, 6, 32), 16),
+    ((3, 8, 8, 64), 112),
+    ((2, 9, 9, 256), 32),
+    ((16, 16, 16, 64), 64),
+]
+
+
+@pytest.mark.parametrize("jit", [True, False])
+@pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("shape,co", KERNEL_GRAD_CASES)
+def test_winograd_kernel_gradient_is_exact_within_its_bound(shape, co, tile, jit, winograd):
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((*shape[:3], co)), jnp.float32)
+
+    def ours(x, g):
+        return native.conv3x3_winograd_kernel_grad(x, g, tile=tile)
+
+    got = np.asarray((jax.jit(ours) if jit else ours)(x, g), np.float64)
+    want = native._exact_kernel_grad(x, g)
+    assert got.shape == want.shape == (3, 3, shape[-1], co)
+    excess = np.abs(got - want) / native._winograd_kernel_grad_bound(x, g, tile, native._threads())
+    assert excess.max() <= 1.0, f"{excess.max():.3f} x the bound"
+    assert KERNEL_GRAD_CALL in jax.jit(ours).lower(x, g).as_text()
+
+
+def test_winograd_kernel_gradient_off_unsupported_and_bad_shapes(winograd, monkeypatch):
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.standard_normal((2, 6, 6, 16)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((2, 6, 6, 32)), jnp.float32)
+    monkeypatch.setenv(native.WINOGRAD_ENV, "0")
+    np.testing.assert_array_equal(np.asarray(native.conv3x3_winograd_kernel_grad(x, g)),
+                                  np.asarray(native._xla_kernel_grad(x, g, (3, 3), SAME)))
+    monkeypatch.delenv(native.WINOGRAD_ENV)
+    hlo = jax.jit(native.conv3x3_winograd_kernel_grad).lower(x[..., :12], g).as_text()  # 12 channels
+    assert KERNEL_GRAD_CALL not in hlo
+    with pytest.raises(ValueError, match=r"x of shape \(2, 6, 6, 16\) and g of shape \(2, 5, 6, 32\)"):
+        native.conv3x3_winograd_kernel_grad(x, g[:, :5])
+    with pytest.raises(ValueError, match="tile 8, expected 2 or 4"):
+        native.conv3x3_winograd_kernel_grad(x, g, tile=8)
+
+
 def test_roundings_and_tile_choice():
     assert native._winograd_roundings(2, 64) == 64 + 23
     assert native._winograd_roundings(4, 64) == 64 + 33
+    # kernel gradient: B^T 2 x 3 (F2) or 2 x 5 (F4), A 2 x 3 or 2 x 5, G^T 2 x 4 or 2 x 7 (inexact 1/6)
+    assert native._winograd_kernel_grad_roundings(2, 1000, 2) == 20 + 1000 + 2
+    assert native._winograd_kernel_grad_roundings(4, 1000, 2) == 34 + 1000 + 2
     assert native.winograd_tile((16, 64, 64, 64)) == 4
     assert native.winograd_tile((16, native.WINOGRAD_F4_MIN_SIZE - 1, 64, 64)) == 2
     with pytest.raises(ValueError, match="tile 3, expected 2 or 4"):
@@ -168,10 +218,10 @@ def test_vmap_runs_each_element(winograd):
 
 @pytest.mark.parametrize("layer", ["bias_relu", "bias"])
 def test_cnn_layers_take_it_where_it_suits_with_their_gradients(layer, winograd, monkeypatch):
-    """With the threshold lowered to 0, a small 'same' layer runs by Winograd (forward and input
-    gradient, seen in the program): its value and input gradient within the bound of the exact
-    ones, its kernel and bias gradients XLA's to float32 order (computed from the same output
-    gradient)."""
+    """With the threshold lowered to 0, a small 'same' layer runs by Winograd (forward, input and
+    kernel gradients, seen in the program): its value and gradients within the bounds of the
+    exact ones (computed from the same output gradient), its bias gradient the sum to float32
+    order."""
     monkeypatch.setattr(native, "WINOGRAD_MIN_MACS_PER_TAP", 0)
     x, k, b = _arrays((2, 6, 8, 32), 16)
     rng = np.random.default_rng(3)
@@ -192,14 +242,15 @@ def test_cnn_layers_take_it_where_it_suits_with_their_gradients(layer, winograd,
     _check_within_bound(dx, jnp.asarray(gm, jnp.float32), k, None, transpose=True)
     eps = float(np.finfo(np.float32).eps)
     n = 2 * 6 * 8
-    want_dk = native._xla_kernel_grad(x.astype(jnp.float32), jnp.asarray(gm, jnp.float32), (3, 3), SAME)
-    scale = native._xla_kernel_grad(jnp.abs(x), jnp.abs(jnp.asarray(gm, jnp.float32)), (3, 3), SAME)
-    assert np.all(np.abs(np.asarray(dk) - np.asarray(want_dk)) <= 2 * n * eps * np.asarray(scale))
+    gm32 = jnp.asarray(gm, jnp.float32)
+    assert np.all(np.abs(np.asarray(dk, np.float64) - native._exact_kernel_grad(x, gm32))
+                  <= native._winograd_kernel_grad_bound(x, gm32, threads=native._threads()))
     np.testing.assert_allclose(np.asarray(db), gm.sum(axis=(0, 1, 2)), rtol=0,
                                atol=2 * n * eps * float(np.abs(gm).sum(axis=(0, 1, 2)).max()))
     hlo = jax.jit(jax.value_and_grad(lambda x, k, b: jnp.vdot(f(x, k, b), g), argnums=(0, 1, 2))).lower(
         x, k, b).as_text()
-    assert hlo.count(TARGET) >= 2  # the forward and the input gradient
+    assert hlo.count(CALL) == 2  # the forward and the input gradient
+    assert hlo.count(KERNEL_GRAD_CALL) == 1
 
 
 def test_cnn_layers_keep_direct_convolutions_when_off(winograd, monkeypatch):
@@ -209,3 +260,37 @@ def test_cnn_layers_keep_direct_convolutions_when_off(winograd, monkeypatch):
     hlo = jax.jit(jax.grad(lambda x, k, b: jnp.sum(conv.conv3x3_bias(x, k, b)), argnums=(0, 1, 2))).lower(
         x, k, b).as_text()
     assert TARGET not in hlo
+
+
+def test_under_bfloat16_math_the_forward_stays_onednn_and_the_kernel_gradient_winograd(winograd, monkeypatch):
+    """Where oneDNN computes in bfloat16 (AMX) its direct forward and input-gradient convolutions
+    are faster than float32 Winograd: those stay oneDNN's, the kernel gradient (float32 either
+    way) keeps Winograd. Decided when the step is traced; nothing runs here, so oneDNN's
+    process-wide math is untouched."""
+    from pinn_jax import runtime
+    from pinn_jax.models import onednn
+
+    if not onednn.enabled():
+        pytest.skip("oneDNN convolutions are not used here")
+    monkeypatch.setattr(native, "WINOGRAD_MIN_MACS_PER_TAP", 0)
+    monkeypatch.setattr(runtime, "conv_math_in_effect", lambda environ=None: "bfloat16")
+    x, k, b = _arrays((2, 6, 8, 32), 16)
+
+    def lowered():
+        return jax.jit(jax.value_and_grad(lambda x, k, b: jnp.sum(conv.conv3x3_bias_relu(x, k, b) ** 2),
+                                          argnums=(0, 1, 2))).lower(x, k, b).as_text()
+
+    monkeypatch.setattr(conv, "_cpu_has_bfloat16", lambda: True)
+    hlo = lowered()
+    assert CALL not in hlo and KERNEL_GRAD_CALL in hlo and "__onednn$convolution" in hlo
+    monkeypatch.setattr(conv, "_cpu_has_bfloat16", lambda: False)  # oneDNN would compute in float32
+    assert lowered().count(CALL) == 2
+
+
+def test_cpu_has_bfloat16_reads_the_flags():
+    from pinn_jax import runtime
+
+    assert runtime.cpu_has_bfloat16("processor\t: 0\nflags\t\t: fpu sse avx512f amx_bf16 amx_tile\n")
+    assert runtime.cpu_has_bfloat16("flags : fpu avx512_bf16\n")
+    assert not runtime.cpu_has_bfloat16("flags : fpu sse avx2 avx512f\nbugs : amx_bf16\n")
+    assert not runtime.cpu_has_bfloat16("")

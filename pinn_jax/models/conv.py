@@ -12,8 +12,9 @@ XLA's own convolution and its gradients up to float32 summation order:
 * on CPU where :func:`pinn_jax.models.onednn.enabled`, the forward and input-gradient
   convolutions of the general and upsampled forms run in oneDNN (:func:`_fast_conv`); where
   :func:`pinn_jax.native.enabled`, their kernel gradients run in pinn-jax's native kernel,
-  else in XLA, and the larger 'same' 3x3 layers' forward and input-gradient convolutions run
-  by Winograd's F(2x2, 3x3) in pinn-jax's native kernel (:func:`_forward`, :func:`_input_grad`,
+  else in XLA, and the larger 'same' 3x3 layers' forward, input-gradient and kernel-gradient
+  convolutions run by Winograd's minimal filtering in pinn-jax's native kernels
+  (:func:`_forward`, :func:`_input_grad`, :func:`_kernel_grad`,
   :func:`pinn_jax.native.winograd_suits`);
 * a layer followed by a ReLU (the CNN's conv pairs, :meth:`Conv3x3.relu`) takes the bias and
   the ReLU as oneDNN post-ops where oneDNN runs it (:func:`conv3x3_bias_relu`).
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pinn_jax import native
+from pinn_jax import native, runtime
 from pinn_jax.models import onednn
 
 __all__ = ["FEW_OUT_CHANNELS", "SUBPIXEL_MIN_IN_CHANNELS", "Conv3x3", "conv3x3", "conv3x3_bias", "upsample_2x"]
@@ -67,12 +68,27 @@ def _valid_conv_of_padded(x: jax.Array, kernel: jax.Array, padding: tuple) -> ja
     return jax.lax.conv_general_dilated(xp, kernel, (1, 1), "VALID", dimension_numbers=_DIMENSION_NUMBERS)
 
 
+@functools.cache
+def _cpu_has_bfloat16() -> bool:
+    return runtime.cpu_has_bfloat16()
+
+
+def _direct_in_bfloat16() -> bool:
+    """Whether oneDNN's direct convolutions compute in bfloat16 here: bfloat16 math chosen
+    (:func:`pinn_jax.runtime.configure_conv_math`), oneDNN on, a CPU with bfloat16 instructions.
+    There (AMX) they beat the float32 Winograd kernels in the forward and input gradient (N=64,
+    batch 16, the Winograd layers' forward + input gradient: 66 ms against 83), which then stay
+    oneDNN's; the kernel gradients, float32 either way, keep Winograd."""
+    return onednn.enabled() and runtime.conv_math_in_effect() == "bfloat16" and _cpu_has_bfloat16()
+
+
 def _forward(x: jax.Array, kernel: jax.Array, padding: tuple, bias: jax.Array | None = None) -> jax.Array:
-    """:func:`pinn_jax.models.onednn.conv2d` (with ``bias``: plus bias, then ReLU), by
-    Winograd's F(2x2, 3x3) in the native kernel where it suits the layer
-    (:func:`pinn_jax.native.winograd_suits`: 1.3-1.7x faster on the CNN's larger layers; the
-    same sums up to a few float32 roundings of the transformed terms)."""
-    if native.winograd_suits(x.shape, kernel.shape, padding):
+    """:func:`pinn_jax.models.onednn.conv2d` (with ``bias``: plus bias, then ReLU), by Winograd
+    in the native kernel where it suits the layer (:func:`pinn_jax.native.winograd_suits`: 1.2-2x
+    faster than oneDNN's direct convolution on the CNN's layers at batch 16; the same sums up to
+    float32 roundings of the transformed terms), unless oneDNN computes in bfloat16
+    (:func:`_direct_in_bfloat16`)."""
+    if not _direct_in_bfloat16() and native.winograd_suits(x.shape, kernel.shape, padding):
         return native.conv3x3_winograd(x, kernel, bias, relu=bias is not None)
     return onednn.conv2d(x, kernel, padding, bias)
 
@@ -80,9 +96,18 @@ def _forward(x: jax.Array, kernel: jax.Array, padding: tuple, bias: jax.Array | 
 def _input_grad(g: jax.Array, kernel: jax.Array, padding: tuple) -> jax.Array:
     """:func:`pinn_jax.models.onednn.conv2d_input_grad`, by Winograd where it suits the layer
     (see :func:`_forward`)."""
-    if native.winograd_suits(g.shape, kernel.shape, padding, transpose_kernel=True):
+    if not _direct_in_bfloat16() and native.winograd_suits(g.shape, kernel.shape, padding, transpose_kernel=True):
         return native.conv3x3_winograd(g, kernel, transpose_kernel=True)
     return onednn.conv2d_input_grad(g, kernel, padding)
+
+
+def _kernel_grad(x: jax.Array, g: jax.Array, kernel: jax.Array, padding: tuple) -> jax.Array:
+    """The native kernel gradient (:func:`pinn_jax.native.conv_kernel_grad`), by Winograd where
+    it suits the layer (:func:`pinn_jax.native.conv3x3_winograd_kernel_grad`, see
+    :func:`_forward`). Call where :func:`pinn_jax.native.enabled`."""
+    if native.winograd_suits(x.shape, kernel.shape, padding):
+        return native.conv3x3_winograd_kernel_grad(x, g)
+    return native.conv_kernel_grad(x, g, kernel.shape[:2], padding)
 
 
 def _custom_gradients() -> bool:
@@ -100,7 +125,7 @@ def _fast_conv(x: jax.Array, kernel: jax.Array, padding: tuple, stored_input: bo
     :func:`pinn_jax.native.enabled`, else XLA's from the stored input (:func:`_unfused_input`,
     unless ``stored_input`` says ``x`` is already a buffer fusion cannot recompute; a 2x2
     kernel's from the explicitly padded input, :func:`_valid_conv_of_padded`). The larger
-    'same' 3x3 layers' forward and input gradient by Winograd (:func:`_forward`)."""
+    'same' 3x3 layers' forward and gradients by Winograd (:func:`_forward`, :func:`_kernel_grad`)."""
     return _forward(x, kernel, padding)
 
 
@@ -112,7 +137,7 @@ def _fast_conv_bwd(padding, stored_input, residuals, g):
     x, kernel = residuals
     dx = _input_grad(g, kernel, padding)
     if native.enabled():  # reads x and g as they are: no transposed copy to protect
-        return dx, native.conv_kernel_grad(x, g, kernel.shape[:2], padding).astype(kernel.dtype)
+        return dx, _kernel_grad(x, g, kernel, padding).astype(kernel.dtype)
     if not stored_input:
         x = _unfused_input(x, kernel)
     if kernel.shape[0] == 3:

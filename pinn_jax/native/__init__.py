@@ -47,16 +47,18 @@ import numpy as np
 from backend_api import fileio
 from pinn_jax.runtime import self_test_in_child, switched_off, switched_on
 
-__all__ = ["ENV", "WINOGRAD_ENV", "cache_dir", "conv3x3_winograd", "conv_kernel_grad", "enabled", "library_path",
+__all__ = ["ENV", "WINOGRAD_ENV", "cache_dir", "conv3x3_winograd", "conv3x3_winograd_kernel_grad", "conv_kernel_grad", "enabled", "library_path",
            "self_test", "winograd_enabled", "winograd_suits", "winograd_tile"]
 
 ENV = "PINN_JAX_NATIVE"
 WINOGRAD_ENV = "PINN_JAX_WINOGRAD"
 _SOURCES = (Path(__file__).with_name("conv_kernel_grad.cc"), Path(__file__).with_name("conv_winograd.cc"))
 # FFI handler symbol -> the target name it is registered under
-_TARGETS = {"PinnJaxConvKernelGrad": "pinn_jax_conv_kernel_grad", "PinnJaxConvWinograd": "pinn_jax_conv_winograd"}
+_TARGETS = {"PinnJaxConvKernelGrad": "pinn_jax_conv_kernel_grad", "PinnJaxConvWinograd": "pinn_jax_conv_winograd",
+            "PinnJaxConvWinogradKernelGrad": "pinn_jax_conv_winograd_kernel_grad"}
 _TARGET = _TARGETS["PinnJaxConvKernelGrad"]
 _WINOGRAD_TARGET = _TARGETS["PinnJaxConvWinograd"]
+_WINOGRAD_KERNEL_GRAD_TARGET = _TARGETS["PinnJaxConvWinogradKernelGrad"]
 _SAME = ((1, 1), (1, 1))
 # Winograd runs a layer from this many multiply-adds per tap (B * H * W * Ci * Co): at batch 16
 # the CNN's smallest layers (8 x 8 x 128 -> 128, 16 x 16 x 64 -> 64; 2^24) still ran 1.15-1.25x
@@ -315,19 +317,29 @@ _WINOGRAD_MATRICES = {
 }
 
 
+def _stage_roundings(mat: np.ndarray) -> int:
+    """Roundings one stage of a transform (``out = mat @ in``, applied to columns or rows) adds
+    to a term, at most: one per nonzero coefficient of ``mat``'s widest row plus one for its
+    product, plus one if a coefficient is not exact in float32 (G's 1/6, 1/12, 1/24)."""
+    exact = all(float(np.float32(v)) == v for v in mat.ravel())
+    return int(np.count_nonzero(mat, axis=1).max()) + 1 + (0 if exact else 1)
+
+
 def _winograd_roundings(tile: int, ci: int) -> int:
     """How many float32 roundings a term of :func:`conv3x3_winograd`'s sum passes through, at
-    most: per stage of each transform (applied to columns, then rows), one per nonzero
-    coefficient of the widest row plus one for its product, plus one for a coefficient that
-    float32 does not hold exactly (G's 1/6, 1/12, 1/24); ``ci`` in the accumulation over input
-    channels; one for the bias."""
+    most: two stages each of the input (``B^T``), kernel (``G``) and output (``A^T``)
+    transforms (:func:`_stage_roundings`), ``ci`` in the accumulation over input channels, one
+    for the bias."""
     bt, g, at = _WINOGRAD_MATRICES[tile]
+    return 2 * (_stage_roundings(bt) + _stage_roundings(g) + _stage_roundings(at)) + ci + 1
 
-    def stage(mat):
-        exact = all(float(np.float32(v)) == v for v in mat.ravel())
-        return int(np.count_nonzero(mat, axis=1).max()) + 1 + (0 if exact else 1)
 
-    return 2 * (stage(bt) + stage(g) + stage(at)) + ci + 1
+def _winograd_kernel_grad_roundings(tile: int, tiles: int, threads: int) -> int:
+    """The same for :func:`conv3x3_winograd_kernel_grad`: two stages each of the input
+    (``B^T``), output-gradient (``A``) and final (``G^T``) transforms, the accumulation over
+    ``tiles`` tiles and the sum of up to ``threads`` partial sums."""
+    bt, g, at = _WINOGRAD_MATRICES[tile]
+    return 2 * (_stage_roundings(bt) + _stage_roundings(at.T) + _stage_roundings(g.T)) + tiles + threads
 
 
 def _winograd_bound(x, kernel, bias=None, transpose_kernel=False, tile=None) -> np.ndarray:
@@ -378,6 +390,69 @@ def _exact_same_conv(x, kernel, bias=None, transpose_kernel=False) -> np.ndarray
     return y if bias is None else y + np.asarray(bias, np.float64)
 
 
+def _exact_kernel_grad(x, g) -> np.ndarray:
+    """The 'same' 3x3 convolution's kernel gradient in float64 on the host."""
+    x = np.asarray(x, np.float64)
+    g = np.asarray(g, np.float64)
+    _, h, w, _ = x.shape
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return np.stack([np.stack([np.einsum("bhwc,bhwo->co", xp[:, i:i + h, j:j + w], g) for j in range(3)])
+                     for i in range(3)])
+
+
+def _tile_patches(x: np.ndarray, tile: int, size: int, offset: int) -> np.ndarray:
+    """``x (b, h, w, c)`` zero-padded and cut into its tiles' ``size x size`` patches (tile
+    ``(ty, tx)`` starts at ``tile * (ty, tx) - offset``): ``(b, th, size, tw, size, c)``."""
+    b, h, w, c = x.shape
+    th, tw = -(-h // tile), -(-w // tile)
+    xp = np.zeros((b, tile * th + size, tile * tw + size, c))
+    xp[:, offset:offset + h, offset:offset + w] = x
+    idx_y = tile * np.arange(th)[:, None] + np.arange(size)[None, :]
+    idx_x = tile * np.arange(tw)[:, None] + np.arange(size)[None, :]
+    return xp[:, idx_y][:, :, :, idx_x]
+
+
+def _winograd_kernel_grad_bound(x, g, tile=None, threads=2) -> np.ndarray:
+    """An elementwise bound on :func:`conv3x3_winograd_kernel_grad`'s distance from the exact
+    kernel gradient (float64, host): :func:`_winograd_kernel_grad_roundings` times ``eps``
+    times the same sum on absolute values, ``|G|^T (sum over tiles of (|B|^T |d| |B|) .
+    (|A| |g| |A|^T)) |G|`` (as :func:`_winograd_bound` for the forward)."""
+    x = np.abs(np.asarray(x, np.float64))
+    g = np.abs(np.asarray(g, np.float64))
+    if tile is None:
+        tile = winograd_tile(x.shape)
+    bt, gm, at = (np.abs(mat) for mat in _WINOGRAD_MATRICES[tile])
+    v = np.einsum("ia,nyaxsc,js->nyxijc", bt, _tile_patches(x, tile, tile + 2, 1), bt)
+    gt = np.einsum("ai,nyaxso,sj->nyxijo", at, _tile_patches(g, tile, tile, 0), at)
+    sums = np.einsum("nyxijc,nyxijo->ijco", v, gt)
+    w = np.einsum("ai,abco,bj->ijco", gm, sums, gm)
+    tiles = v.shape[0] * v.shape[1] * v.shape[2]
+    return _winograd_kernel_grad_roundings(tile, tiles, threads) * float(np.finfo(np.float32).eps) * w
+
+
+def conv3x3_winograd_kernel_grad(x: jax.Array, g: jax.Array, tile: int | None = None) -> jax.Array:
+    """The kernel gradient of a 'same' 3x3 stride-1 convolution, NHWC / HWIO: ``x (B, H, W, Ci)``,
+    the output gradient ``g (B, H, W, Co)`` -> ``(3, 3, Ci, Co)``; :func:`conv_kernel_grad`'s
+    value with 'same' padding.
+
+    By Winograd's F(m x m, 3x3) adjoint, ``m = tile`` (as :func:`conv3x3_winograd`): per tile,
+    ``(B^T d B) . (A g A^T)`` summed over the tiles, then ``G^T (.) G``; 4 (m = 2) or 2.25
+    (m = 4) products per position and channel pair instead of 9. In the native kernel where
+    :func:`winograd_enabled` and both are float32 with channels multiples of 16 (call it where
+    :func:`winograd_suits` says it pays); XLA's gradient otherwise."""
+    if x.ndim != 4 or g.ndim != 4 or tuple(x.shape[:3]) != tuple(g.shape[:3]):
+        raise ValueError(f"conv3x3_winograd_kernel_grad: x of shape {x.shape} and g of shape {g.shape}, "
+                         "expected (B, H, W, Ci) and (B, H, W, Co)")
+    if tile not in (None, 2, 4):
+        raise ValueError(f"conv3x3_winograd_kernel_grad: tile {tile!r}, expected 2 or 4 (or None)")
+    ci, co = x.shape[3], g.shape[3]
+    if ci % 16 or co % 16 or x.dtype != jnp.float32 or g.dtype != jnp.float32 or not winograd_enabled():
+        return _xla_kernel_grad(x, g, (3, 3), _SAME)
+    call = jax.ffi.ffi_call(_WINOGRAD_KERNEL_GRAD_TARGET, jax.ShapeDtypeStruct((3, 3, ci, co), jnp.float32),
+                            vmap_method="sequential")
+    return call(x, g, tile=np.int64(winograd_tile(x.shape) if tile is None else tile), threads=np.int64(_threads()))
+
+
 def self_test() -> bool:
     """Whether the native kernel gives XLA's kernel gradients, to float32 summation order, on
     shapes that reach every code path (channel remainders, a 2x2 kernel, uneven padding)."""
@@ -416,4 +491,12 @@ def self_test() -> bool:
             want = np.maximum(want, 0.0)
         if out.shape != want.shape or not np.all(np.abs(out - want) <= _winograd_bound(x, k, b, transpose, tile)):
             return False
+        if not transpose:  # its kernel gradient for an output gradient of the output's shape
+            g = jnp.asarray(rng.standard_normal((*shape[:3], co)), jnp.float32)
+            dk = np.asarray(jax.ffi.ffi_call(_WINOGRAD_KERNEL_GRAD_TARGET,
+                                             jax.ShapeDtypeStruct((3, 3, shape[-1], co), jnp.float32))(
+                x, g, tile=np.int64(tile), threads=np.int64(2)))
+            exact = _exact_kernel_grad(x, g)
+            if dk.shape != exact.shape or not np.all(np.abs(dk - exact) <= _winograd_kernel_grad_bound(x, g, tile)):
+                return False
     return True

@@ -91,6 +91,25 @@ inline void Apply(const float (&t)[R][K], const v16* in, int stride, v16* out, i
   }
 }
 
+// out[i] = sum over k of T[k][i] * in[k * stride]: Apply with the table transposed.
+template <int R, int K>
+inline void ApplyT(const float (&t)[K][R], const v16* in, int stride, v16* out, int out_stride) {
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) {
+    v16 acc = {};
+    bool first = true;
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) {
+      const float c = t[k][i];
+      if (c == 0.0f) continue;
+      const v16 term = c == 1.0f ? in[k * stride] : c == -1.0f ? -in[k * stride] : c * in[k * stride];
+      acc = first ? term : acc + term;
+      first = false;
+    }
+    out[i * out_stride] = acc;
+  }
+}
+
 // Transformed patches B^T d B of tiles [t0, t0 + T) into v (N * N, T, C): point (i, j) of
 // tile t, channel c at v[((i * N + j) * T + t) * C + c]. C % 16 == 0.
 template <int M>
@@ -341,6 +360,197 @@ ffi::Error Conv(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k, ffi::Buffer<ff
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------------
+// Kernel gradient of the same convolution (no flip, no swap):
+//
+//   dk[i][j][c][o] = sum over (b, p, q) of xpad[b][p + i][q + j][c] * g[b][p][q][o]
+//
+// the adjoint of the forward's A^T [(G k G^T) . (B^T d B)] A in k: for each tile, the output
+// gradient's M x M block is transformed to A g A^T (N x N; outputs outside the image count as
+// zeros), multiplied pointwise with the tile's B^T d B and summed over the tiles (N^2 matrix
+// products (C x tiles) by (tiles x O), the tiles as the reduction), then dk = G^T S G. Products
+// per position and channel pair as in the forward (4 or 2.25 against 9).
+
+// A g A^T of tiles [t0, t0 + T) of g (B, H, W, O) into gt (N * N, T, O). O % 16 == 0.
+template <int M>
+void GradTransform(const WShape& s, const float* g, int64_t t0, int64_t T, float* gt) {
+  constexpr int N = Wino<M>::N;
+  const v16 zero = {};
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t tile = t0 + t;
+    const int64_t b = tile / (s.TH * s.TW), rem = tile % (s.TH * s.TW);
+    const int64_t y0 = M * (rem / s.TW), x0 = M * (rem % s.TW);
+    const float* at[M][M];
+    for (int i = 0; i < M; ++i)
+      for (int j = 0; j < M; ++j) {
+        const int64_t yy = y0 + i, xx = x0 + j;
+        at[i][j] = (yy < s.H && xx < s.W) ? g + ((b * s.H + yy) * s.W + xx) * s.O : nullptr;
+      }
+    for (int64_t o = 0; o < s.O; o += 16) {
+      v16 e[M][M], r[N][M], w[N][N];
+#pragma GCC unroll 4
+      for (int i = 0; i < M; ++i)
+#pragma GCC unroll 4
+        for (int j = 0; j < M; ++j) e[i][j] = at[i][j] ? Load(at[i][j] + o) : zero;
+#pragma GCC unroll 4
+      for (int j = 0; j < M; ++j) ApplyT(Wino<M>::AT, &e[0][j], M, &r[0][j], M);  // A g
+#pragma GCC unroll 6
+      for (int i = 0; i < N; ++i) ApplyT(Wino<M>::AT, &r[i][0], 1, &w[i][0], 1);  // (A g) A^T
+      float* out = gt + t * s.O + o;
+      const int64_t point = T * s.O;
+#pragma GCC unroll 6
+      for (int i = 0; i < N; ++i)
+#pragma GCC unroll 6
+        for (int j = 0; j < N; ++j) Store(out + (i * N + j) * point, w[i][j]);
+    }
+  }
+}
+
+// acc[r][0 : 16 NV] += sum over t < T of v[t][r] * gt[t][0 : 16 NV] for R rows (input channels);
+// v rows (tiles) C apart, gt rows O apart, acc rows O apart.
+template <int R, int NV>
+inline void MicroT(const float* v, int64_t C, const float* gt, int64_t O, int64_t T, float* acc) {
+  v16 a[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int n = 0; n < NV; ++n) a[r][n] = Load(acc + r * O + 16 * n);
+  for (int64_t t = 0; t < T; ++t, v += C, gt += O) {
+    v16 gv[NV];
+#pragma GCC unroll 4
+    for (int n = 0; n < NV; ++n) gv[n] = Load(gt + 16 * n);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const float xv = v[r];
+#pragma GCC unroll 4
+      for (int n = 0; n < NV; ++n) a[r][n] += xv * gv[n];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int n = 0; n < NV; ++n) Store(acc + r * O + 16 * n, a[r][n]);
+}
+
+template <int NV>
+void RowsT(int64_t rows, const float* v, int64_t C, const float* gt, int64_t O, int64_t T, float* acc) {
+  switch (rows) {
+    case 6: MicroT<6, NV>(v, C, gt, O, T, acc); break;
+    case 5: MicroT<5, NV>(v, C, gt, O, T, acc); break;
+    case 4: MicroT<4, NV>(v, C, gt, O, T, acc); break;
+    case 3: MicroT<3, NV>(v, C, gt, O, T, acc); break;
+    case 2: MicroT<2, NV>(v, C, gt, O, T, acc); break;
+    default: MicroT<1, NV>(v, C, gt, O, T, acc); break;
+  }
+}
+
+// sums (P, C, O) += the block's V[p]^T Gt[p] for each point p.
+void ProductsT(const WShape& s, int P, const float* v, const float* gt, int64_t T, float* sums) {
+  for (int p = 0; p < P; ++p) {
+    const float* vp = v + p * T * s.C;
+    const float* gp = gt + p * T * s.O;
+    float* sp = sums + p * s.C * s.O;
+    for (int64_t c = 0; c < s.C; c += 6) {
+      const int64_t rows = std::min<int64_t>(6, s.C - c);
+      int64_t o = 0;
+      for (; o + 64 <= s.O; o += 64) RowsT<4>(rows, vp + c, s.C, gp + o, s.O, T, sp + c * s.O + o);
+      for (; o + 32 <= s.O; o += 32) RowsT<2>(rows, vp + c, s.C, gp + o, s.O, T, sp + c * s.O + o);
+      for (; o + 16 <= s.O; o += 16) RowsT<1>(rows, vp + c, s.C, gp + o, s.O, T, sp + c * s.O + o);
+    }
+  }
+}
+
+// dk[i][j][c][o] = (G^T S G)[i][j] for input channels [c0, c1).
+template <int M>
+void KernelGradTransform(const WShape& s, const float* sums, int64_t c0, int64_t c1, float* dk) {
+  constexpr int N = Wino<M>::N;
+  const int64_t point = s.C * s.O;
+  for (int64_t c = c0; c < c1; ++c) {
+    for (int64_t o = 0; o < s.O; o += 16) {
+      v16 e[N][N], r[3][N], w[3][3];
+      for (int i = 0; i < N; ++i)
+        for (int j = 0; j < N; ++j) e[i][j] = Load(sums + (i * N + j) * point + c * s.O + o);
+      for (int j = 0; j < N; ++j) ApplyT(Wino<M>::G, &e[0][j], N, &r[0][j], N);  // G^T S
+      for (int i = 0; i < 3; ++i) ApplyT(Wino<M>::G, &r[i][0], 1, &w[i][0], 1);  // (G^T S) G
+      for (int i = 0; i < 3; ++i)
+        for (int j = 0; j < 3; ++j) Store(dk + ((i * 3 + j) * s.C + c) * s.O + o, w[i][j]);
+    }
+  }
+}
+
+// Tiles per block of the kernel gradient: the tiles are the products' reduction, so a block is
+// long (the sums are read and written once per block and point), its two transformed blocks
+// (P T (C + O) floats) within ~1 MiB.
+int64_t GradBlockTiles(int P, int64_t C, int64_t O, int64_t tiles, int64_t threads) {
+  int64_t t = (1 << 20) / (4 * P * (C + O));
+  t = std::min<int64_t>(t, (tiles + threads - 1) / threads);
+  return std::max<int64_t>(1, t);
+}
+
+template <int M>
+bool RunKernelGrad(const WShape& s, const float* x, const float* g, float* dk, int64_t threads) {
+  constexpr int P = Wino<M>::N * Wino<M>::N;
+  const int64_t tiles = s.B * s.TH * s.TW;
+  const int64_t n = std::max<int64_t>(1, std::min<int64_t>(threads, tiles / 16));
+  const int64_t T = GradBlockTiles(P, s.C, s.O, tiles, n);
+  const auto lines = [](int64_t floats) { return (floats + 15) / 16 * 16; };
+  const int64_t sums_size = lines(P * s.C * s.O), v_size = lines(P * T * s.C), g_size = lines(P * T * s.O);
+  float* scratch = Scratch(n * (sums_size + v_size + g_size));
+  if (scratch == nullptr) return false;
+  std::memset(scratch, 0, sizeof(float) * n * sums_size);
+  auto accumulate = [&](int64_t t) {  // thread t: its share of the tiles into its own sums
+    float* sums = scratch + t * sums_size;
+    float* v = scratch + n * sums_size + t * (v_size + g_size);
+    float* gt = v + v_size;
+    const int64_t first = tiles * t / n, last = tiles * (t + 1) / n;
+    for (int64_t t0 = first; t0 < last; t0 += T) {
+      const int64_t tb = std::min(T, last - t0);
+      InputTransform<M>(s, x, t0, tb, v);
+      GradTransform<M>(s, g, t0, tb, gt);
+      ProductsT(s, P, v, gt, tb, sums);
+    }
+  };
+  auto finish = [&](int64_t t) {  // thread t: channels [c0, c1) of the summed sums, then dk
+    const int64_t c0 = s.C * t / n, c1 = s.C * (t + 1) / n;
+    for (int64_t q = 1; q < n; ++q) {
+      const float* part = scratch + q * sums_size;
+      for (int64_t p = 0; p < P; ++p)
+        for (int64_t e = (p * s.C + c0) * s.O; e < (p * s.C + c1) * s.O; ++e) scratch[e] += part[e];
+    }
+    KernelGradTransform<M>(s, scratch, c0, c1, dk);
+  };
+  for (auto phase : {0, 1}) {
+    std::vector<std::thread> pool;
+    for (int64_t t = 1; t < n; ++t) pool.emplace_back([&, t, phase] { phase ? finish(t) : accumulate(t); });
+    phase ? finish(0) : accumulate(0);
+    for (auto& th : pool) th.join();
+  }
+  return true;
+}
+
+ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dk, int64_t tile,
+                      int64_t threads) {
+  const auto xd = x.dimensions();
+  const auto gd = g.dimensions();
+  const auto kd = dk->dimensions();
+  if (xd.size() != 4 || gd.size() != 4 || kd.size() != 4) {
+    return ffi::Error::InvalidArgument("conv_winograd_kernel_grad: x, g and dk must be 4-d");
+  }
+  const int64_t C = xd[3], O = gd[3];
+  if (gd[0] != xd[0] || gd[1] != xd[1] || gd[2] != xd[2] || kd[0] != 3 || kd[1] != 3 || kd[2] != C || kd[3] != O ||
+      C % 16 != 0 || O % 16 != 0) {
+    return ffi::Error::InvalidArgument(
+        "conv_winograd_kernel_grad: shapes do not agree (or channels not multiples of 16)");
+  }
+  if (tile != 2 && tile != 4) return ffi::Error::InvalidArgument("conv_winograd_kernel_grad: tile must be 2 or 4");
+  WShape s{xd[0], xd[1], xd[2], C, O, (xd[1] + tile - 1) / tile, (xd[2] + tile - 1) / tile};
+  const int64_t th = std::max<int64_t>(1, threads);
+  const bool done = tile == 2 ? RunKernelGrad<2>(s, x.typed_data(), g.typed_data(), dk->typed_data(), th)
+                              : RunKernelGrad<4>(s, x.typed_data(), g.typed_data(), dk->typed_data(), th);
+  if (!done) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "conv_winograd_kernel_grad: out of memory");
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PinnJaxConvWinograd, Conv,
@@ -352,5 +562,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PinnJaxConvWinograd, Conv,
                                   .Attr<bool>("flip")
                                   .Attr<bool>("swap_io")
                                   .Attr<bool>("relu")
+                                  .Attr<int64_t>("tile")
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PinnJaxConvWinogradKernelGrad, KernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("tile")
                                   .Attr<int64_t>("threads"));
