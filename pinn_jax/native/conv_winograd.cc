@@ -71,36 +71,19 @@ struct Wino<4> {
   static constexpr float AT[4][6] = {{1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -2, 0}, {0, 1, 1, 4, 4, 0}, {0, 1, -1, 8, -8, 1}};
 };
 
-// out[i] = sum over k of T[i][k] * in[k * stride], the terms in k order, zero coefficients
-// skipped (the tables are constants: the tests and branches fold away when unrolled).
-template <int R, int K>
-inline void Apply(const float (&t)[R][K], const v16* in, int stride, v16* out, int out_stride) {
+// out[i] = sum over k of T[i][k] * in[k * stride] (with Transpose, T[k][i]), the terms in k
+// order, zero coefficients skipped (the tables are constants: the tests and branches fold away
+// when unrolled).
+template <bool Transpose, int I, int J>
+inline void Apply(const float (&t)[I][J], const v16* in, int stride, v16* out, int out_stride) {
+  constexpr int R = Transpose ? J : I, K = Transpose ? I : J;
 #pragma GCC unroll 8
   for (int i = 0; i < R; ++i) {
     v16 acc = {};
     bool first = true;
 #pragma GCC unroll 8
     for (int k = 0; k < K; ++k) {
-      const float c = t[i][k];
-      if (c == 0.0f) continue;
-      const v16 term = c == 1.0f ? in[k * stride] : c == -1.0f ? -in[k * stride] : c * in[k * stride];
-      acc = first ? term : acc + term;
-      first = false;
-    }
-    out[i * out_stride] = acc;
-  }
-}
-
-// out[i] = sum over k of T[k][i] * in[k * stride]: Apply with the table transposed.
-template <int R, int K>
-inline void ApplyT(const float (&t)[K][R], const v16* in, int stride, v16* out, int out_stride) {
-#pragma GCC unroll 8
-  for (int i = 0; i < R; ++i) {
-    v16 acc = {};
-    bool first = true;
-#pragma GCC unroll 8
-    for (int k = 0; k < K; ++k) {
-      const float c = t[k][i];
+      const float c = Transpose ? t[k][i] : t[i][k];
       if (c == 0.0f) continue;
       const v16 term = c == 1.0f ? in[k * stride] : c == -1.0f ? -in[k * stride] : c * in[k * stride];
       acc = first ? term : acc + term;
@@ -133,9 +116,9 @@ void InputTransform(const WShape& s, const float* x, int64_t t0, int64_t T, floa
 #pragma GCC unroll 6
         for (int j = 0; j < N; ++j) d[i][j] = at[i][j] ? Load(at[i][j] + c) : zero;
 #pragma GCC unroll 6
-      for (int j = 0; j < N; ++j) Apply(Wino<M>::BT, &d[0][j], N, &r[0][j], N);  // on columns: B^T d
+      for (int j = 0; j < N; ++j) Apply<false>(Wino<M>::BT, &d[0][j], N, &r[0][j], N);  // on columns: B^T d
 #pragma GCC unroll 6
-      for (int i = 0; i < N; ++i) Apply(Wino<M>::BT, &r[i][0], 1, &w[i][0], 1);  // on rows: (B^T d) B
+      for (int i = 0; i < N; ++i) Apply<false>(Wino<M>::BT, &r[i][0], 1, &w[i][0], 1);  // on rows: (B^T d) B
       float* out = v + t * s.C + c;
       const int64_t point = T * s.C;
 #pragma GCC unroll 6
@@ -165,8 +148,8 @@ void KernelTransform(const WShape& s, const float* k, bool flip, bool swap_io, i
             g[i][j] = e;
           }
         }
-      for (int j = 0; j < 3; ++j) Apply(Wino<M>::G, &g[0][j], 3, &r[0][j], 3);  // G k
-      for (int i = 0; i < N; ++i) Apply(Wino<M>::G, &r[i][0], 1, &w[i][0], 1);  // (G k) G^T
+      for (int j = 0; j < 3; ++j) Apply<false>(Wino<M>::G, &g[0][j], 3, &r[0][j], 3);  // G k
+      for (int i = 0; i < N; ++i) Apply<false>(Wino<M>::G, &r[i][0], 1, &w[i][0], 1);  // (G k) G^T
       float* out = u + c * s.O + o;
       const int64_t point = s.C * s.O;
       for (int i = 0; i < N; ++i)
@@ -249,9 +232,9 @@ void OutputTransform(const WShape& s, const float* m, int64_t t0, int64_t T, int
 #pragma GCC unroll 6
         for (int j = 0; j < N; ++j) e[i][j] = Load(mp + (i * N + j) * point);
 #pragma GCC unroll 6
-      for (int j = 0; j < N; ++j) Apply(Wino<M>::AT, &e[0][j], N, &r[0][j], N);  // A^T m
+      for (int j = 0; j < N; ++j) Apply<false>(Wino<M>::AT, &e[0][j], N, &r[0][j], N);  // A^T m
 #pragma GCC unroll 4
-      for (int i = 0; i < M; ++i) Apply(Wino<M>::AT, &r[i][0], 1, &out[i][0], 1);  // (A^T m) A
+      for (int i = 0; i < M; ++i) Apply<false>(Wino<M>::AT, &r[i][0], 1, &out[i][0], 1);  // (A^T m) A
       const v16 bv = Load(bias + o + n);
       for (int i = 0; i < M && y0 + i < s.H; ++i) {
         for (int j = 0; j < M && x0 + j < s.W; ++j) {
@@ -393,9 +376,9 @@ void GradTransform(const WShape& s, const float* g, int64_t t0, int64_t T, float
 #pragma GCC unroll 4
         for (int j = 0; j < M; ++j) e[i][j] = at[i][j] ? Load(at[i][j] + o) : zero;
 #pragma GCC unroll 4
-      for (int j = 0; j < M; ++j) ApplyT(Wino<M>::AT, &e[0][j], M, &r[0][j], M);  // A g
+      for (int j = 0; j < M; ++j) Apply<true>(Wino<M>::AT, &e[0][j], M, &r[0][j], M);  // A g
 #pragma GCC unroll 6
-      for (int i = 0; i < N; ++i) ApplyT(Wino<M>::AT, &r[i][0], 1, &w[i][0], 1);  // (A g) A^T
+      for (int i = 0; i < N; ++i) Apply<true>(Wino<M>::AT, &r[i][0], 1, &w[i][0], 1);  // (A g) A^T
       float* out = gt + t * s.O + o;
       const int64_t point = T * s.O;
 #pragma GCC unroll 6
@@ -470,8 +453,8 @@ void KernelGradTransform(const WShape& s, const float* sums, int64_t c0, int64_t
       v16 e[N][N], r[3][N], w[3][3];
       for (int i = 0; i < N; ++i)
         for (int j = 0; j < N; ++j) e[i][j] = Load(sums + (i * N + j) * point + c * s.O + o);
-      for (int j = 0; j < N; ++j) ApplyT(Wino<M>::G, &e[0][j], N, &r[0][j], N);  // G^T S
-      for (int i = 0; i < 3; ++i) ApplyT(Wino<M>::G, &r[i][0], 1, &w[i][0], 1);  // (G^T S) G
+      for (int j = 0; j < N; ++j) Apply<true>(Wino<M>::G, &e[0][j], N, &r[0][j], N);  // G^T S
+      for (int i = 0; i < 3; ++i) Apply<true>(Wino<M>::G, &r[i][0], 1, &w[i][0], 1);  // (G^T S) G
       for (int i = 0; i < 3; ++i)
         for (int j = 0; j < 3; ++j) Store(dk + ((i * 3 + j) * s.C + c) * s.O + o, w[i][j]);
     }
