@@ -366,12 +366,14 @@ def configure_conv_math(math: str | None = None, environ: MutableMapping[str, st
     ``'bfloat16'`` (inputs and weights rounded to bfloat16, products summed in float32).
 
     Why: on x86 CPUs with bfloat16 instructions (measured with the AMX tiles of Sapphire Rapids)
-    oneDNN's bfloat16 convolutions run much faster. On the 2-core Sapphire Rapids host the N=64
-    train step took 0.22 instead of 0.28 s (steps back to back) and inference ran at 356 instead
-    of 201 patterns/s, with the trained models' test quality within float32's seed-to-seed
-    spread over six seeds (``benchmarks/conv_math.py``; figures in ``benchmarks/README.md``). It is the CPU
-    counterpart of the TF32 that GPUs use for float32 convolutions by default. The physics,
-    losses, optimiser and the kernel gradients (:mod:`pinn_jax.native`) stay float32; so does
+    oneDNN's bfloat16 convolutions run much faster than its float32 ones, and faster than
+    pinn-jax's float32 Winograd kernels, so under bfloat16 the forward and input-gradient
+    convolutions stay oneDNN's (:mod:`pinn_jax.models.conv`). On the 2-core Sapphire Rapids host
+    the N=64 train step took 0.198 instead of 0.250 s (float32 with Winograd; inference equal),
+    with the trained models' test quality within float32's seed-to-seed spread over six seeds
+    (``benchmarks/conv_math.py``; figures in ``benchmarks/README.md``). It is the CPU counterpart
+    of the TF32 that GPUs use for float32 convolutions by default. The physics, losses,
+    optimiser and the kernel gradients (:mod:`pinn_jax.native`) stay float32; so does
     everything where oneDNN is not used (:func:`pinn_jax.models.onednn.enabled`). On a CPU
     without bfloat16 instructions oneDNN computes in float32 either way.
 
