@@ -158,42 +158,55 @@ void KernelTransform(const WShape& s, const float* k, bool flip, bool swap_io, i
   }
 }
 
-// m[r][0 : 16 NV] = sum over c of v[r][c] * u[c][0 : 16 NV] for R rows; v rows C apart, u rows
-// O apart, m rows ms apart.
-template <int R, int NV>
-inline void Micro(const float* v, int64_t C, const float* u, int64_t O, float* m, int64_t ms) {
-  v16 a[R][NV];
+// The register tile of every product here (as in conv_kernel_grad.cc): for R rows and 16 NV
+// columns, acc[r][0 : 16 NV] (+)= sum over k < K of a[r * a_row + k * a_step] * b[k * b_step + 0 : 16 NV];
+// acc rows acc_row apart, loaded first with Accumulate, else started at zero.
+template <int R, int NV, bool Accumulate>
+inline void Micro(const float* a, int64_t a_row, int64_t a_step, const float* b, int64_t b_step, int64_t K,
+                  float* acc, int64_t acc_row) {
+  v16 t[R][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int n = 0; n < NV; ++n) a[r][n] = v16{};
-  for (int64_t c = 0; c < C; ++c, u += O) {
-    v16 uv[NV];
+    for (int n = 0; n < NV; ++n) t[r][n] = Accumulate ? Load(acc + r * acc_row + 16 * n) : v16{};
+  for (int64_t k = 0; k < K; ++k, a += a_step, b += b_step) {
+    v16 bv[NV];
 #pragma GCC unroll 4
-    for (int n = 0; n < NV; ++n) uv[n] = Load(u + 16 * n);
+    for (int n = 0; n < NV; ++n) bv[n] = Load(b + 16 * n);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const float xv = v[r * C + c];
+      const float av = a[r * a_row];
 #pragma GCC unroll 4
-      for (int n = 0; n < NV; ++n) a[r][n] += xv * uv[n];
+      for (int n = 0; n < NV; ++n) t[r][n] += av * bv[n];
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int n = 0; n < NV; ++n) Store(m + r * ms + 16 * n, a[r][n]);
+    for (int n = 0; n < NV; ++n) Store(acc + r * acc_row + 16 * n, t[r][n]);
 }
 
-template <int NV>
-void Rows(int64_t rows, const float* v, int64_t C, const float* u, int64_t O, float* m, int64_t ms) {
+template <int NV, bool Accumulate>
+void Rows(int64_t rows, const float* a, int64_t a_row, int64_t a_step, const float* b, int64_t b_step, int64_t K,
+          float* acc, int64_t acc_row) {
   switch (rows) {
-    case 6: Micro<6, NV>(v, C, u, O, m, ms); break;
-    case 5: Micro<5, NV>(v, C, u, O, m, ms); break;
-    case 4: Micro<4, NV>(v, C, u, O, m, ms); break;
-    case 3: Micro<3, NV>(v, C, u, O, m, ms); break;
-    case 2: Micro<2, NV>(v, C, u, O, m, ms); break;
-    default: Micro<1, NV>(v, C, u, O, m, ms); break;
+    case 6: Micro<6, NV, Accumulate>(a, a_row, a_step, b, b_step, K, acc, acc_row); break;
+    case 5: Micro<5, NV, Accumulate>(a, a_row, a_step, b, b_step, K, acc, acc_row); break;
+    case 4: Micro<4, NV, Accumulate>(a, a_row, a_step, b, b_step, K, acc, acc_row); break;
+    case 3: Micro<3, NV, Accumulate>(a, a_row, a_step, b, b_step, K, acc, acc_row); break;
+    case 2: Micro<2, NV, Accumulate>(a, a_row, a_step, b, b_step, K, acc, acc_row); break;
+    default: Micro<1, NV, Accumulate>(a, a_row, a_step, b, b_step, K, acc, acc_row); break;
   }
+}
+
+// Micro over 1-6 rows and all of width (a multiple of 16) columns, in blocks of 64, 32 and 16.
+template <bool Accumulate>
+void Tiles(int64_t rows, int64_t width, const float* a, int64_t a_row, int64_t a_step, const float* b,
+           int64_t b_step, int64_t K, float* acc, int64_t acc_row) {
+  int64_t c = 0;
+  for (; c + 64 <= width; c += 64) Rows<4, Accumulate>(rows, a, a_row, a_step, b + c, b_step, K, acc + c, acc_row);
+  for (; c + 32 <= width; c += 32) Rows<2, Accumulate>(rows, a, a_row, a_step, b + c, b_step, K, acc + c, acc_row);
+  for (; c + 16 <= width; c += 16) Rows<1, Accumulate>(rows, a, a_row, a_step, b + c, b_step, K, acc + c, acc_row);
 }
 
 // The P = N * N products for output channels [o, o + ob) of a block of T tiles: m (P, T, ob).
@@ -202,13 +215,8 @@ void Products(const WShape& s, int P, const float* v, int64_t T, const float* u,
     const float* vp = v + p * T * s.C;
     const float* up = u + p * s.C * s.O + o;
     float* mp = m + p * T * ob;
-    for (int64_t t = 0; t < T; t += 6) {
-      const int64_t rows = std::min<int64_t>(6, T - t);
-      int64_t n = 0;
-      for (; n + 64 <= ob; n += 64) Rows<4>(rows, vp + t * s.C, s.C, up + n, s.O, mp + t * ob + n, ob);
-      for (; n + 32 <= ob; n += 32) Rows<2>(rows, vp + t * s.C, s.C, up + n, s.O, mp + t * ob + n, ob);
-      for (; n + 16 <= ob; n += 16) Rows<1>(rows, vp + t * s.C, s.C, up + n, s.O, mp + t * ob + n, ob);
-    }
+    for (int64_t t = 0; t < T; t += 6)  // rows: tiles (their C channels contiguous); reduction: C
+      Tiles<false>(std::min<int64_t>(6, T - t), ob, vp + t * s.C, s.C, 1, up, s.O, s.C, mp + t * ob, ob);
   }
 }
 
@@ -389,57 +397,13 @@ void GradTransform(const WShape& s, const float* g, int64_t t0, int64_t T, float
   }
 }
 
-// acc[r][0 : 16 NV] += sum over t < T of v[t][r] * gt[t][0 : 16 NV] for R rows (input channels);
-// v rows (tiles) C apart, gt rows O apart, acc rows O apart.
-template <int R, int NV>
-inline void MicroT(const float* v, int64_t C, const float* gt, int64_t O, int64_t T, float* acc) {
-  v16 a[R][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int n = 0; n < NV; ++n) a[r][n] = Load(acc + r * O + 16 * n);
-  for (int64_t t = 0; t < T; ++t, v += C, gt += O) {
-    v16 gv[NV];
-#pragma GCC unroll 4
-    for (int n = 0; n < NV; ++n) gv[n] = Load(gt + 16 * n);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const float xv = v[r];
-#pragma GCC unroll 4
-      for (int n = 0; n < NV; ++n) a[r][n] += xv * gv[n];
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int n = 0; n < NV; ++n) Store(acc + r * O + 16 * n, a[r][n]);
-}
-
-template <int NV>
-void RowsT(int64_t rows, const float* v, int64_t C, const float* gt, int64_t O, int64_t T, float* acc) {
-  switch (rows) {
-    case 6: MicroT<6, NV>(v, C, gt, O, T, acc); break;
-    case 5: MicroT<5, NV>(v, C, gt, O, T, acc); break;
-    case 4: MicroT<4, NV>(v, C, gt, O, T, acc); break;
-    case 3: MicroT<3, NV>(v, C, gt, O, T, acc); break;
-    case 2: MicroT<2, NV>(v, C, gt, O, T, acc); break;
-    default: MicroT<1, NV>(v, C, gt, O, T, acc); break;
-  }
-}
-
 // sums (P, C, O) += the block's V[p]^T Gt[p] for each point p.
 void ProductsT(const WShape& s, int P, const float* v, const float* gt, int64_t T, float* sums) {
   for (int p = 0; p < P; ++p) {
     const float* vp = v + p * T * s.C;
-    const float* gp = gt + p * T * s.O;
     float* sp = sums + p * s.C * s.O;
-    for (int64_t c = 0; c < s.C; c += 6) {
-      const int64_t rows = std::min<int64_t>(6, s.C - c);
-      int64_t o = 0;
-      for (; o + 64 <= s.O; o += 64) RowsT<4>(rows, vp + c, s.C, gp + o, s.O, T, sp + c * s.O + o);
-      for (; o + 32 <= s.O; o += 32) RowsT<2>(rows, vp + c, s.C, gp + o, s.O, T, sp + c * s.O + o);
-      for (; o + 16 <= s.O; o += 16) RowsT<1>(rows, vp + c, s.C, gp + o, s.O, T, sp + c * s.O + o);
-    }
+    for (int64_t c = 0; c < s.C; c += 6)  // rows: input channels; reduction: the T tiles
+      Tiles<true>(std::min<int64_t>(6, s.C - c), s.O, vp + c, 1, s.C, gt + p * T * s.O, s.O, T, sp + c * s.O, s.O);
   }
 }
 
