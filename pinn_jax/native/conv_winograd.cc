@@ -93,40 +93,65 @@ inline void Apply(const float (&t)[I][J], const v16* in, int stride, v16* out, i
   }
 }
 
-// Transformed patches B^T d B of tiles [t0, t0 + T) into v (N * N, T, C): point (i, j) of
-// tile t, channel c at v[((i * N + j) * T + t) * C + c]. C % 16 == 0.
-template <int M>
-void InputTransform(const WShape& s, const float* x, int64_t t0, int64_t T, float* v) {
-  constexpr int N = Wino<M>::N;
+// Tile `tile`'s first output: image b, row y0, column x0 (tiles of M x M outputs, row-major).
+inline void Origin(const WShape& s, int64_t tile, int M, int64_t& b, int64_t& y0, int64_t& x0) {
+  b = tile / (s.TH * s.TW);
+  const int64_t rem = tile % (s.TH * s.TW);
+  y0 = M * (rem / s.TW);
+  x0 = M * (rem % s.TW);
+}
+
+// at[i][j]: channel 0 of pixel (y0 - offset + i, x0 - offset + j) of tile `tile`'s image in
+// `data` (`channels` floats a pixel), nullptr outside the image.
+template <int S>
+inline void Patch(const WShape& s, const float* data, int64_t channels, int64_t tile, int M, int offset,
+                  const float* (&at)[S][S]) {
+  int64_t b, y0, x0;
+  Origin(s, tile, M, b, y0, x0);
+  for (int i = 0; i < S; ++i)
+    for (int j = 0; j < S; ++j) {
+      const int64_t yy = y0 - offset + i, xx = x0 - offset + j;
+      at[i][j] = (yy >= 0 && yy < s.H && xx >= 0 && xx < s.W) ? data + ((b * s.H + yy) * s.W + xx) * channels : nullptr;
+    }
+}
+
+// For tiles [t0, t0 + T): each tile's S x S patch of `data` (B, H, W, channels) starting
+// `offset` pixels before its first output (zeros outside the image), transformed on columns then
+// rows by `table` (with Transpose, its transpose) into an L x L patch, written to
+// out (L * L, T, channels): point (i, j) of tile t, channel c at out[((i * L + j) * T + t) *
+// channels + c]. channels % 16 == 0.
+template <int S, bool Transpose, int I, int J>
+void PatchTransform(const WShape& s, const float* data, int64_t channels, int64_t t0, int64_t T, int M, int offset,
+                    const float (&table)[I][J], float* out) {
+  constexpr int L = Transpose ? J : I;
   const v16 zero = {};
+  const int64_t point = T * channels;
   for (int64_t t = 0; t < T; ++t) {
-    const int64_t tile = t0 + t;
-    const int64_t b = tile / (s.TH * s.TW), rem = tile % (s.TH * s.TW);
-    const int64_t y0 = M * (rem / s.TW) - 1, x0 = M * (rem % s.TW) - 1;
-    const float* at[N][N];
-    for (int i = 0; i < N; ++i)
-      for (int j = 0; j < N; ++j) {
-        const int64_t yy = y0 + i, xx = x0 + j;
-        at[i][j] = (yy >= 0 && yy < s.H && xx >= 0 && xx < s.W) ? x + ((b * s.H + yy) * s.W + xx) * s.C : nullptr;
-      }
-    for (int64_t c = 0; c < s.C; c += 16) {
-      v16 d[N][N], r[N][N], w[N][N];
+    const float* at[S][S];
+    Patch<S>(s, data, channels, t0 + t, M, offset, at);
+    for (int64_t c = 0; c < channels; c += 16) {
+      v16 d[S][S], r[L][S], w[L][L];
 #pragma GCC unroll 6
-      for (int i = 0; i < N; ++i)
+      for (int i = 0; i < S; ++i)
 #pragma GCC unroll 6
-        for (int j = 0; j < N; ++j) d[i][j] = at[i][j] ? Load(at[i][j] + c) : zero;
+        for (int j = 0; j < S; ++j) d[i][j] = at[i][j] ? Load(at[i][j] + c) : zero;
 #pragma GCC unroll 6
-      for (int j = 0; j < N; ++j) Apply<false>(Wino<M>::BT, &d[0][j], N, &r[0][j], N);  // on columns: B^T d
+      for (int j = 0; j < S; ++j) Apply<Transpose>(table, &d[0][j], S, &r[0][j], S);  // on columns
 #pragma GCC unroll 6
-      for (int i = 0; i < N; ++i) Apply<false>(Wino<M>::BT, &r[i][0], 1, &w[i][0], 1);  // on rows: (B^T d) B
-      float* out = v + t * s.C + c;
-      const int64_t point = T * s.C;
+      for (int i = 0; i < L; ++i) Apply<Transpose>(table, &r[i][0], 1, &w[i][0], 1);  // on rows
+      float* o = out + t * channels + c;
 #pragma GCC unroll 6
-      for (int i = 0; i < N; ++i)
+      for (int i = 0; i < L; ++i)
 #pragma GCC unroll 6
-        for (int j = 0; j < N; ++j) Store(out + (i * N + j) * point, w[i][j]);
+        for (int j = 0; j < L; ++j) Store(o + (i * L + j) * point, w[i][j]);
     }
   }
+}
+
+// Transformed patches B^T d B of tiles [t0, t0 + T) of x (B, H, W, C) into v (N * N, T, C).
+template <int M>
+void InputTransform(const WShape& s, const float* x, int64_t t0, int64_t T, float* v) {
+  PatchTransform<Wino<M>::N, false>(s, x, s.C, t0, T, M, 1, Wino<M>::BT, v);
 }
 
 // Transformed kernel G k G^T into u (N * N, C, O), for input channels [c0, c1). O % 16 == 0.
@@ -229,9 +254,8 @@ void OutputTransform(const WShape& s, const float* m, int64_t t0, int64_t T, int
   const v16 zero = {};
   const int64_t point = T * ob;
   for (int64_t t = 0; t < T; ++t) {
-    const int64_t tile = t0 + t;
-    const int64_t b = tile / (s.TH * s.TW), rem = tile % (s.TH * s.TW);
-    const int64_t y0 = M * (rem / s.TW), x0 = M * (rem % s.TW);
+    int64_t b, y0, x0;
+    Origin(s, t0 + t, M, b, y0, x0);
     for (int64_t n = 0; n < ob; n += 16) {
       const float* mp = m + t * ob + n;
       v16 e[N][N], r[M][N], out[M][M];
@@ -362,39 +386,11 @@ ffi::Error Conv(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k, ffi::Buffer<ff
 // products (C x tiles) by (tiles x O), the tiles as the reduction), then dk = G^T S G. Products
 // per position and channel pair as in the forward (4 or 2.25 against 9).
 
-// A g A^T of tiles [t0, t0 + T) of g (B, H, W, O) into gt (N * N, T, O). O % 16 == 0.
+// A g A^T of tiles [t0, t0 + T) of g (B, H, W, O) (outputs outside the image count as zeros)
+// into gt (N * N, T, O).
 template <int M>
 void GradTransform(const WShape& s, const float* g, int64_t t0, int64_t T, float* gt) {
-  constexpr int N = Wino<M>::N;
-  const v16 zero = {};
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t tile = t0 + t;
-    const int64_t b = tile / (s.TH * s.TW), rem = tile % (s.TH * s.TW);
-    const int64_t y0 = M * (rem / s.TW), x0 = M * (rem % s.TW);
-    const float* at[M][M];
-    for (int i = 0; i < M; ++i)
-      for (int j = 0; j < M; ++j) {
-        const int64_t yy = y0 + i, xx = x0 + j;
-        at[i][j] = (yy < s.H && xx < s.W) ? g + ((b * s.H + yy) * s.W + xx) * s.O : nullptr;
-      }
-    for (int64_t o = 0; o < s.O; o += 16) {
-      v16 e[M][M], r[N][M], w[N][N];
-#pragma GCC unroll 4
-      for (int i = 0; i < M; ++i)
-#pragma GCC unroll 4
-        for (int j = 0; j < M; ++j) e[i][j] = at[i][j] ? Load(at[i][j] + o) : zero;
-#pragma GCC unroll 4
-      for (int j = 0; j < M; ++j) Apply<true>(Wino<M>::AT, &e[0][j], M, &r[0][j], M);  // A g
-#pragma GCC unroll 6
-      for (int i = 0; i < N; ++i) Apply<true>(Wino<M>::AT, &r[i][0], 1, &w[i][0], 1);  // (A g) A^T
-      float* out = gt + t * s.O + o;
-      const int64_t point = T * s.O;
-#pragma GCC unroll 6
-      for (int i = 0; i < N; ++i)
-#pragma GCC unroll 6
-        for (int j = 0; j < N; ++j) Store(out + (i * N + j) * point, w[i][j]);
-    }
-  }
+  PatchTransform<M, true>(s, g, s.O, t0, T, M, 0, Wino<M>::AT, gt);
 }
 
 // sums (P, C, O) += the block's V[p]^T Gt[p] for each point p.
