@@ -47,8 +47,8 @@ import numpy as np
 from backend_api import fileio
 from pinn_jax.runtime import self_test_in_child, switched_off, switched_on
 
-__all__ = ["ENV", "WINOGRAD_ENV", "cache_dir", "conv3x3_winograd", "conv3x3_winograd_kernel_grad", "conv_kernel_grad", "enabled", "library_path",
-           "self_test", "winograd_enabled", "winograd_suits", "winograd_tile"]
+__all__ = ["ENV", "WINOGRAD_ENV", "cache_dir", "conv3x3_winograd", "conv3x3_winograd_kernel_grad", "conv_kernel_grad",
+           "enabled", "library_path", "self_test", "winograd_enabled", "winograd_suits", "winograd_tile"]
 
 ENV = "PINN_JAX_NATIVE"
 WINOGRAD_ENV = "PINN_JAX_WINOGRAD"
@@ -361,16 +361,10 @@ def _winograd_bound(x, kernel, bias=None, transpose_kernel=False, tile=None) -> 
     if tile is None:
         tile = winograd_tile(x.shape)
     bt, gm, at = (np.abs(mat) for mat in _WINOGRAD_MATRICES[tile])
-    n = tile + 2
-    th, tw = -(-h // tile), -(-w // tile)
-    xp = np.zeros((b, tile * th + 2, tile * tw + 2, ci))
-    xp[:, 1:h + 1, 1:w + 1] = x
-    idx_y = tile * np.arange(th)[:, None] + np.arange(n)[None, :]
-    idx_x = tile * np.arange(tw)[:, None] + np.arange(n)[None, :]
-    d = xp[:, idx_y][:, :, :, idx_x]  # (b, th, n, tw, n, ci): each tile's n x n patch
-    v = np.einsum("ia,nyaxsc,js->nyxijc", bt, d, bt)
+    v = np.einsum("ia,nyaxsc,js->nyxijc", bt, _tile_patches(x, tile, tile + 2, 1), bt)
     u = np.einsum("ia,asco,js->ijco", gm, k, gm)
     m = np.einsum("nyxijc,ijco->nyxijo", v, u)
+    th, tw = m.shape[1], m.shape[2]
     y = np.einsum("pi,nyxijo,qj->nypxqo", at, m, at).reshape(b, tile * th, tile * tw, -1)[:, :h, :w]
     if bias is not None:
         y = y + np.abs(np.asarray(bias, np.float64))

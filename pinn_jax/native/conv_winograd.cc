@@ -298,6 +298,16 @@ float* Scratch(int64_t floats) {
   return buffer.p;
 }
 
+// fn(t) for t in [0, n), t = 0 on the calling thread, the others each on a thread of its own;
+// returns when all are done.
+template <typename Fn>
+void OnThreads(int64_t n, Fn fn) {
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < n; ++t) pool.emplace_back([&fn, t] { fn(t); });
+  fn(0);
+  for (auto& th : pool) th.join();
+}
+
 // Tiles per block, a multiple of 6 (the product's row tile), fewer where that leaves under 4
 // blocks per thread. F(2x2, 3x3): 48, or 96 from 256 input channels; F(4x4, 3x3) (36 points a
 // tile instead of 16): 24, or 48 from 128 input channels. The transformed kernel (P C O floats)
@@ -341,12 +351,8 @@ bool Run(const WShape& s, const float* x, const float* k, const float* bias, flo
       }
     }
   };
-  for (auto phase : {0, 1}) {
-    std::vector<std::thread> pool;
-    for (int64_t t = 1; t < n; ++t) pool.emplace_back([&, t, phase] { phase ? convolve(t) : transform_kernel(t); });
-    phase ? convolve(0) : transform_kernel(0);
-    for (auto& th : pool) th.join();
-  }
+  OnThreads(n, transform_kernel);
+  OnThreads(n, convolve);
   return true;
 }
 
@@ -462,12 +468,8 @@ bool RunKernelGrad(const WShape& s, const float* x, const float* g, float* dk, i
     }
     KernelGradTransform<M>(s, scratch, c0, c1, dk);
   };
-  for (auto phase : {0, 1}) {
-    std::vector<std::thread> pool;
-    for (int64_t t = 1; t < n; ++t) pool.emplace_back([&, t, phase] { phase ? finish(t) : accumulate(t); });
-    phase ? finish(0) : accumulate(0);
-    for (auto& th : pool) th.join();
-  }
+  OnThreads(n, accumulate);
+  OnThreads(n, finish);
   return true;
 }
 
