@@ -315,7 +315,7 @@ def run_pinnjax(scan: Scan, passes: int, *, noise="gaussian", batch_size=None, l
 
         raw = _raw(scan)
         rec.start()
-        _, res = pipeline.refine(raw, model=model, options=opts, on_pass_end=cb)
+        _, res = pipeline.refine(raw, model=model, options=opts, on_pass_end=cb, track_metrics=False)
         # the seed itself (a second, warm call with no pass): its quality and its warm cost
         t = time.perf_counter()
         seed_obj, _ = pipeline.refine(raw, model=model, options=RefineOptions(iterations=0))
