@@ -273,12 +273,17 @@ def summarize(curve: list[dict], first_pass_has_setup: bool = True) -> dict:
 
 
 def run_pinnjax(scan: Scan, passes: int, *, noise="gaussian", batch_size=None, learning_rate=None,
-                seed=0, model=None, label=None, extra: dict | None = None) -> dict:
+                seed=0, model=None, label=None, extra: dict | None = None, first_look: bool = False) -> dict:
     """One pinn-jax row; ``batch_size``/``learning_rate`` None keep RefineOptions' defaults
     (whatever the installed pinn_jax defines); the row records the values used. The row is
     *warm*: the same refinement (2 passes, full-batch ones included when asked) runs once
     before the measured one, so the compilation is not in its wall time; its wall time
-    (``warmup_s``) is recorded. The cold start is the ``cold`` scenario's."""
+    (``warmup_s``) is recorded. The cold start is the ``cold`` scenario's.
+
+    With a ``model``, the clock starts before the network's prediction (the seed's cost is in
+    the row); with ``first_look`` as well, the network's object is made first, untimed (its cost
+    recorded as ``first_look_s``), and the clock starts when the refinement from it is called:
+    what ``pinn-jax infer --refine_iterations K`` adds to the network's first look."""
     from pinn_jax.refine import RefineOptions, refine_object
 
     kw = {k: v for k, v in (("batch_size", batch_size), ("learning_rate", learning_rate)) if v is not None}
@@ -286,18 +291,26 @@ def run_pinnjax(scan: Scan, passes: int, *, noise="gaussian", batch_size=None, l
     warm_kw = dict(vars(opts))
     fb = warm_kw.get("full_batch_from")
     warm_kw.update(iterations=2, full_batch_from=None if fb is None else min(fb, 1))
+    seed_obj = None
+    if first_look:
+        from pinn_jax import pipeline
+
+        t = time.perf_counter()
+        seed_obj = pipeline.refine_start(_raw(scan), scan.gt.shape, model=model)
+        first_look_s = time.perf_counter() - t
     t = time.perf_counter()
-    if model is None:
-        refine_object(scan.amp, scan.positions, scan.probe, np.ones(scan.gt.shape, np.complex64),
-                      RefineOptions(**warm_kw))
+    if model is None or first_look:
+        start_obj = np.ones(scan.gt.shape, np.complex64) if seed_obj is None else seed_obj
+        refine_object(scan.amp, scan.positions, scan.probe, start_obj, RefineOptions(**warm_kw))
     else:
         from pinn_jax import pipeline
 
         pipeline.refine(_raw(scan), model=model, options=RefineOptions(**warm_kw), track_metrics=False)
     warmup_s = time.perf_counter() - t
     rec = Recorder(scan)
-    start_kind = "network" if model is not None else "flat"
-    row = {"method": label or f"pinn-jax {noise} ({start_kind})", "solver": "pinn-jax", "start": start_kind,
+    start_kind = "first look" if first_look else "network" if model is not None else "flat"
+    start_label = "network, first look given" if first_look else start_kind
+    row = {"method": label or f"pinn-jax {noise} ({start_label})", "solver": "pinn-jax", "start": start_kind,
            "options": {"noise": noise, "batch_size": opts.batch_size, "learning_rate": opts.learning_rate,
                        "seed": seed, "all": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
                                              for k, v in vars(opts).items()}}}
@@ -305,11 +318,13 @@ def run_pinnjax(scan: Scan, passes: int, *, noise="gaussian", batch_size=None, l
     def cb(i, loss, obj):
         rec.record(i + 1, obj, loss=float(loss))
 
-    if model is None:
-        flat = np.ones(scan.gt.shape, np.complex64)
-        rec.record(0, flat, wall=0.0)
+    if model is None or first_look:
+        start_obj = np.ones(scan.gt.shape, np.complex64) if seed_obj is None else seed_obj
+        rec.record(0, start_obj, wall=0.0)
         rec.start()
-        res = refine_object(scan.amp, scan.positions, scan.probe, flat, opts, on_pass_end=cb)
+        res = refine_object(scan.amp, scan.positions, scan.probe, start_obj, opts, on_pass_end=cb)
+        if first_look:
+            row["first_look_s"] = first_look_s
     else:
         from pinn_jax import pipeline
 
@@ -428,6 +443,7 @@ def methods_for(scan: Scan, args, model, *, noises=("gaussian",), lsqml_noises=(
         rows.append(run_pinnjax(scan, args.passes, noise=noise, seed=args.seed))
         if model is not None:
             rows.append(run_pinnjax(scan, args.passes, noise=noise, seed=args.seed, model=model))
+            rows.append(run_pinnjax(scan, args.passes, noise=noise, seed=args.seed, model=model, first_look=True))
         else:
             rows.append({"method": f"pinn-jax {noise} (network)", "solver": "pinn-jax", "start": "network",
                          "status": "no model given"})

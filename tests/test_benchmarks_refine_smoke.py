@@ -68,3 +68,35 @@ def test_a_photon_count_scan_is_taken_as_it_is_and_gets_the_low_dose_rows(bench,
     rows = [r["method"] for r in json.loads(out.read_text())["scenarios"][0]["rows"]]
     assert rows[0].startswith("pinn-jax poisson, full_batch_from 3, tv_weight 0.05")
     assert "pinn-jax poisson (flat)" in rows and "pty-chi LSQML (poisson)" in rows
+
+
+def test_quick_run_with_a_model_times_the_seed_and_the_refinement_after_the_first_look(bench, tmp_path):
+    """With --model_path: the network-seeded row's clock includes the network's prediction, the
+    'first look given' row starts from the same object with the prediction outside its clock
+    (recorded as first_look_s). An untrained N=64 model on a 48-position scan: the rows' arithmetic, not its quality."""
+    from backend_api import params as legacy
+    from backend_api.config import ModelConfig
+    from pinn_jax import checkpoint
+    from pinn_jax.model import build_model
+    from pinn_jax.probe import default_probe
+
+    model = build_model(ModelConfig(N=64, gridsize=1, n_filters_scale=1), np.asarray(default_probe(64)), 988.2,
+                        seed=3)
+    checkpoint.save_model(model, tmp_path / "model")
+    legacy.reset()
+    scan = bench.synthetic_scan(64, 128, 48)  # in photon units, as `pinn-jax simulate` writes them
+    np.savez(tmp_path / "scan.npz", diff3d=scan.amp, xcoords=scan.positions[:, 0], ycoords=scan.positions[:, 1],
+             probeGuess=scan.probe, objectGuess=scan.gt,
+             _metadata=json.dumps({"diff_units": "counts", "nphotons": 1e9}))
+    out = tmp_path / "refine.json"
+    assert bench.main(["--quick", "--no-ptychi", "--test", str(tmp_path / "scan.npz"), "--scenario", "reference",
+                       "--model_path", str(tmp_path / "model"), "--out", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["scenarios"][0]["rows"]}
+    seeded, given = rows["pinn-jax gaussian (network)"], rows["pinn-jax gaussian (network, first look given)"]
+    assert seeded["start"] == "network" and given["start"] == "first look"
+    assert [c["pass"] for c in given["curve"]] == [c["pass"] for c in seeded["curve"]] == list(range(6))
+    # both start from the same network object, scored alike
+    assert given["curve"][0]["ssim"] == pytest.approx(seeded["curve"][0]["ssim"], abs=1e-6)
+    assert given["first_look_s"] > 0 and "first_look_s" not in seeded
+    # the seeded clock carries the prediction; the first-look clock starts at the refinement
+    assert seeded["setup_s"] > given["setup_s"]
