@@ -284,6 +284,7 @@ def run_pinnjax(scan: Scan, passes: int, *, noise="gaussian", batch_size=None, l
     the row); with ``first_look`` as well, the network's object is made first, untimed (its cost
     recorded as ``first_look_s``), and the clock starts when the refinement from it is called:
     what ``pinn-jax infer --refine_iterations K`` adds to the network's first look."""
+    from pinn_jax import pipeline
     from pinn_jax.refine import RefineOptions, refine_object
 
     kw = {k: v for k, v in (("batch_size", batch_size), ("learning_rate", learning_rate)) if v is not None}
@@ -291,20 +292,17 @@ def run_pinnjax(scan: Scan, passes: int, *, noise="gaussian", batch_size=None, l
     warm_kw = dict(vars(opts))
     fb = warm_kw.get("full_batch_from")
     warm_kw.update(iterations=2, full_batch_from=None if fb is None else min(fb, 1))
-    seed_obj = None
-    if first_look:
-        from pinn_jax import pipeline
-
+    start_obj, extra_info = None, {}  # None: the network-seeded row makes its start inside the clock
+    if model is None:
+        start_obj = np.ones(scan.gt.shape, np.complex64)
+    elif first_look:
         t = time.perf_counter()
-        seed_obj = pipeline.refine_start(_raw(scan), scan.gt.shape, model=model)
-        first_look_s = time.perf_counter() - t
+        start_obj = pipeline.refine_start(_raw(scan), scan.gt.shape, model=model)
+        extra_info["first_look_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    if model is None or first_look:
-        start_obj = np.ones(scan.gt.shape, np.complex64) if seed_obj is None else seed_obj
+    if start_obj is not None:
         refine_object(scan.amp, scan.positions, scan.probe, start_obj, RefineOptions(**warm_kw))
     else:
-        from pinn_jax import pipeline
-
         pipeline.refine(_raw(scan), model=model, options=RefineOptions(**warm_kw), track_metrics=False)
     warmup_s = time.perf_counter() - t
     rec = Recorder(scan)
@@ -313,27 +311,22 @@ def run_pinnjax(scan: Scan, passes: int, *, noise="gaussian", batch_size=None, l
     row = {"method": label or f"pinn-jax {noise} ({start_label})", "solver": "pinn-jax", "start": start_kind,
            "options": {"noise": noise, "batch_size": opts.batch_size, "learning_rate": opts.learning_rate,
                        "seed": seed, "all": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
-                                             for k, v in vars(opts).items()}}}
+                                             for k, v in vars(opts).items()}}, **extra_info}
 
     def cb(i, loss, obj):
         rec.record(i + 1, obj, loss=float(loss))
 
-    if model is None or first_look:
-        start_obj = np.ones(scan.gt.shape, np.complex64) if seed_obj is None else seed_obj
+    if start_obj is not None:
         rec.record(0, start_obj, wall=0.0)
         rec.start()
         res = refine_object(scan.amp, scan.positions, scan.probe, start_obj, opts, on_pass_end=cb)
-        if first_look:
-            row["first_look_s"] = first_look_s
     else:
-        from pinn_jax import pipeline
-
         raw = _raw(scan)
         rec.start()
         _, res = pipeline.refine(raw, model=model, options=opts, on_pass_end=cb, track_metrics=False)
         # the seed itself (a second, warm call with no pass): its quality and its warm cost
         t = time.perf_counter()
-        seed_obj, _ = pipeline.refine(raw, model=model, options=RefineOptions(iterations=0))
+        seed_obj, _ = pipeline.refine(raw, model=model, options=RefineOptions(iterations=0), track_metrics=False)
         row["seed_warm_s"] = time.perf_counter() - t
         rec.curve.insert(0, {"pass": 0, "wall_s": 0.0, **score(seed_obj, scan)})
     steady = _steady(rec.curve)
@@ -491,12 +484,10 @@ def cold_start_child(args) -> dict:
     if args.cold_child == "pinn-jax":
         from pinn_jax.refine import RefineOptions, refine_object
 
-        t = time.perf_counter()
         res = refine_object(scan.amp, scan.positions, scan.probe, flat, RefineOptions(iterations=args.cold_passes),
                             on_pass_end=lambda i, loss, o: objs.append(o))
         # seconds[k] is the wall at the end of pass k since refine_object started (callbacks excluded)
         walls = [float(w) for w in res.seconds[1:]]
-        del t
     else:
         row = run_ptychi(scan, "lsqml", args.cold_passes)
         walls = [c["wall_s"] + row["build_s"] for c in row["curve"] if c["pass"] > 0]
