@@ -21,6 +21,7 @@
 // registered with jax.ffi.
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -338,10 +339,14 @@ bool Run(const WShape& s, const float* x, const float* k, const float* bias, flo
   auto transform_kernel = [&](int64_t t) {
     KernelTransform<M>(s, k, flip, swap_io, s.C * t / n, s.C * (t + 1) / n, u);
   };
+  // blocks handed out one at a time rather than in fixed shares: a thread that starts late or
+  // shares its core with an op XLA runs beside this one leaves its blocks to the others. Each
+  // block's outputs are its own, so which thread computes it does not change them.
+  std::atomic<int64_t> next_block{0};
   auto convolve = [&](int64_t t) {
     float* v = scratch + u_size + t * (v_size + m_size);
     float* m = v + v_size;
-    for (int64_t blk = blocks * t / n; blk < blocks * (t + 1) / n; ++blk) {
+    for (int64_t blk; (blk = next_block.fetch_add(1, std::memory_order_relaxed)) < blocks;) {
       const int64_t t0 = blk * T, tb = std::min(T, tiles - t0);
       InputTransform<M>(s, x, t0, tb, v);
       for (int64_t o = 0; o < s.O; o += ob) {
@@ -446,17 +451,24 @@ bool RunKernelGrad(const WShape& s, const float* x, const float* g, float* dk, i
   const int64_t sums_size = lines(P * s.C * s.O), v_size = lines(P * T * s.C), g_size = lines(P * T * s.O);
   float* scratch = Scratch(n * (sums_size + v_size + g_size));
   if (scratch == nullptr) return false;
-  std::memset(scratch, 0, sizeof(float) * n * sums_size);
-  auto accumulate = [&](int64_t t) {  // thread t: its share of the tiles into its own sums
-    float* sums = scratch + t * sums_size;
+  // n fixed shares of the tiles, each summed in its own order into its own sums (so the result
+  // does not depend on the threads' timing), taken by whichever thread is free: a thread that
+  // starts late or shares its core with an op XLA runs beside this one leaves its share to the
+  // others.
+  std::atomic<int64_t> next_share{0};
+  auto accumulate = [&](int64_t t) {
     float* v = scratch + n * sums_size + t * (v_size + g_size);
     float* gt = v + v_size;
-    const int64_t first = tiles * t / n, last = tiles * (t + 1) / n;
-    for (int64_t t0 = first; t0 < last; t0 += T) {
-      const int64_t tb = std::min(T, last - t0);
-      InputTransform<M>(s, x, t0, tb, v);
-      GradTransform<M>(s, g, t0, tb, gt);
-      ProductsT(s, P, v, gt, tb, sums);
+    for (int64_t q; (q = next_share.fetch_add(1, std::memory_order_relaxed)) < n;) {
+      float* sums = scratch + q * sums_size;
+      std::memset(sums, 0, sizeof(float) * sums_size);
+      const int64_t first = tiles * q / n, last = tiles * (q + 1) / n;
+      for (int64_t t0 = first; t0 < last; t0 += T) {
+        const int64_t tb = std::min(T, last - t0);
+        InputTransform<M>(s, x, t0, tb, v);
+        GradTransform<M>(s, g, t0, tb, gt);
+        ProductsT(s, P, v, gt, tb, sums);
+      }
     }
   };
   auto finish = [&](int64_t t) {  // thread t: channels [c0, c1) of the summed sums, then dk
