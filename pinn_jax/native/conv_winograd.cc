@@ -309,6 +309,17 @@ void OnThreads(int64_t n, Fn fn) {
   for (auto& th : pool) th.join();
 }
 
+// fn(t, i) for every i in [0, items), on n threads as OnThreads, each i taken by whichever thread
+// is free rather than in fixed shares: a thread that starts late or shares its core with an op
+// XLA runs beside this one leaves its items to the others. t names the thread (its scratch).
+template <typename Fn>
+void OnFreeThreads(int64_t n, int64_t items, Fn fn) {
+  std::atomic<int64_t> next{0};
+  OnThreads(n, [&](int64_t t) {
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < items;) fn(t, i);
+  });
+}
+
 // Tiles per block, a multiple of 6 (the product's row tile), fewer where that leaves under 4
 // blocks per thread. F(2x2, 3x3): 48, or 96 from 256 input channels; F(4x4, 3x3) (36 points a
 // tile instead of 16): 24, or 48 from 128 input channels. The transformed kernel (P C O floats)
@@ -339,25 +350,20 @@ bool Run(const WShape& s, const float* x, const float* k, const float* bias, flo
   auto transform_kernel = [&](int64_t t) {
     KernelTransform<M>(s, k, flip, swap_io, s.C * t / n, s.C * (t + 1) / n, u);
   };
-  // blocks handed out one at a time rather than in fixed shares: a thread that starts late or
-  // shares its core with an op XLA runs beside this one leaves its blocks to the others. Each
-  // block's outputs are its own, so which thread computes it does not change them.
-  std::atomic<int64_t> next_block{0};
-  auto convolve = [&](int64_t t) {
+  // each block's outputs are its own, so which thread computes it does not change them
+  auto convolve = [&](int64_t t, int64_t blk) {
     float* v = scratch + u_size + t * (v_size + m_size);
     float* m = v + v_size;
-    for (int64_t blk; (blk = next_block.fetch_add(1, std::memory_order_relaxed)) < blocks;) {
-      const int64_t t0 = blk * T, tb = std::min(T, tiles - t0);
-      InputTransform<M>(s, x, t0, tb, v);
-      for (int64_t o = 0; o < s.O; o += ob) {
-        const int64_t width = std::min(ob, s.O - o);
-        Products(s, P, v, tb, u, o, width, m);
-        OutputTransform<M>(s, m, t0, tb, o, width, bias, relu, y);
-      }
+    const int64_t t0 = blk * T, tb = std::min(T, tiles - t0);
+    InputTransform<M>(s, x, t0, tb, v);
+    for (int64_t o = 0; o < s.O; o += ob) {
+      const int64_t width = std::min(ob, s.O - o);
+      Products(s, P, v, tb, u, o, width, m);
+      OutputTransform<M>(s, m, t0, tb, o, width, bias, relu, y);
     }
   };
   OnThreads(n, transform_kernel);
-  OnThreads(n, convolve);
+  OnFreeThreads(n, blocks, convolve);
   return true;
 }
 
@@ -452,23 +458,18 @@ bool RunKernelGrad(const WShape& s, const float* x, const float* g, float* dk, i
   float* scratch = Scratch(n * (sums_size + v_size + g_size));
   if (scratch == nullptr) return false;
   // n fixed shares of the tiles, each summed in its own order into its own sums (so the result
-  // does not depend on the threads' timing), taken by whichever thread is free: a thread that
-  // starts late or shares its core with an op XLA runs beside this one leaves its share to the
-  // others.
-  std::atomic<int64_t> next_share{0};
-  auto accumulate = [&](int64_t t) {
+  // does not depend on which thread takes it)
+  auto accumulate = [&](int64_t t, int64_t q) {
     float* v = scratch + n * sums_size + t * (v_size + g_size);
     float* gt = v + v_size;
-    for (int64_t q; (q = next_share.fetch_add(1, std::memory_order_relaxed)) < n;) {
-      float* sums = scratch + q * sums_size;
-      std::memset(sums, 0, sizeof(float) * sums_size);
-      const int64_t first = tiles * q / n, last = tiles * (q + 1) / n;
-      for (int64_t t0 = first; t0 < last; t0 += T) {
-        const int64_t tb = std::min(T, last - t0);
-        InputTransform<M>(s, x, t0, tb, v);
-        GradTransform<M>(s, g, t0, tb, gt);
-        ProductsT(s, P, v, gt, tb, sums);
-      }
+    float* sums = scratch + q * sums_size;
+    std::memset(sums, 0, sizeof(float) * sums_size);
+    const int64_t first = tiles * q / n, last = tiles * (q + 1) / n;
+    for (int64_t t0 = first; t0 < last; t0 += T) {
+      const int64_t tb = std::min(T, last - t0);
+      InputTransform<M>(s, x, t0, tb, v);
+      GradTransform<M>(s, g, t0, tb, gt);
+      ProductsT(s, P, v, gt, tb, sums);
     }
   };
   auto finish = [&](int64_t t) {  // thread t: channels [c0, c1) of the summed sums, then dk
@@ -480,7 +481,7 @@ bool RunKernelGrad(const WShape& s, const float* x, const float* g, float* dk, i
     }
     KernelGradTransform<M>(s, scratch, c0, c1, dk);
   };
-  OnThreads(n, accumulate);
+  OnFreeThreads(n, n, accumulate);
   OnThreads(n, finish);
   return true;
 }
