@@ -76,7 +76,7 @@ def test_quick_run_with_a_model_times_the_seed_and_the_refinement_after_the_firs
     (recorded as first_look_s). An untrained N=64 model on a 48-position scan: the rows' arithmetic, not its quality."""
     from backend_api import params as legacy
     from backend_api.config import ModelConfig
-    from pinn_jax import checkpoint
+    from pinn_jax import checkpoint, simulate
     from pinn_jax.model import build_model
     from pinn_jax.probe import default_probe
 
@@ -84,12 +84,9 @@ def test_quick_run_with_a_model_times_the_seed_and_the_refinement_after_the_firs
                         seed=3)
     checkpoint.save_model(model, tmp_path / "model")
     legacy.reset()
-    scan = bench.synthetic_scan(64, 128, 48)  # in photon units, as `pinn-jax simulate` writes them
-    np.savez(tmp_path / "scan.npz", diff3d=scan.amp, xcoords=scan.positions[:, 0], ycoords=scan.positions[:, 1],
-             probeGuess=scan.probe, objectGuess=scan.gt,
-             _metadata=json.dumps({"diff_units": "counts", "nphotons": 1e9}))
+    _, scan = simulate.simulate_to_npz(tmp_path / "sim", N=64, object_size=128, n_images=96)
     out = tmp_path / "refine.json"
-    assert bench.main(["--quick", "--no-ptychi", "--test", str(tmp_path / "scan.npz"), "--scenario", "reference",
+    assert bench.main(["--quick", "--no-ptychi", "--test", str(scan), "--scenario", "reference",
                        "--model_path", str(tmp_path / "model"), "--out", str(out)]) == 0
     rows = {r["method"]: r for r in json.loads(out.read_text())["scenarios"][0]["rows"]}
     seeded, given = rows["pinn-jax gaussian (network)"], rows["pinn-jax gaussian (network, first look given)"]
